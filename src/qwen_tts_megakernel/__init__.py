@@ -1,0 +1,3 @@
+"""Streaming Qwen3-TTS (12 Hz) inference: a readable reference backend and a CUDA decode megakernel."""
+
+__version__ = "0.1.0"
