@@ -1,0 +1,383 @@
+"""The engine: text in, codes and streamed PCM out, over a pluggable frame backend.
+
+A backend owns the talker and code predictor math. The engine builds the prompt, hands the backend the prefill
+rows and the text track, pulls one frame (16 codes) at a time, decodes audio as soon as a chunk's frames exist,
+and ends every stream with a stop reason:
+
+    eos             the talker sampled codec EOS (the EOS frame is not audio)
+    max_new_tokens  the caller's frame limit
+    length_guard    the limit proportional to the text length (a runaway generation guard)
+    cancelled       the consumer closed the stream or set its cancel event
+
+Backend protocol (the reference backend below; the CUDA megakernel in megakernel/backend.py):
+    stream = backend.open_stream(prefill [L,H], text_rows [T,H], pad_row [H], params, rng)
+    codes = stream.next_frame()   # np.int64 [16]; codes[0] == EOS ends the stream
+    stream.close()                # frees the stream's GPU state; safe to call twice
+Frame k (k = 0, 1, ...): the talker runs on the last prefill row (k = 0) or on F(frame k-1) + text row k-1
+(tts_pad past the end), samples codebook 0 with draw 0 of RandomStream.frame(k), then the code predictor fills
+codebooks 1..15 with draws 1..15.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .codec import CodecDecoder, StreamingCodecDecoder
+from .config import ModelConfig
+from .model import KVCache, Talker
+from .prompt import Prompt, build_prompt
+from .sampling import RandomStream, SamplingParams, TalkerRules, sample_code_predictor, sample_talker
+
+BACKENDS = ("reference", "megakernel")
+STOP_REASONS = ("eos", "max_new_tokens", "length_guard", "cancelled")
+DEFAULT_CHUNK_SCHEDULE = (1, 2, 4, 8)
+# Runaway guard: about one second of speech per text token plus three seconds, far above any real speaking rate.
+GUARD_FRAMES_PER_TOKEN = 12
+GUARD_BASE_FRAMES = 38
+
+
+def length_guard(num_text_tokens: int) -> int:
+    return GUARD_BASE_FRAMES + GUARD_FRAMES_PER_TOKEN * num_text_tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference backend: plain PyTorch, any device
+
+
+class ReferenceStream:
+    """One utterance on the reference backend. Keeps the talker KV cache and the codebook-0 history."""
+
+    def __init__(self, talker: Talker, prefill: torch.Tensor, text_rows: torch.Tensor, pad_row: torch.Tensor,
+                 params: SamplingParams, rng: RandomStream, capacity: int):
+        self.talker, self.params, self.rng = talker, params, rng
+        cfg = talker.config
+        self.rules = TalkerRules(vocab_size=cfg.talker.vocab_size, eos_id=cfg.ids.codec_eos)
+        self.prefill, self.text_rows, self.pad_row = prefill, text_rows, pad_row
+        self.cache: KVCache | None = talker.new_cache(capacity)
+        self.frame_index = 0
+        self.past_g0: list[int] = []
+        self.last_codes: list[int] | None = None
+        self.last_logits: torch.Tensor | None = None  # fp32 codec logits of the latest talker step
+        self.last_hidden: torch.Tensor | None = None  # post-norm hidden of the latest talker step
+
+    def talker_input(self) -> torch.Tensor:
+        """Rows for this frame's talker pass: the whole prefill first, then F(previous frame) + text track."""
+        if self.frame_index == 0:
+            return self.prefill
+        k = self.frame_index - 1
+        text = self.text_rows[k] if k < len(self.text_rows) else self.pad_row
+        return (self.talker.frame_embedding(self.last_codes) + text).unsqueeze(0)
+
+    @torch.inference_mode()
+    def next_frame(self) -> np.ndarray:
+        if self.cache is None:
+            raise RuntimeError("stream is closed")
+        talker = self.talker
+        hidden, logits = talker.forward_rows(self.talker_input(), self.cache)
+        self.last_hidden, self.last_logits = hidden, logits
+        u = self.rng.frame(self.frame_index)
+        past = torch.tensor(self.past_g0, dtype=torch.long)
+        g0 = sample_talker(logits.cpu(), past, self.frame_index, self.params, self.rules, float(u[0]))
+        codes = np.zeros(talker.config.talker.num_code_groups, dtype=np.int64)
+        codes[0] = g0
+        if g0 == self.rules.eos_id:
+            return codes
+        cp = talker.code_predictor
+        cp_cache = cp.new_cache(hidden.device, hidden.dtype)
+        rows = torch.stack([hidden, talker.model.codec_embedding.weight[g0]])
+        for j in range(1, len(codes)):
+            logits_j = cp.logits(rows, cp_cache, head=j - 1)
+            codes[j] = sample_code_predictor(logits_j.cpu(), self.params, float(u[j]))
+            if j + 1 < len(codes):
+                rows = cp.input_row(j + 1, int(codes[j]))
+        self.past_g0.append(g0)
+        self.last_codes = codes.tolist()
+        self.frame_index += 1
+        return codes
+
+    def close(self) -> None:
+        self.cache = None
+
+
+class ReferenceBackend:
+    """The spec: plain PyTorch talker and code predictor (CPU or CUDA, fp32 or bf16)."""
+
+    name = "reference"
+
+    def __init__(self, talker: Talker, max_seq_len: int = 8192):
+        self.talker = talker
+        self.max_seq_len = max_seq_len
+
+    def open_stream(self, prefill: torch.Tensor, text_rows: torch.Tensor, pad_row: torch.Tensor,
+                    params: SamplingParams, rng: RandomStream, max_frames: int | None = None) -> ReferenceStream:
+        frames = max_frames if max_frames is not None else self.max_seq_len
+        capacity = min(self.max_seq_len, len(prefill) + frames + 1)
+        return ReferenceStream(self.talker, prefill, text_rows, pad_row, params, rng, capacity)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results and chunks
+
+
+@dataclass
+class GenerationResult:
+    codes: np.ndarray  # [T, 16] int64, the EOS frame excluded
+    stop_reason: str
+    seed: int
+    num_text_tokens: int
+    elapsed_s: float
+
+
+@dataclass
+class AudioChunk:
+    pcm: np.ndarray  # int16 mono
+    sample_rate: int
+    first_frame: int
+    num_frames: int
+    time_s: float  # seconds since the request started, when this chunk was ready
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.pcm) / self.sample_rate
+
+
+def float_to_pcm16(audio: np.ndarray) -> np.ndarray:
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+
+
+@dataclass
+class SpeechStream:
+    """An iterator of AudioChunk for one utterance. After iteration: stop_reason, codes, timings."""
+
+    _chunks: Iterator[AudioChunk]
+    seed: int
+    stop_reason: str | None = None
+    codes: list[np.ndarray] = field(default_factory=list)
+    first_chunk_s: float | None = None
+
+    def __iter__(self) -> "SpeechStream":
+        return self
+
+    def __next__(self) -> AudioChunk:
+        chunk = next(self._chunks)
+        if self.first_chunk_s is None:
+            self.first_chunk_s = chunk.time_s
+        return chunk
+
+    def close(self) -> None:
+        """Stop generating (stop reason "cancelled" if it had not ended) and free the stream's state."""
+        self._chunks.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synthesizer: the public API
+
+
+class Synthesizer:
+    """Text to 24 kHz speech with a Qwen3-TTS (12 Hz) checkpoint.
+
+        synth = Synthesizer.from_pretrained("Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice")
+        for chunk in synth.stream("Hello there.", voice="ryan", language="english"):
+            play(chunk.pcm)
+    """
+
+    def __init__(self, checkpoint: Checkpoint, backend, codec: CodecDecoder, talker: Talker):
+        self.checkpoint = checkpoint
+        self.config: ModelConfig = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        self.backend = backend
+        self.codec = codec
+        self.talker = talker  # embeds prompt rows for every backend
+        self.sample_rate = codec.sample_rate
+        self.samples_per_frame = codec.samples_per_frame
+
+    @classmethod
+    def from_pretrained(cls, model: str, *, backend: str = "reference", device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None) -> "Synthesizer":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        if isinstance(dtype, str):
+            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        checkpoint = load_checkpoint(model)
+        talker = Talker.from_state_dict(checkpoint.config, checkpoint.weights, device=device, dtype=dtype)
+        codec = CodecDecoder.from_state_dict(checkpoint.config.codec, checkpoint.codec_weights, device=device,
+                                             dtype=torch.float32)
+        if backend == "reference":
+            engine_backend = ReferenceBackend(talker)
+        else:
+            if device.type != "cuda":
+                raise ValueError("the megakernel backend needs a CUDA device")
+            from .megakernel.backend import MegakernelBackend
+
+            engine_backend = MegakernelBackend(checkpoint.config, checkpoint.weights, device=device)
+        return cls(checkpoint, engine_backend, codec, talker)
+
+    # Properties users ask for ----------------------------------------------------------------------------------
+
+    @property
+    def voices(self) -> list[str]:
+        return list(self.config.speakers)
+
+    @property
+    def languages(self) -> list[str]:
+        return self.config.languages
+
+    # Generation ------------------------------------------------------------------------------------------------
+
+    def sampling_params(self, do_sample: bool = True, **sampling) -> SamplingParams:
+        g = self.config.generation
+        defaults = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                        repetition_penalty=g.repetition_penalty, subtalker_dosample=do_sample and g.subtalker_dosample,
+                        subtalker_temperature=g.subtalker_temperature, subtalker_top_k=g.subtalker_top_k,
+                        subtalker_top_p=g.subtalker_top_p)
+        unknown = set(sampling) - set(defaults)
+        if unknown:
+            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        defaults.update({k: v for k, v in sampling.items() if v is not None})
+        return SamplingParams(do_sample=do_sample, **defaults)
+
+    def prompt(self, text: str, *, voice: str | None = None, language: str | None = "auto",
+               instruct: str | None = None, text_layout: str = "prefill") -> Prompt:
+        return build_prompt(self.config, self.tokenizer, text, voice=voice, language=language, instruct=instruct,
+                            text_layout=text_layout)
+
+    @torch.inference_mode()
+    def _open(self, prompt: Prompt, params: SamplingParams, rng: RandomStream, max_frames: int):
+        talker = self.talker
+        prefill = talker.embed_rows(prompt.text_ids, prompt.codec_ids)
+        ids = self.config.ids
+        text_rows = talker.text_rows(prompt.trailing_text_ids) if prompt.trailing_text_ids else prefill[:0]
+        pad_row = talker.text_rows([ids.tts_pad])[0]
+        return self.backend.open_stream(prefill, text_rows, pad_row, params, rng, max_frames=max_frames)
+
+    def _frames(self, text: str, *, voice, language, instruct, seed, do_sample, max_new_tokens, text_layout,
+                cancel: threading.Event | None, random_table: np.ndarray | None, sampling: dict, report: dict):
+        """Generator of code frames; writes stop_reason and seed into `report` when it ends."""
+        prompt = self.prompt(text, voice=voice, language=language, instruct=instruct, text_layout=text_layout)
+        if max_new_tokens is None:
+            max_new_tokens = self.config.generation.max_new_tokens
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        params = self.sampling_params(do_sample=do_sample, **sampling)
+        guard = length_guard(prompt.num_text_tokens)
+        limit = min(max_new_tokens, guard)
+        report["num_text_tokens"] = prompt.num_text_tokens
+        report["stop_reason"] = "cancelled"
+        stream = self._open(prompt, params, RandomStream(seed, random_table), limit)
+        try:
+            for _ in range(limit):
+                if cancel is not None and cancel.is_set():
+                    return
+                codes = stream.next_frame()
+                if codes[0] == self.config.ids.codec_eos:
+                    report["stop_reason"] = "eos"
+                    return
+                yield codes
+            report["stop_reason"] = "max_new_tokens" if max_new_tokens <= guard else "length_guard"
+        finally:
+            stream.close()
+
+    def generate_codes(self, text: str, *, voice: str | None = None, language: str | None = "auto",
+                       instruct: str | None = None, seed: int | None = None, do_sample: bool = True,
+                       max_new_tokens: int | None = None, text_layout: str = "prefill",
+                       random_table: np.ndarray | None = None, **sampling) -> GenerationResult:
+        """All codes of one utterance, [T, 16], and why generation stopped."""
+        seed = _pick_seed(seed)
+        report: dict = {}
+        start = time.perf_counter()
+        frames = list(self._frames(text, voice=voice, language=language, instruct=instruct, seed=seed,
+                                   do_sample=do_sample, max_new_tokens=max_new_tokens, text_layout=text_layout,
+                                   cancel=None, random_table=random_table, sampling=sampling, report=report))
+        codes = np.stack(frames) if frames else np.zeros((0, self.config.talker.num_code_groups), dtype=np.int64)
+        return GenerationResult(codes=codes, stop_reason=report["stop_reason"], seed=seed,
+                                num_text_tokens=report["num_text_tokens"], elapsed_s=time.perf_counter() - start)
+
+    def stream(self, text: str, *, voice: str | None = None, language: str | None = "auto",
+               instruct: str | None = None, seed: int | None = None, do_sample: bool = True,
+               max_new_tokens: int | None = None, text_layout: str = "prefill",
+               chunk_schedule: tuple[int, ...] = DEFAULT_CHUNK_SCHEDULE, cancel: threading.Event | None = None,
+               **sampling) -> SpeechStream:
+        """Stream PCM16 chunks: the first holds one frame (80 ms), later ones follow `chunk_schedule` (its last
+        value repeats). Each chunk is decoded as soon as its frames exist. Request errors raise here, before the
+        first chunk."""
+        if not chunk_schedule or any(int(n) < 1 for n in chunk_schedule):
+            raise ValueError(f"chunk_schedule must be a non-empty list of positive frame counts, got {chunk_schedule}")
+        seed = _pick_seed(seed)
+        # Validate the request now (errors surface at the call, not at the first next()).
+        self.prompt(text, voice=voice, language=language, instruct=instruct, text_layout=text_layout)
+        self.sampling_params(do_sample=do_sample, **sampling)
+        report: dict = {}
+        start = time.perf_counter()
+        frames = self._frames(text, voice=voice, language=language, instruct=instruct, seed=seed,
+                              do_sample=do_sample, max_new_tokens=max_new_tokens, text_layout=text_layout,
+                              cancel=cancel, random_table=None, sampling=sampling, report=report)
+        speech = SpeechStream(_chunks=iter(()), seed=seed)
+        speech._chunks = self._chunks(frames, tuple(int(n) for n in chunk_schedule), start, speech, report)
+        return speech
+
+    def _chunks(self, frames, schedule, start, speech: SpeechStream, report: dict) -> Iterator[AudioChunk]:
+        decoder = StreamingCodecDecoder(self.codec)
+        pending: list[np.ndarray] = []
+        emitted = 0
+        chunks_sent = 0
+
+        def flush() -> AudioChunk:
+            nonlocal emitted, chunks_sent
+            codes = torch.from_numpy(np.stack(pending)).to(self.codec_device)
+            audio = decoder.push(codes).float().cpu().numpy()
+            chunk = AudioChunk(pcm=float_to_pcm16(audio), sample_rate=self.sample_rate, first_frame=emitted,
+                               num_frames=len(pending), time_s=time.perf_counter() - start)
+            emitted += len(pending)
+            chunks_sent += 1
+            pending.clear()
+            return chunk
+
+        try:
+            for codes in frames:
+                speech.codes.append(codes)
+                pending.append(codes)
+                if len(pending) >= schedule[min(chunks_sent, len(schedule) - 1)]:
+                    yield flush()
+            if pending:
+                yield flush()
+        finally:
+            frames.close()
+            speech.stop_reason = report.get("stop_reason", "cancelled")
+
+    @property
+    def codec_device(self) -> torch.device:
+        return next(self.codec.parameters()).device
+
+    def synthesize(self, text: str, **kwargs) -> tuple[np.ndarray, int]:
+        """The whole utterance as float32 in [-1, 1] and its sample rate (24000)."""
+        result = self.generate_codes(text, **kwargs)
+        return self.decode(result.codes), self.sample_rate
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Whole-utterance codec decode of codes [T, 16] -> float32 samples [T * 1920]."""
+        if len(codes) == 0:
+            return np.zeros(0, dtype=np.float32)
+        with torch.inference_mode():
+            audio = self.codec.decode(torch.as_tensor(np.asarray(codes), device=self.codec_device))
+        return audio.float().cpu().numpy()
+
+
+def _pick_seed(seed: int | None) -> int:
+    if seed is None:
+        return int.from_bytes(os.urandom(8), "little") >> 1
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)

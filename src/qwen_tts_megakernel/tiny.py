@@ -1,0 +1,157 @@
+"""Tiny random checkpoints in the exact official Hugging Face layout: the test fixture of this project.
+
+`write_tiny_model(dir)` writes config.json, generation_config.json, model.safetensors (official tensor names),
+vocab.json + merges.txt + tokenizer_config.json, preprocessor_config.json and speech_tokenizer/{config.json,
+model.safetensors, preprocessor_config.json}. The structure is real (16 codebooks, codec vocab 3072 with the real
+control ids, speakers and languages, 1920 samples per frame); only the widths are small. The official qwen-tts
+package loads these folders, which is how the parity tests compare the two implementations.
+
+Not written yet: the speaker encoder of Base checkpoints (the official loader initialises it randomly and warns) and
+the speech tokenizer's encoder; both serve voice cloning only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .codec import write_tiny_speech_tokenizer
+from .tokenizer import build_tiny_tokenizer, write_tokenizer_files
+
+# Real control ids, speakers and languages (qwen3-tts-model.md section 1.3).
+CODEC_IDS = dict(codec_pad_id=2148, codec_bos_id=2149, codec_eos_token_id=2150, codec_think_id=2154,
+                 codec_nothink_id=2155, codec_think_bos_id=2156, codec_think_eos_id=2157)
+SPEAKERS = {"aiden": 2861, "sohee": 2864, "ono_anna": 2873, "eric": 2875, "dylan": 2878, "uncle_fu": 3010,
+            "ryan": 3061, "vivian": 3065, "serena": 3066}
+SPEAKER_DIALECTS = {name: False for name in SPEAKERS} | {"eric": "sichuan_dialect", "dylan": "beijing_dialect"}
+LANGUAGES = {"english": 2050, "german": 2053, "spanish": 2054, "chinese": 2055, "japanese": 2058, "french": 2061,
+             "sichuan_dialect": 2062, "korean": 2064, "russian": 2069, "italian": 2070, "portuguese": 2071,
+             "beijing_dialect": 2074}
+
+# Widths of the tiny models: (talker hidden, talker FFN, text hidden). The code predictor is 32 wide in both, so
+# the 1.7B-like model has a small_to_mtp_projection (64 -> 32) like the real 1.7B (2048 -> 1024).
+TINY_SIZES = {"0.6b": (32, 64, 48), "1.7b": (64, 96, 48)}
+TINY_HEADS, TINY_KV_HEADS, TINY_HEAD_DIM, TINY_LAYERS, TINY_CP_HIDDEN, TINY_CP_FFN = 4, 2, 16, 2, 32, 64
+
+
+def tiny_config(size: str, model_type: str, text_vocab_size: int, special_ids: dict[str, int]) -> dict:
+    hidden, ffn, text_hidden = TINY_SIZES[size]
+    code_predictor = dict(
+        vocab_size=2048, hidden_size=TINY_CP_HIDDEN, intermediate_size=TINY_CP_FFN, num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=TINY_HEADS, num_key_value_heads=TINY_KV_HEADS, head_dim=TINY_HEAD_DIM,
+        hidden_act="silu", max_position_embeddings=65536, rms_norm_eps=1e-6, rope_theta=1000000,
+        rope_scaling=None, attention_bias=False, use_sliding_window=False, num_code_groups=16,
+        model_type="qwen3_tts_talker_code_predictor",
+    )
+    talker = dict(
+        code_predictor_config=code_predictor, vocab_size=3072, hidden_size=hidden, intermediate_size=ffn,
+        num_hidden_layers=TINY_LAYERS, num_attention_heads=TINY_HEADS, num_key_value_heads=TINY_KV_HEADS,
+        head_dim=TINY_HEAD_DIM, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_theta=1000000,
+        rope_scaling={"interleaved": True, "mrope_section": [4, 2, 2], "rope_type": "default"},
+        attention_bias=False, use_sliding_window=False, num_code_groups=16, text_hidden_size=text_hidden,
+        text_vocab_size=text_vocab_size, position_id_per_seconds=13, model_type="qwen3_tts_talker",
+        spk_id=SPEAKERS if model_type == "custom_voice" else {},
+        spk_is_dialect=SPEAKER_DIALECTS if model_type == "custom_voice" else {},
+        codec_language_id=LANGUAGES, **CODEC_IDS,
+    )
+    config = dict(
+        architectures=["Qwen3TTSForConditionalGeneration"], model_type="qwen3_tts",
+        tokenizer_type="qwen3_tts_tokenizer_12hz", tts_model_size={"0.6b": "0b6", "1.7b": "1b7"}[size],
+        tts_model_type=model_type, im_start_token_id=special_ids["<|im_start|>"],
+        im_end_token_id=special_ids["<|im_end|>"], tts_pad_token_id=special_ids["<tts_pad>"],
+        tts_bos_token_id=special_ids["<tts_text_bos>"], tts_eos_token_id=special_ids["<tts_text_eod>"],
+        talker_config=talker, torch_dtype="float32", transformers_version="4.57.3",
+    )
+    if model_type == "base":
+        config["speaker_encoder_config"] = dict(enc_dim=hidden, sample_rate=24000)
+    return config
+
+
+GENERATION_CONFIG = dict(do_sample=True, temperature=0.9, top_k=50, top_p=1.0, repetition_penalty=1.05,
+                         subtalker_dosample=True, subtalker_temperature=0.9, subtalker_top_k=50, subtalker_top_p=1.0,
+                         max_new_tokens=8192)
+
+
+def _transformer_weights(prefix: str, hidden: int, ffn: int, layers: int, gen: torch.Generator) -> dict:
+    """Random Qwen3 decoder-stack weights under `prefix` (…layers.{i}.…, norm.weight)."""
+
+    def linear(out_f: int, in_f: int) -> torch.Tensor:
+        return torch.randn(out_f, in_f, generator=gen) / in_f ** 0.5
+
+    def norm(n: int) -> torch.Tensor:
+        return 1.0 + 0.1 * torch.randn(n, generator=gen)
+
+    q_dim, kv_dim = TINY_HEADS * TINY_HEAD_DIM, TINY_KV_HEADS * TINY_HEAD_DIM
+    w = {}
+    for i in range(layers):
+        p = f"{prefix}.layers.{i}"
+        w[f"{p}.input_layernorm.weight"] = norm(hidden)
+        w[f"{p}.self_attn.q_proj.weight"] = linear(q_dim, hidden)
+        w[f"{p}.self_attn.k_proj.weight"] = linear(kv_dim, hidden)
+        w[f"{p}.self_attn.v_proj.weight"] = linear(kv_dim, hidden)
+        w[f"{p}.self_attn.o_proj.weight"] = linear(hidden, q_dim)
+        w[f"{p}.self_attn.q_norm.weight"] = norm(TINY_HEAD_DIM)
+        w[f"{p}.self_attn.k_norm.weight"] = norm(TINY_HEAD_DIM)
+        w[f"{p}.post_attention_layernorm.weight"] = norm(hidden)
+        w[f"{p}.mlp.gate_proj.weight"] = linear(ffn, hidden)
+        w[f"{p}.mlp.up_proj.weight"] = linear(ffn, hidden)
+        w[f"{p}.mlp.down_proj.weight"] = linear(hidden, ffn)
+    w[f"{prefix}.norm.weight"] = norm(hidden)
+    return w
+
+
+def tiny_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random talker + code-predictor weights with the official names and shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    tc, cc = config["talker_config"], config["talker_config"]["code_predictor_config"]
+    hidden, text_hidden, cp_hidden = tc["hidden_size"], tc["text_hidden_size"], cc["hidden_size"]
+    w = _transformer_weights("talker.model", hidden, tc["intermediate_size"], tc["num_hidden_layers"], gen)
+    w["talker.model.codec_embedding.weight"] = torch.randn(tc["vocab_size"], hidden, generator=gen)
+    w["talker.model.text_embedding.weight"] = torch.randn(tc["text_vocab_size"], text_hidden, generator=gen)
+    w["talker.text_projection.linear_fc1.weight"] = torch.randn(text_hidden, text_hidden, generator=gen) / text_hidden ** 0.5
+    w["talker.text_projection.linear_fc1.bias"] = 0.1 * torch.randn(text_hidden, generator=gen)
+    w["talker.text_projection.linear_fc2.weight"] = torch.randn(hidden, text_hidden, generator=gen) / text_hidden ** 0.5
+    w["talker.text_projection.linear_fc2.bias"] = 0.1 * torch.randn(hidden, generator=gen)
+    head = torch.randn(tc["vocab_size"], hidden, generator=gen) / hidden ** 0.5
+    # Keep EOS unlikely so that tiny models speak for a while; tests that need EOS raise this row themselves.
+    head[tc["codec_eos_token_id"]] *= 0.25
+    w["talker.codec_head.weight"] = head
+    w.update(_transformer_weights("talker.code_predictor.model", cp_hidden, cc["intermediate_size"],
+                                  cc["num_hidden_layers"], gen))
+    for j in range(cc["num_code_groups"] - 1):
+        w[f"talker.code_predictor.model.codec_embedding.{j}.weight"] = torch.randn(cc["vocab_size"], hidden,
+                                                                                   generator=gen)
+        w[f"talker.code_predictor.lm_head.{j}.weight"] = torch.randn(cc["vocab_size"], cp_hidden,
+                                                                     generator=gen) / cp_hidden ** 0.5
+    if hidden != cp_hidden:
+        w["talker.code_predictor.small_to_mtp_projection.weight"] = torch.randn(cp_hidden, hidden,
+                                                                                generator=gen) / hidden ** 0.5
+        w["talker.code_predictor.small_to_mtp_projection.bias"] = 0.1 * torch.randn(cp_hidden, generator=gen)
+    return {k: v.contiguous() for k, v in w.items()}
+
+
+def write_tiny_model(out_dir: str | Path, size: str = "0.6b", model_type: str = "custom_voice",
+                     seed: int = 0) -> Path:
+    """Write a tiny random checkpoint in the official layout into `out_dir` and return its path."""
+    if size not in TINY_SIZES:
+        raise ValueError(f"size must be one of {sorted(TINY_SIZES)}, got {size!r}")
+    if model_type not in ("custom_voice", "voice_design", "base"):
+        raise ValueError(f"model type must be custom_voice, voice_design or base, got {model_type!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, special_ids = build_tiny_tokenizer()
+    write_tokenizer_files(tokenizer, special_ids, out)
+    text_vocab_size = -(-tokenizer.get_vocab_size() // 64) * 64
+    config = tiny_config(size, model_type, text_vocab_size, special_ids)
+    (out / "config.json").write_text(json.dumps(config, indent=2), "utf-8")
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2), "utf-8")
+    (out / "preprocessor_config.json").write_text(json.dumps(
+        {"feature_extractor_type": "EncodecFeatureExtractor", "feature_size": 1, "padding_side": "right",
+         "padding_value": 0.0, "return_attention_mask": True, "sampling_rate": 24000}, indent=2), "utf-8")
+    save_file(tiny_weights(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_tiny_speech_tokenizer(out / "speech_tokenizer", seed=seed + 1)
+    return out
