@@ -1,0 +1,864 @@
+"""The codec decoder: Qwen3-TTS-Tokenizer-12Hz codes -> 24 kHz waveform, whole-utterance and streaming.
+
+One frame is 16 codes (one per codebook, each in [0, 2048)) and becomes `samples_per_frame` = 1920
+samples (80 ms at 24 kHz). The pipeline, with the real checkpoint's widths in brackets:
+
+    codes [B, T, 16]
+      -> RVQ dequantize            sum of codebook vectors, two 1x1 projections   [B, T, 512]
+      -> pre_conv                  causal conv k=3                                [B, 1024, T]
+      -> pre_transformer           8 layers, sliding-window (72) causal attention [B, T, 1024]
+      -> upsample x2               CausalConvTranspose (k=s=2) + ConvNeXt block   [B, 1024, 4T]
+      -> head conv                 causal conv k=7                                [B, 1536, 4T]
+      -> 4 decoder blocks          SnakeBeta, CausalConvTranspose(k=2r, s=r), 3 residual units
+                                   rates 8,5,4,3; channels 1536->768->384->192->96 [B, 96, 1920T]
+      -> SnakeBeta, causal conv k=7 to 1 channel, clamp to [-1, 1]                [B, 1920T]
+
+Every layer is causal with zero lookahead, so the decoder can run frame by frame with carried state
+and give the same samples as one pass over the whole utterance. Here both modes run the same code:
+`CodecDecoder.forward(codes, state)` consumes a chunk of frames and updates `state` in place. A whole
+utterance decode is one call with a fresh state; `StreamingCodecDecoder` keeps the state between
+calls. The state per stream is bounded (it does not grow with the utterance):
+
+  * CausalConv1d:           the last (kernel-1)*dilation input columns (zeros at the start)
+  * CausalConvTranspose1d:  the (kernel-stride) output samples that overlap the next chunk
+  * Attention:              keys (after RoPE) and values of the last sliding_window-1 frames
+  * PreTransformer:         the absolute position of the next frame (RoPE keeps counting)
+
+Checkpoint quirks worth knowing (all handled below):
+  * each codebook vector has codebook_dim // 2 entries (256 for the real model) and is stored as
+    `embedding_sum` / `cluster_usage` (EMA statistics); the row is their ratio, usage clamped at 1e-5;
+  * the first codebook has its own output projection (`rvq_first`), codebooks 1..15 share one
+    (`rvq_rest`); both are bias-free Conv1d k=1 weights [out, in, 1]; the encoder-side `input_proj`
+    weights are in the file too and unused by decoding; `num_semantic_quantizers` is not read (always 1);
+  * SnakeBeta `alpha` and `beta` are stored in log space (the forward applies exp);
+  * the attention head_dim (64) is not hidden_size / heads (512 / 16 = 32): q_proj is 512 -> 1024;
+  * the window mask lets query t see keys t-71 .. t (72 frames including itself).
+
+Versus the official `Qwen3TTSTokenizerV2Model.decode`: that calls `chunked_decode(chunk_size=300,
+left_context_size=25)`, i.e. it re-decodes 300-frame chunks with only 25 frames of left context and
+drops the context's samples. For T <= 300 frames it is one full pass and equal to ours up to float
+rounding. Beyond 300 frames it differs from the true causal decode at each chunk boundary (25 < the
+72-frame attention window, and the RoPE positions restart); ours is the exact causal decode.
+
+Weights are read with the official tensor names (`decoder.*` keys of speech_tokenizer/model.safetensors).
+This module does not import the official package or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A per-stream decoder state: module name -> carried tensor(s) or counter. Owned by the caller.
+DecoderState = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+_SUPPORTED_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu}
+
+
+@dataclass
+class CodecDecoderConfig:
+    """Decoder half of speech_tokenizer/config.json (`decoder_config`, plus two top-level rates).
+
+    Defaults are those of the official `Qwen3TTSTokenizerV2DecoderConfig` / `Qwen3TTSTokenizerV2Config`
+    classes, which are NOT the released checkpoint's values (that has hidden_size 512, intermediate 1024,
+    codebook_dim 512, head_dim 64). `codebook_dim` has no default in the official class either (the
+    official decoder fails without it), so it is required here.
+    """
+
+    codebook_dim: int  # width of the dequantized features; each codebook vector is codebook_dim // 2
+    codebook_size: int = 2048
+    hidden_size: int = 1024
+    latent_dim: int = 1024
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads (the official fallback)
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 8
+    num_quantizers: int = 16
+    sliding_window: int = 72
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    layer_scale_initial_scale: float = 0.01
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 8000  # informational: default RoPE has no length limit
+    upsample_rates: tuple[int, ...] = (8, 5, 4, 3)
+    upsampling_ratios: tuple[int, ...] = (2, 2)
+    decoder_dim: int = 1536
+    sample_rate: int = 24000  # top-level output_sample_rate
+    samples_per_frame: int = 1920  # top-level decode_upsample_rate
+
+    def __post_init__(self) -> None:
+        self.upsample_rates = tuple(int(r) for r in self.upsample_rates)
+        self.upsampling_ratios = tuple(int(r) for r in self.upsampling_ratios)
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        total = math.prod(self.upsample_rates) * math.prod(self.upsampling_ratios)
+        if total != self.samples_per_frame:
+            raise ValueError(
+                f"decode_upsample_rate (samples_per_frame) is {self.samples_per_frame}, but the decoder "
+                f"upsamples by prod(upsample_rates {list(self.upsample_rates)}) * prod(upsampling_ratios "
+                f"{list(self.upsampling_ratios)}) = {total}"
+            )
+        if self.hidden_act not in _SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported ({sorted(_SUPPORTED_ACTIVATIONS)})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.num_quantizers < 2:
+            raise ValueError(f"num_quantizers must be >= 2 (1 semantic + acoustic), got {self.num_quantizers}")
+        if self.codebook_dim % 2:
+            raise ValueError(f"codebook_dim must be even (codebook vectors are codebook_dim // 2), got {self.codebook_dim}")
+        if self.decoder_dim % 2 ** len(self.upsample_rates):
+            raise ValueError(f"decoder_dim {self.decoder_dim} is not divisible by 2**{len(self.upsample_rates)}")
+
+    @property
+    def frame_rate(self) -> float:
+        """Frames per second (12.5 for the released model)."""
+        return self.sample_rate / self.samples_per_frame
+
+    @classmethod
+    def from_json_dict(cls, d: dict) -> "CodecDecoderConfig":
+        """Parse the full official speech_tokenizer/config.json dict (top level + `decoder_config`)."""
+        dec = dict(d.get("decoder_config") or {})
+        if "codebook_dim" not in dec:
+            raise ValueError("speech tokenizer config: decoder_config.codebook_dim is missing (it has no default)")
+        rope_scaling = dec.get("rope_scaling")
+        if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
+            raise ValueError(f"speech tokenizer config: rope_scaling {rope_scaling} is not supported (only default RoPE)")
+        names = {f for f in cls.__dataclass_fields__ if f not in ("sample_rate", "samples_per_frame")}
+        kwargs = {k: v for k, v in dec.items() if k in names}
+        kwargs["sample_rate"] = int(d.get("output_sample_rate", 24000))
+        kwargs["samples_per_frame"] = int(d.get("decode_upsample_rate", 1920))
+        return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks. Conv modules take and return channels-first [B, C, T].
+# Each stateful module reads and writes its own slot `state[self.state_key]`.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Stateful(nn.Module):
+    """A module that carries streaming state; `state_key` is set to its module path by CodecDecoder."""
+
+    state_key: str = ""
+
+
+class CausalConv1d(_Stateful):
+    """Conv1d (stride 1) left-padded so output t sees inputs t-(k-1)*dilation .. t. [B,Cin,T] -> [B,Cout,T].
+
+    The left padding is the previous chunk's last (k-1)*dilation input columns, zeros at the start,
+    which is exactly the official zero left-padding when the whole utterance is one chunk.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, dilation: int = 1, groups: int = 1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_ch, in_ch // groups, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_ch))
+        self.dilation, self.groups = dilation, groups
+        self.context = (kernel_size - 1) * dilation  # input columns carried between chunks
+
+    def forward(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        if self.context == 0:
+            return F.conv1d(x, self.weight, self.bias, groups=self.groups)
+        tail = state.get(self.state_key)
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], x.shape[1], self.context)
+        x = torch.cat([tail, x], dim=-1)  # [B, Cin, context + T]
+        state[self.state_key] = x[..., -self.context :].clone()
+        return F.conv1d(x, self.weight, self.bias, dilation=self.dilation, groups=self.groups)
+
+
+class CausalConvTranspose1d(_Stateful):
+    """ConvTranspose1d(kernel k, stride s) with the last k-s samples trimmed: [B,Cin,T] -> [B,Cout,T*s].
+
+    Frame t writes output samples t*s .. t*s+k-1; the k-s samples past the chunk end are not final
+    until the next frame adds its contribution, so they are carried (without bias) as overlap.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int):
+        super().__init__()
+        assert stride <= kernel_size <= 2 * stride, "overlap must fit in one frame"
+        self.weight = nn.Parameter(torch.empty(in_ch, out_ch, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_ch))
+        self.stride = stride
+        self.overlap = kernel_size - stride
+
+    def forward(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        y = F.conv_transpose1d(x, self.weight, stride=self.stride)  # [B, Cout, T*s + overlap], no bias
+        n = x.shape[-1] * self.stride
+        if self.overlap:
+            tail = state.get(self.state_key)
+            if tail is not None:
+                y[..., : self.overlap] += tail
+            state[self.state_key] = y[..., n:].clone()
+            y = y[..., :n]
+        return y + self.bias[:, None]
+
+
+class SnakeBeta(nn.Module):
+    """x + 1/beta * sin^2(alpha * x), per channel. The checkpoint stores log(alpha) and log(beta)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.zeros(channels))
+        self.log_beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, T]
+        alpha = self.log_alpha.exp()[:, None]
+        beta = self.log_beta.exp()[:, None]
+        return x + (1.0 / (beta + 1e-9)) * torch.sin(x * alpha).pow(2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Causal depthwise conv k=7 -> LayerNorm -> Linear 4x -> GELU -> Linear -> gamma, residual. [B,C,T]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = CausalConv1d(dim, dim, kernel_size=7, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        h = self.dwconv(x, state).transpose(1, 2)  # [B, T, C]
+        h = self.pwconv2(F.gelu(self.pwconv1(self.norm(h))))
+        return x + (self.gamma * h).transpose(1, 2)
+
+
+class ResidualUnit(nn.Module):
+    """SnakeBeta -> causal conv k=7 (dilated) -> SnakeBeta -> conv k=1, residual. [B,C,T] -> [B,C,T]."""
+
+    def __init__(self, dim: int, dilation: int):
+        super().__init__()
+        self.act1 = SnakeBeta(dim)
+        self.conv1 = CausalConv1d(dim, dim, kernel_size=7, dilation=dilation)
+        self.act2 = SnakeBeta(dim)
+        self.conv2 = CausalConv1d(dim, dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        h = self.conv1(self.act1(x), state)
+        h = self.conv2(self.act2(h), state)
+        return x + h
+
+
+class DecoderBlock(nn.Module):
+    """SnakeBeta -> CausalConvTranspose(k=2r, s=r) halving channels -> residual units (dilation 1, 3, 9).
+
+    [B, Cin, T] -> [B, Cin // 2, T * r]
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, rate: int):
+        super().__init__()
+        self.act = SnakeBeta(in_dim)
+        self.upsample = CausalConvTranspose1d(in_dim, out_dim, kernel_size=2 * rate, stride=rate)
+        self.res_units = nn.ModuleList([ResidualUnit(out_dim, d) for d in (1, 3, 9)])
+
+    def forward(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        x = self.upsample(self.act(x), state)
+        for unit in self.res_units:
+            x = unit(x, state)
+        return x
+
+
+class Upsampler(nn.Module):
+    """CausalConvTranspose(k=s=ratio) (no overlap) then a ConvNeXt block. [B,C,T] -> [B,C,T*ratio]."""
+
+    def __init__(self, dim: int, ratio: int):
+        super().__init__()
+        self.conv = CausalConvTranspose1d(dim, dim, kernel_size=ratio, stride=ratio)
+        self.convnext = ConvNeXtBlock(dim)
+
+    def forward(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        return self.convnext(self.conv(x, state), state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual vector quantizer (decode only)
+# ---------------------------------------------------------------------------------------------
+
+
+class RVQDequantizer(nn.Module):
+    """codes [B, T, Q] -> features [B, T, codebook_dim].
+
+    Codebook q's row c is embedding_sum[c] / max(cluster_usage[c], 1e-5) (precomputed at load time,
+    in `codebooks` [Q, K, codebook_dim // 2]). Codebook 0 ("semantic") goes through `first_proj`,
+    the sum of codebooks 1..Q-1 ("acoustic") through `rest_proj`; the two are added.
+    """
+
+    def __init__(self, cfg: CodecDecoderConfig):
+        super().__init__()
+        vq_dim = cfg.codebook_dim // 2
+        self.register_buffer("codebooks", torch.zeros(cfg.num_quantizers, cfg.codebook_size, vq_dim))
+        self.first_proj = nn.Linear(vq_dim, cfg.codebook_dim, bias=False)
+        self.rest_proj = nn.Linear(vq_dim, cfg.codebook_dim, bias=False)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        first = F.embedding(codes[..., 0], self.codebooks[0])  # [B, T, vq_dim]
+        rest = F.embedding(codes[..., 1], self.codebooks[1])
+        for q in range(2, codes.shape[-1]):
+            rest = rest + F.embedding(codes[..., q], self.codebooks[q])
+        return self.first_proj(first) + self.rest_proj(rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-transformer: sliding-window causal attention at the frame rate
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32. [..., C]."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [T, head_dim] for integer positions [T] (half-split layout, fp32 math)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, head_dim / 2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [B, H, T, D] by the angles in cos/sin [T, D] (pairs are (i, i + D/2))."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(_Stateful):
+    """Causal self-attention over the last `window` frames, with RoPE and grouped K/V heads.
+
+    x [B, T, C] at absolute positions pos0 .. pos0+T-1 -> [B, T, C]. The state holds keys (after RoPE)
+    and values of the previous window-1 frames: query t sees keys t-window+1 .. t.
+    """
+
+    def __init__(self, cfg: CodecDecoderConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.window = cfg.sliding_window
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos0: int, state: DecoderState):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        # Prepend the cached frames: keys/values now cover positions pos0-P .. pos0+T-1.
+        cached = state.get(self.state_key)
+        if cached is not None:
+            k = torch.cat([cached[0], k], dim=2)
+            v = torch.cat([cached[1], v], dim=2)
+        P = k.shape[2] - T
+        keep = self.window - 1
+        state[self.state_key] = (k[:, :, -keep:].clone(), v[:, :, -keep:].clone()) if keep > 0 else None
+
+        # Mask: key j is visible to query i iff i - window < j <= i (absolute positions).
+        q_pos = torch.arange(pos0, pos0 + T, device=x.device)[:, None]
+        k_pos = torch.arange(pos0 - P, pos0 + T, device=x.device)[None, :]
+        mask = (k_pos <= q_pos) & (k_pos > q_pos - self.window)  # [T, P + T]
+
+        rep = self.n_head // self.n_kv_head  # each K/V head serves `rep` consecutive query heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)). [..., C] -> [..., C]."""
+
+    def __init__(self, cfg: CodecDecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = _SUPPORTED_ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block; both residual branches are scaled per channel (LayerScale). [B,T,C] -> [B,T,C]."""
+
+    def __init__(self, cfg: CodecDecoderConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.attn_scale = nn.Parameter(torch.full((cfg.hidden_size,), cfg.layer_scale_initial_scale))
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.mlp_scale = nn.Parameter(torch.full((cfg.hidden_size,), cfg.layer_scale_initial_scale))
+
+    def forward(self, x, cos, sin, pos0: int, state: DecoderState) -> torch.Tensor:
+        x = x + self.attn_scale * self.attn(self.attn_norm(x), cos, sin, pos0, state)
+        return x + self.mlp_scale * self.mlp(self.mlp_norm(x))
+
+
+class PreTransformer(_Stateful):
+    """input_proj (latent -> hidden), layers, RMSNorm, output_proj (hidden -> latent). [B,T,L] -> [B,T,L].
+
+    The state holds the absolute position of the next frame; RoPE only sees relative offsets inside
+    the window, but counting on keeps streaming bit-compatible with a whole-utterance pass.
+    """
+
+    def __init__(self, cfg: CodecDecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.input_proj = nn.Linear(cfg.latent_dim, cfg.hidden_size)
+        self.layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.output_proj = nn.Linear(cfg.hidden_size, cfg.latent_dim)
+
+    def forward(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        pos0 = state.get(self.state_key, 0)
+        state[self.state_key] = pos0 + x.shape[1]
+        h = self.input_proj(x)
+        positions = torch.arange(pos0, pos0 + x.shape[1], device=x.device)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, pos0, state)
+        return self.output_proj(self.norm(h))
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder
+# ---------------------------------------------------------------------------------------------
+
+
+class CodecDecoder(nn.Module):
+    """Qwen3-TTS-Tokenizer-12Hz decoder. `decode(codes [T, Q]) -> wav [T * samples_per_frame]`.
+
+    Build with `CodecDecoder(cfg)` then `load_official_state_dict(sd)`, or `CodecDecoder.from_state_dict`.
+    Runs on any device; fp32 is the reference precision (`.to(torch.bfloat16)` also works, with
+    RMSNorm in fp32 and the output returned as fp32).
+    """
+
+    def __init__(self, cfg: CodecDecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.quantizer = RVQDequantizer(cfg)
+        self.pre_conv = CausalConv1d(cfg.codebook_dim, cfg.latent_dim, kernel_size=3)
+        self.pre_transformer = PreTransformer(cfg)
+        self.upsample = nn.ModuleList([Upsampler(cfg.latent_dim, r) for r in cfg.upsampling_ratios])
+        self.head_conv = CausalConv1d(cfg.latent_dim, cfg.decoder_dim, kernel_size=7)
+        dims = [cfg.decoder_dim // 2**i for i in range(len(cfg.upsample_rates) + 1)]
+        self.blocks = nn.ModuleList(
+            [DecoderBlock(dims[i], dims[i + 1], r) for i, r in enumerate(cfg.upsample_rates)]
+        )
+        self.final_act = SnakeBeta(dims[-1])
+        self.final_conv = CausalConv1d(dims[-1], 1, kernel_size=7)
+        for name, module in self.named_modules():
+            if isinstance(module, _Stateful):
+                module.state_key = name
+
+    @property
+    def samples_per_frame(self) -> int:
+        return self.cfg.samples_per_frame
+
+    @property
+    def sample_rate(self) -> int:
+        return self.cfg.sample_rate
+
+    def forward(self, codes: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        """codes [B, T, Q] (long, each in [0, codebook_size)) -> wav [B, T * samples_per_frame], fp32.
+
+        Continues the stream described by `state` (pass {} to start one) and updates it in place.
+        """
+        x = self.quantizer(codes)  # [B, T, codebook_dim]
+        x = self.pre_conv(x.transpose(1, 2), state)  # [B, latent, T]
+        x = self.pre_transformer(x.transpose(1, 2), state).transpose(1, 2)  # [B, latent, T]
+        for up in self.upsample:
+            x = up(x, state)  # [B, latent, T * prod(upsampling_ratios)]
+        x = self.head_conv(x, state)  # [B, decoder_dim, 4T]
+        for block in self.blocks:
+            x = block(x, state)  # channels halve, time x rate
+        wav = self.final_conv(self.final_act(x), state)  # [B, 1, T * samples_per_frame]
+        return wav.squeeze(1).clamp(-1.0, 1.0).float()
+
+    def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        if codes.dim() != 2 or codes.shape[1] != self.cfg.num_quantizers:
+            raise ValueError(f"codes must be [T, {self.cfg.num_quantizers}], got {tuple(codes.shape)}")
+        if codes.shape[0] < 1:
+            raise ValueError("codes must hold at least one frame")
+        if codes.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+        return codes.to(device=self.quantizer.codebooks.device, dtype=torch.long)
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [T, Q] -> wav [T * samples_per_frame] in [-1, 1]: one causal pass over the utterance.
+
+        Equal to the official decode for T <= 300 frames; exact (unchunked) beyond that.
+        """
+        codes = self._check_codes(codes)
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= self.cfg.codebook_size:
+            raise ValueError(f"codes must be in [0, {self.cfg.codebook_size}), got min {lo} max {hi}")
+        return self(codes[None], {})[0]
+
+    # ----- loading ---------------------------------------------------------------------------
+
+    def official_parameter_names(self) -> Iterator[tuple[str, str]]:
+        """(official name without the 'decoder.' prefix, our parameter name) for every dense weight.
+
+        The codebooks (`quantizer.rvq_*.vq.layers.*._codebook.{embedding_sum,cluster_usage}`) are not
+        listed; they are combined at load time (see `load_official_state_dict`).
+        """
+        yield "quantizer.rvq_first.output_proj.weight", "quantizer.first_proj.weight"
+        yield "quantizer.rvq_rest.output_proj.weight", "quantizer.rest_proj.weight"
+        for p in ("weight", "bias"):
+            yield f"pre_conv.conv.{p}", f"pre_conv.{p}"
+        t = "pre_transformer"
+        for p in ("weight", "bias"):
+            yield f"{t}.input_proj.{p}", f"{t}.input_proj.{p}"
+            yield f"{t}.output_proj.{p}", f"{t}.output_proj.{p}"
+        yield f"{t}.norm.weight", f"{t}.norm.weight"
+        for i in range(self.cfg.num_hidden_layers):
+            o, m = f"{t}.layers.{i}", f"{t}.layers.{i}"
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                yield f"{o}.self_attn.{proj}.weight", f"{m}.attn.{proj}.weight"
+                if self.cfg.attention_bias:
+                    yield f"{o}.self_attn.{proj}.bias", f"{m}.attn.{proj}.bias"
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                yield f"{o}.mlp.{proj}.weight", f"{m}.mlp.{proj}.weight"
+            yield f"{o}.input_layernorm.weight", f"{m}.attn_norm.weight"
+            yield f"{o}.post_attention_layernorm.weight", f"{m}.mlp_norm.weight"
+            yield f"{o}.self_attn_layer_scale.scale", f"{m}.attn_scale"
+            yield f"{o}.mlp_layer_scale.scale", f"{m}.mlp_scale"
+        for i in range(len(self.cfg.upsampling_ratios)):
+            for p in ("weight", "bias"):
+                yield f"upsample.{i}.0.conv.{p}", f"upsample.{i}.conv.{p}"
+                yield f"upsample.{i}.1.dwconv.conv.{p}", f"upsample.{i}.convnext.dwconv.{p}"
+                yield f"upsample.{i}.1.norm.{p}", f"upsample.{i}.convnext.norm.{p}"
+                yield f"upsample.{i}.1.pwconv1.{p}", f"upsample.{i}.convnext.pwconv1.{p}"
+                yield f"upsample.{i}.1.pwconv2.{p}", f"upsample.{i}.convnext.pwconv2.{p}"
+            yield f"upsample.{i}.1.gamma", f"upsample.{i}.convnext.gamma"
+        # The official `decoder` list: [conv, block_0 .. block_{n-1}, SnakeBeta, conv].
+        for p in ("weight", "bias"):
+            yield f"decoder.0.conv.{p}", f"head_conv.{p}"
+        n = len(self.cfg.upsample_rates)
+        for b in range(n):
+            o, m = f"decoder.{b + 1}.block", f"blocks.{b}"
+            yield f"{o}.0.alpha", f"{m}.act.log_alpha"
+            yield f"{o}.0.beta", f"{m}.act.log_beta"
+            for p in ("weight", "bias"):
+                yield f"{o}.1.conv.{p}", f"{m}.upsample.{p}"
+            for j in range(3):
+                ou, mu = f"{o}.{j + 2}", f"{m}.res_units.{j}"
+                for act in ("act1", "act2"):
+                    yield f"{ou}.{act}.alpha", f"{mu}.{act}.log_alpha"
+                    yield f"{ou}.{act}.beta", f"{mu}.{act}.log_beta"
+                for conv in ("conv1", "conv2"):
+                    for p in ("weight", "bias"):
+                        yield f"{ou}.{conv}.conv.{p}", f"{mu}.{conv}.{p}"
+        yield f"decoder.{n + 1}.alpha", "final_act.log_alpha"
+        yield f"decoder.{n + 1}.beta", "final_act.log_beta"
+        for p in ("weight", "bias"):
+            yield f"decoder.{n + 2}.conv.{p}", f"final_conv.{p}"
+
+    def official_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every `decoder.*` tensor of the official checkpoint with its shape (our view of it)."""
+        params = dict(self.named_parameters())
+        shapes = {}
+        for official, ours in self.official_parameter_names():
+            shape = tuple(params[ours].shape)
+            if official.endswith("output_proj.weight") and official.startswith("quantizer."):
+                shape = shape + (1,)  # stored as a Conv1d k=1 weight
+            shapes["decoder." + official] = shape
+        K, vq_dim = self.cfg.codebook_size, self.cfg.codebook_dim // 2
+        for group, count in (("rvq_first", 1), ("rvq_rest", self.cfg.num_quantizers - 1)):
+            # input_proj is the encoder-side projection; present in the checkpoint, unused by decode.
+            shapes[f"decoder.quantizer.{group}.input_proj.weight"] = (vq_dim, self.cfg.codebook_dim, 1)
+            for q in range(count):
+                cb = f"decoder.quantizer.{group}.vq.layers.{q}._codebook"
+                shapes[f"{cb}.cluster_usage"] = (K,)
+                shapes[f"{cb}.embedding_sum"] = (K, vq_dim)
+        return shapes
+
+    @torch.no_grad()
+    def load_official_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load official `decoder.*` tensors (other keys, e.g. `encoder.*`, are ignored).
+
+        Raises ValueError on a missing tensor, on a wrong shape (naming the tensor and both shapes),
+        and, when `strict`, on an unexpected `decoder.*` tensor.
+        """
+        expected = self.official_shapes()
+        given = {k: v for k, v in sd.items() if k.startswith("decoder.")}
+        missing = sorted(set(expected) - set(given))
+        if missing:
+            raise ValueError(f"speech tokenizer weights: {len(missing)} decoder tensors missing, e.g. {missing[:5]}")
+        unexpected = sorted(set(given) - set(expected))
+        if strict and unexpected:
+            raise ValueError(f"speech tokenizer weights: unexpected decoder tensors {unexpected[:5]}")
+        for name, shape in expected.items():
+            if tuple(given[name].shape) != shape:
+                raise ValueError(
+                    f"speech tokenizer weight {name}: expected shape {shape}, got {tuple(given[name].shape)}"
+                )
+
+        params = dict(self.named_parameters())
+        for official, ours in self.official_parameter_names():
+            p = params[ours]
+            p.copy_(given["decoder." + official].reshape(p.shape).to(p.dtype))
+
+        # Codebook rows = embedding_sum / clamp(cluster_usage, 1e-5), in fp32, then cast.
+        rows = []
+        for q in range(self.cfg.num_quantizers):
+            group, idx = ("rvq_first", 0) if q == 0 else ("rvq_rest", q - 1)
+            cb = f"decoder.quantizer.{group}.vq.layers.{idx}._codebook"
+            usage = given[f"{cb}.cluster_usage"].float().clamp(min=1e-5)
+            rows.append(given[f"{cb}.embedding_sum"].float() / usage[:, None])
+        codebooks = self.quantizer.codebooks
+        codebooks.copy_(torch.stack(rows).to(device=codebooks.device, dtype=codebooks.dtype))
+
+    @classmethod
+    def from_state_dict(cls, cfg: CodecDecoderConfig, sd: dict[str, torch.Tensor], device=None, dtype=None) -> "CodecDecoder":
+        """Build, load official weights, move to device/dtype, eval mode."""
+        model = cls(cfg)
+        model.load_official_state_dict(sd)
+        return model.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def from_pretrained(cls, speech_tokenizer_dir: str | Path, device=None, dtype=None) -> "CodecDecoder":
+        """Load from a speech_tokenizer/ folder (config.json + model.safetensors)."""
+        from safetensors.torch import load_file
+
+        d = Path(speech_tokenizer_dir)
+        cfg = CodecDecoderConfig.from_json_dict(json.loads((d / "config.json").read_text()))
+        sd = load_file(str(d / "model.safetensors"))
+        return cls.from_state_dict(cfg, sd, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------------------------
+
+
+class StreamingCodecDecoder:
+    """Exact frame-by-frame decoding of one utterance: the concatenation of `push` outputs equals
+    `decoder.decode(all_codes)` (up to float rounding) for any chunk schedule.
+
+    The carried state is bounded: conv tails, transposed-conv overlaps, and per layer the K/V of the
+    last sliding_window - 1 frames. Several streams may share one CodecDecoder.
+    """
+
+    def __init__(self, decoder: CodecDecoder):
+        self.decoder = decoder
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the utterance; the next push starts a new one."""
+        self.state: DecoderState = {}
+        self.frames_pushed = 0
+
+    @torch.inference_mode()
+    def push(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [n, Q] (n >= 1 new frames) -> wav [n * samples_per_frame] for exactly those frames."""
+        codes = self.decoder._check_codes(codes)
+        wav = self.decoder(codes[None], self.state)[0]
+        self.frames_pushed += codes.shape[0]
+        return wav
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random speech tokenizer in the official layout (for tests)
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_speech_tokenizer_config() -> dict:
+    """speech_tokenizer/config.json of a tiny random model in the official format.
+
+    Real structure (16 quantizers x 2048 codes, window 72, rates [8,5,4,3] x [2,2] = 1920 samples per
+    frame at 24 kHz, head_dim != hidden / heads) with tiny widths. Unlike the real model (16 query and
+    16 K/V heads) it has 4 query heads sharing 2 K/V heads, to exercise that path too. The encoder
+    (a Mimi encoder, needed only to encode reference audio) is tiny as well.
+    """
+    return {
+        "architectures": ["Qwen3TTSTokenizerV2Model"],
+        "model_type": "qwen3_tts_tokenizer_12hz",
+        "encoder_valid_num_quantizers": 16,
+        "input_sample_rate": 24000,
+        "output_sample_rate": 24000,
+        "decode_upsample_rate": 1920,
+        "encode_downsample_rate": 1920,
+        "decoder_config": {
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "codebook_dim": 16,
+            "codebook_size": 2048,
+            "decoder_dim": 32,
+            "head_dim": 16,
+            "hidden_act": "silu",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "latent_dim": 64,
+            "layer_scale_initial_scale": 0.01,
+            "max_position_embeddings": 8000,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "num_key_value_heads": 2,
+            "num_quantizers": 16,
+            "num_semantic_quantizers": 1,
+            "rms_norm_eps": 1e-05,
+            "rope_theta": 10000,
+            "semantic_codebook_size": 4096,
+            "sliding_window": 72,
+            "upsample_rates": [8, 5, 4, 3],
+            "upsampling_ratios": [2, 2],
+        },
+        "encoder_config": {
+            "_frame_rate": 12.5,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "audio_channels": 1,
+            "codebook_dim": 8,
+            "codebook_size": 2048,
+            "compress": 2,
+            "dilation_growth_rate": 2,
+            "head_dim": 8,
+            "hidden_act": "gelu",
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "kernel_size": 7,
+            "last_kernel_size": 3,
+            "layer_scale_initial_scale": 0.01,
+            "max_position_embeddings": 8000,
+            "norm_eps": 1e-05,
+            "num_attention_heads": 2,
+            "num_filters": 4,
+            "num_hidden_layers": 1,
+            "num_key_value_heads": 2,
+            "num_quantizers": 32,
+            "num_residual_layers": 1,
+            "num_semantic_quantizers": 1,
+            "pad_mode": "constant",
+            "residual_kernel_size": 3,
+            "rope_theta": 10000.0,
+            "sampling_rate": 24000,
+            "sliding_window": 250,
+            "trim_right_ratio": 1.0,
+            "upsample_groups": 16,
+            "upsampling_ratios": [8, 6, 5, 4],
+            "use_cache": False,
+            "use_causal_conv": True,
+            "use_conv_shortcut": False,
+            "use_streaming": False,
+            "vector_quantization_hidden_dimension": 8,
+        },
+    }
+
+
+def random_speech_tokenizer_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random fp32 `decoder.*` weights with the official names and shapes for a speech tokenizer config.
+
+    Only the decoder is generated: the encoder (Mimi) weights are omitted, so the official loader
+    reports `encoder.*` as missing and initialises them itself. Statistics are chosen so the audio is a
+    non-constant signal well inside [-1, 1]: positive cluster usage, log-scale SnakeBeta parameters near
+    0, fan-in scaled convolutions, positive layer scales and ConvNeXt gammas.
+    """
+    cfg = CodecDecoderConfig.from_json_dict(config)
+    with torch.device("meta"):  # our module tree, only for its shapes and layer types
+        model = CodecDecoder(cfg)
+    shapes = model.official_shapes()
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(shape, std: float, mean: float = 0.0) -> torch.Tensor:
+        return mean + std * torch.randn(*shape, generator=gen)
+
+    def uniform(shape, lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+    out: dict[str, torch.Tensor] = {}
+    # Dense weights, chosen by the kind of layer they belong to.
+    for official, ours in model.official_parameter_names():
+        name, shape = "decoder." + official, shapes["decoder." + official]
+        module_name, leaf = ours.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        if isinstance(module, SnakeBeta):  # log(alpha) ~ log 0.6, log(beta) ~ log 1.6: mild periodic term
+            t = normal(shape, 0.2, mean=-0.5 if leaf == "log_alpha" else 0.5)
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)) and leaf == "weight":
+            t = normal(shape, 0.1, mean=1.0)
+        elif leaf in ("attn_scale", "mlp_scale"):  # LayerScale
+            t = uniform(shape, 0.05, 0.2)
+        elif leaf == "gamma":  # ConvNeXt residual scale
+            t = uniform(shape, 0.1, 0.3)
+        elif leaf == "bias":
+            t = normal(shape, 0.02)
+        elif isinstance(module, CausalConvTranspose1d):  # [in, out, k]: in * k/stride taps per output
+            t = normal(shape, 1.0 / math.sqrt(shape[0] * shape[2] / module.stride))
+        else:  # Linear [out, in], Conv1d [out, in/groups, k]
+            t = normal(shape, 1.0 / math.sqrt(math.prod(shape[1:])))
+            if ours.endswith("conv2.weight"):  # residual-unit branch: small, so blocks do not blow up
+                t = t * 0.25
+            if ours == "final_conv.weight":  # a waveform at about 0.25 RMS
+                t = t * 0.15
+        out[name] = t
+    # The acoustic projection sums num_quantizers-1 codebook vectors: keep its output at unit scale.
+    out["decoder.quantizer.rvq_rest.output_proj.weight"] /= math.sqrt(cfg.num_quantizers - 1)
+    # Codebooks (rows = embedding_sum / cluster_usage ~ N(0, 1)) and the unused encoder-side input_proj.
+    for name in sorted(set(shapes) - set(out)):
+        shape = shapes[name]
+        if name.endswith("cluster_usage"):
+            out[name] = uniform(shape, 0.5, 2.0)
+        elif name.endswith("embedding_sum"):
+            out[name] = normal(shape, 1.0) * out[name.replace("embedding_sum", "cluster_usage")][:, None]
+        else:
+            out[name] = normal(shape, 1.0 / math.sqrt(math.prod(shape[1:])))
+    return {k: v.float().contiguous() for k, v in out.items()}
+
+
+TINY_PREPROCESSOR_CONFIG = {
+    "chunk_length_s": None,
+    "feature_extractor_type": "EncodecFeatureExtractor",
+    "feature_size": 1,
+    "overlap": None,
+    "padding_side": "right",
+    "padding_value": 0.0,
+    "return_attention_mask": True,
+    "sampling_rate": 24000,
+}
+
+
+def write_tiny_speech_tokenizer(dir: str | Path, seed: int = 0) -> Path:
+    """Write config.json, model.safetensors and preprocessor_config.json of the tiny model into `dir`
+    (a `speech_tokenizer/` folder). Returns the folder."""
+    from safetensors.torch import save_file
+
+    d = Path(dir)
+    d.mkdir(parents=True, exist_ok=True)
+    config = tiny_speech_tokenizer_config()
+    (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (d / "preprocessor_config.json").write_text(json.dumps(TINY_PREPROCESSOR_CONFIG, indent=2) + "\n")
+    save_file(random_speech_tokenizer_weights(config, seed), str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
