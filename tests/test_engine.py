@@ -248,3 +248,17 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
 def test_cli_missing_model_is_a_clear_error(tmp_path):
     r = _cli("say", "Hi", "-o", str(tmp_path / "x.wav"), "--model", str(tmp_path / "absent"))
     assert r.returncode == 2 and "tiny-model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_reference_runs_in_bf16(tiny_dir):
+    synth = Synthesizer.from_pretrained(str(tiny_dir), device="cpu", dtype="bfloat16")
+    assert synth.talker.codec_head.weight.dtype == torch.bfloat16
+    r = synth.generate_codes(TEXT, seed=1, max_new_tokens=4)
+    assert r.codes.shape == (4, 16) and (r.codes < 2048).all()
+
+
+def test_base_models_load_and_explain_that_cloning_is_not_implemented(tmp_path):
+    synth = Synthesizer.from_pretrained(str(write_tiny_model(tmp_path, "0.6b", "base")), device="cpu")
+    assert synth.config.model_type == "base" and synth.voices == []
+    with pytest.raises(PromptError, match="voice cloning"):
+        synth.generate_codes(TEXT, max_new_tokens=2)
