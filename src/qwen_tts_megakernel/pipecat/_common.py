@@ -1,0 +1,88 @@
+"""Pieces shared by the HTTP and WebSocket Pipecat services: settings, languages, the wire sample rate."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from pipecat.services.settings import TTSSettings
+from pipecat.utils.types import NOT_GIVEN, NotGiven, is_given
+from pipecat.transcriptions.language import Language
+
+# The server always speaks 24 kHz mono PCM16 (the 12 Hz codec's rate). When the pipeline's output rate differs,
+# the services resample on the client (Pipecat's stream resampler, soxr) before pushing frames.
+SERVER_SAMPLE_RATE = 24000
+
+# Pipecat language codes -> the model's language names (the official Qwen3-TTS list). A code that is not here
+# is passed on as it is and the server answers with an error naming the languages it has.
+_LANGUAGE_NAMES = {
+    "en": "english",
+    "de": "german",
+    "es": "spanish",
+    "zh": "chinese",
+    "ja": "japanese",
+    "fr": "french",
+    "ko": "korean",
+    "ru": "russian",
+    "it": "italian",
+    "pt": "portuguese",
+}
+
+
+def qwen_language(language: Language | str | None) -> str | None:
+    """"en", "en-US", Language.EN_GB ... -> "english"; model names ("english", "auto") pass through."""
+    if language is None:
+        return None
+    code = str(language.value if isinstance(language, Language) else language)
+    base = code.split("-")[0].split("_")[0].lower()
+    return _LANGUAGE_NAMES.get(base, code.lower() if not isinstance(language, Language) else None)
+
+
+@dataclass
+class QwenTTSSettings(TTSSettings):
+    """Runtime-updatable settings of the Qwen3-TTS services (send a ``TTSUpdateSettingsFrame`` to change them).
+
+    Parameters:
+        model: informational (the server serves one model); reported as the metrics' model name.
+        voice: speaker name of a CustomVoice checkpoint ("ryan", "vivian", ...; GET /v1/audio/voices lists them).
+        language: Pipecat ``Language`` or a model language name ("english", ...); None or "auto" lets the
+            model decide.
+        instructions: voice/style description (VoiceDesign checkpoints, 1.7B CustomVoice); WebSocket only.
+        seed: sampling seed; a fixed seed makes the audio reproducible. None: a fresh seed per request.
+        max_new_tokens: frame limit per utterance (80 ms per frame). None: the server's default.
+        temperature: talker sampling temperature; None: the model's default (0.9). WebSocket only.
+    """
+
+    instructions: str | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    seed: int | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    max_new_tokens: int | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    temperature: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+
+
+def default_settings(settings_cls, settings: TTSSettings | None, voice: str | None):
+    """Store-mode settings with every field given, then the caller's delta applied (Pipecat's pattern)."""
+    s = settings_cls(model=None, voice=voice, language=None, instructions=None, seed=None, max_new_tokens=None,
+                     temperature=None)
+    if settings is not None:
+        s.apply_update(settings)
+    return s
+
+
+def given(value):
+    """A settings value, or None when it is NOT_GIVEN."""
+    return value if is_given(value) else None
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def error_detail(status: int, body: str) -> str:
+    """The server's 4xx/5xx JSON {"detail": ...} as one line."""
+    try:
+        detail = json.loads(body).get("detail", body)
+    except (ValueError, AttributeError):
+        detail = body
+    if not isinstance(detail, str):
+        detail = json.dumps(detail)
+    return f"Qwen TTS server error {status}: {detail.strip()[:500]}"

@@ -1,0 +1,117 @@
+"""Pipecat TTS over the server's chunked HTTP endpoint (POST /tts/stream), one request per text aggregation."""
+
+from __future__ import annotations
+
+from typing import AsyncGenerator
+
+import aiohttp
+from loguru import logger
+from pipecat.frames.frames import CancelFrame, EndFrame, ErrorFrame, Frame, StartFrame
+from pipecat.services.tts_service import TTSService
+from pipecat.transcriptions.language import Language
+
+from ._common import (SERVER_SAMPLE_RATE, QwenTTSSettings, auth_headers, default_settings, error_detail, given,
+                      qwen_language)
+
+
+class QwenHttpTTSService(TTSService):
+    """Streams speech from a ``qwen-tts-mk serve`` server over HTTP.
+
+    Each aggregated text (a sentence by default) is one ``POST /tts/stream``; the response's PCM chunks become
+    ``TTSAudioRawFrame``s as they arrive, so the first audio plays while the server is still synthesizing. An
+    interruption cancels the request task, which closes the connection; the server then stops that utterance.
+
+    The server speaks 24 kHz; when the pipeline's output rate (or ``sample_rate=``) differs, audio is resampled
+    here (soxr stream resampler).
+
+    Example::
+
+        async with aiohttp.ClientSession() as session:
+            tts = QwenHttpTTSService(base_url="http://127.0.0.1:8001", aiohttp_session=session,
+                                     settings=QwenHttpTTSService.Settings(voice="ryan", language=Language.EN))
+    """
+
+    Settings = QwenTTSSettings
+    _settings: QwenTTSSettings
+
+    def __init__(self, *, base_url: str = "http://127.0.0.1:8001", aiohttp_session: aiohttp.ClientSession | None = None,
+                 api_key: str | None = None, settings: QwenTTSSettings | None = None,
+                 request_timeout_s: float | None = 60.0, **kwargs):
+        """Args:
+            base_url: the server's root URL (no trailing path), e.g. ``http://127.0.0.1:8001``.
+            aiohttp_session: a session to share; without one the service opens and closes its own.
+            api_key: the server's ``--api-key`` (sent as ``Authorization: Bearer``).
+            settings: voice, language, seed, max_new_tokens (``QwenHttpTTSService.Settings``).
+            request_timeout_s: total time one request may take (None: no limit).
+            **kwargs: passed to Pipecat's ``TTSService`` (``sample_rate``, ``text_aggregation_mode``, ...).
+        """
+        super().__init__(push_start_frame=True, push_stop_frames=True,
+                         settings=default_settings(self.Settings, settings, voice=None), **kwargs)
+        self._base_url = base_url.rstrip("/")
+        self._session = aiohttp_session
+        self._own_session = aiohttp_session is None
+        self._api_key = api_key
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=10)
+
+    def can_generate_metrics(self) -> bool:
+        return True
+
+    def language_to_service_language(self, language: Language) -> str | None:
+        return qwen_language(language)
+
+    async def start(self, frame: StartFrame):
+        await super().start(frame)
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+
+    async def stop(self, frame: EndFrame):
+        await super().stop(frame)
+        await self._close_own_session()
+
+    async def cancel(self, frame: CancelFrame):
+        await super().cancel(frame)
+        await self._close_own_session()
+
+    async def _close_own_session(self):
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _request_body(self, text: str) -> dict:
+        s = self._settings
+        body = {"text": text, "language": given(s.language) or "auto", "speaker": given(s.voice)}
+        for key in ("seed", "max_new_tokens"):
+            value = given(getattr(s, key))
+            if value is not None:
+                body[key] = value
+        return body
+
+    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
+        if self._session is None:  # run_tts before start(): a caller's bug, reported like any failure
+            yield ErrorFrame(error="QwenHttpTTSService: no HTTP session (the pipeline has not started)")
+            return
+        failed = False
+        try:
+            async with self._session.post(f"{self._base_url}/tts/stream", json=self._request_body(text),
+                                          headers=auth_headers(self._api_key), timeout=self._timeout) as response:
+                if response.status != 200:
+                    failed = True
+                    yield ErrorFrame(error=error_detail(response.status, await response.text()))
+                else:
+                    await self.start_tts_usage_metrics(text)
+                    rate = int(response.headers.get("X-Sample-Rate", SERVER_SAMPLE_RATE))
+                    async for frame in self._stream_audio_frames_from_iterator(
+                            response.content.iter_chunked(self.chunk_size), in_sample_rate=rate,
+                            context_id=context_id):
+                        await self.stop_ttfb_metrics()
+                        yield frame
+        except Exception as e:  # never BaseException: cancellation is how an interruption stops the request
+            failed = True
+            logger.warning(f"{self}: request failed: {e!r}")
+            yield ErrorFrame(error=f"Qwen TTS request failed: {e}", exception=e)
+        finally:
+            await self.stop_ttfb_metrics()
+        if failed:
+            # End this context now rather than after the stop-frame timeout (its TTSStoppedFrame follows).
+            await self.stop_all_metrics()
+            await self.remove_audio_context(context_id)
