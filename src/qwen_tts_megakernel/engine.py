@@ -103,6 +103,11 @@ class ReferenceStream:
         self.frame_index += 1
         return codes
 
+    def append_text_rows(self, rows: torch.Tensor) -> None:
+        """Extend the text track while the stream runs (streamed text input, see live.py). Rows [n, H]."""
+        rows = rows.to(device=self.pad_row.device, dtype=self.pad_row.dtype).reshape(-1, self.pad_row.shape[-1])
+        self.text_rows = torch.cat([self.text_rows, rows]) if len(self.text_rows) else rows
+
     def close(self) -> None:
         self.cache = None
 
