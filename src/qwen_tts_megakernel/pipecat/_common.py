@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from pipecat.audio.resamplers.soxr_stream_resampler import SOXRStreamAudioResampler
 from pipecat.services.settings import TTSSettings
 from pipecat.utils.types import NOT_GIVEN, NotGiven, is_given
 from pipecat.transcriptions.language import Language
@@ -86,3 +87,31 @@ def error_detail(status: int, body: str) -> str:
     if not isinstance(detail, str):
         detail = json.dumps(detail)
     return f"Qwen TTS server error {status}: {detail.strip()[:500]}"
+
+
+class PCMStream:
+    """One utterance's PCM16 bytes as they arrive: whole samples only (a network chunk may split one), resampled
+    from the server's rate to the pipeline's with a resampler of its own (soxr, never cleared mid-utterance), and
+    its tail flushed at the end, so no audio is lost or mixed between utterances."""
+
+    def __init__(self, in_rate: int, out_rate: int):
+        self.in_rate, self.out_rate = in_rate, out_rate
+        self._leftover = b""
+        self._resampler = SOXRStreamAudioResampler(clear_after_secs=None) if in_rate != out_rate else None
+
+    async def push(self, data: bytes) -> bytes:
+        data = self._leftover + data
+        aligned = len(data) & ~1
+        data, self._leftover = data[:aligned], data[aligned:]
+        if not data or self._resampler is None:
+            return data
+        return await self._resampler.resample(data, self.in_rate, self.out_rate)
+
+    async def finish(self) -> bytes:
+        """The rest: the resampler's tail (and a dangling odd byte, padded)."""
+        tail = b""
+        if self._leftover:
+            tail = await self.push(b"\x00")
+        if self._resampler is not None:
+            tail += await self._resampler.flush()
+        return tail

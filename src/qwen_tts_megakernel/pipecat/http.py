@@ -6,11 +6,11 @@ from typing import AsyncGenerator
 
 import aiohttp
 from loguru import logger
-from pipecat.frames.frames import CancelFrame, EndFrame, ErrorFrame, Frame, StartFrame
+from pipecat.frames.frames import CancelFrame, EndFrame, ErrorFrame, Frame, StartFrame, TTSAudioRawFrame
 from pipecat.services.tts_service import TTSService
 from pipecat.transcriptions.language import Language
 
-from ._common import (SERVER_SAMPLE_RATE, QwenTTSSettings, auth_headers, default_settings, error_detail, given,
+from ._common import (SERVER_SAMPLE_RATE, PCMStream, QwenTTSSettings, auth_headers, default_settings, error_detail, given,
                       qwen_language)
 
 
@@ -100,11 +100,15 @@ class QwenHttpTTSService(TTSService):
                 else:
                     await self.start_tts_usage_metrics(text)
                     rate = int(response.headers.get("X-Sample-Rate", SERVER_SAMPLE_RATE))
-                    async for frame in self._stream_audio_frames_from_iterator(
-                            response.content.iter_chunked(self.chunk_size), in_sample_rate=rate,
-                            context_id=context_id):
-                        await self.stop_ttfb_metrics()
-                        yield frame
+                    pcm = PCMStream(rate, self.sample_rate)
+                    async for data in response.content.iter_chunked(self.chunk_size):
+                        audio = await pcm.push(data)
+                        if audio:
+                            await self.stop_ttfb_metrics()
+                            yield TTSAudioRawFrame(audio, self.sample_rate, 1, context_id=context_id)
+                    audio = await pcm.finish()
+                    if audio:
+                        yield TTSAudioRawFrame(audio, self.sample_rate, 1, context_id=context_id)
         except Exception as e:  # never BaseException: cancellation is how an interruption stops the request
             failed = True
             logger.warning(f"{self}: request failed: {e!r}")

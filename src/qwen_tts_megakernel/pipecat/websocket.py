@@ -22,7 +22,6 @@ from typing import Any, AsyncGenerator
 from urllib.parse import urlsplit, urlunsplit
 
 from loguru import logger
-from pipecat.audio.utils import create_stream_resampler
 from pipecat.frames.frames import (CancelFrame, EndFrame, ErrorFrame, Frame, TTSAudioRawFrame, TTSStoppedFrame)
 from pipecat.processors.frame_processor import FrameProcessorSetup
 from pipecat.services.settings import TTSSettings
@@ -30,7 +29,7 @@ from pipecat.services.tts_service import TextAggregationMode, WebsocketTTSServic
 from pipecat.transcriptions.language import Language
 from websockets.protocol import State
 
-from ._common import SERVER_SAMPLE_RATE, QwenTTSSettings, auth_headers, default_settings, given, qwen_language
+from ._common import SERVER_SAMPLE_RATE, PCMStream, QwenTTSSettings, auth_headers, default_settings, given, qwen_language
 
 WS_PATH = "/v1/audio/speech/stream"
 
@@ -53,15 +52,6 @@ def parse_audio_message(message: bytes) -> tuple[str, bytes]:
     if len(message) < 1 + n:
         raise ValueError("binary message shorter than its context id")
     return message[1:1 + n].decode("utf-8"), bytes(message[1 + n:])
-
-
-class _ContextAudio:
-    """Per-context audio state: sample alignment across messages and a resampler of its own."""
-
-    def __init__(self):
-        self.rate = SERVER_SAMPLE_RATE
-        self.leftover = b""
-        self.resampler = None
 
 
 class QwenTTSService(WebsocketTTSService):
@@ -97,7 +87,7 @@ class QwenTTSService(WebsocketTTSService):
         self._api_key = api_key
         self._receive_task: asyncio.Task | None = None
         self._configured: set[str] = set()  # contexts whose config went out on the current connection
-        self._audio: dict[str, _ContextAudio] = {}
+        self._audio: dict[str, PCMStream] = {}  # per context: sample alignment and resampling
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -191,7 +181,7 @@ class QwenTTSService(WebsocketTTSService):
             if context_id not in self._configured:
                 await self._send(self._config_message(context_id))
                 self._configured.add(context_id)
-                self._audio[context_id] = _ContextAudio()
+                self._audio[context_id] = PCMStream(SERVER_SAMPLE_RATE, self.sample_rate)
             await self._send({"type": "text", "context_id": context_id, "text": text})
             await self.start_tts_usage_metrics(text)
         except Exception as e:
@@ -239,32 +229,30 @@ class QwenTTSService(WebsocketTTSService):
             return
         if not self.audio_context_available(context_id):
             return  # an interrupted (cancelled) or finished context: late audio is dropped
-        state = self._audio.setdefault(context_id, _ContextAudio())
-        pcm = state.leftover + pcm
-        aligned = len(pcm) & ~1
-        pcm, state.leftover = pcm[:aligned], pcm[aligned:]
-        if not pcm:
-            return
-        if state.rate != self.sample_rate:
-            if state.resampler is None:
-                state.resampler = create_stream_resampler()
-            pcm = await state.resampler.resample(pcm, state.rate, self.sample_rate)
-            if not pcm:
-                return
-        await self.append_to_audio_context(
-            context_id, TTSAudioRawFrame(audio=pcm, sample_rate=self.sample_rate, num_channels=1,
-                                         context_id=context_id))
+        stream = self._audio.get(context_id)
+        if stream is None:
+            stream = self._audio[context_id] = PCMStream(SERVER_SAMPLE_RATE, self.sample_rate)
+        await self._append_audio(context_id, await stream.push(pcm))
+
+    async def _append_audio(self, context_id: str, pcm: bytes):
+        if pcm:
+            await self.append_to_audio_context(
+                context_id, TTSAudioRawFrame(audio=pcm, sample_rate=self.sample_rate, num_channels=1,
+                                             context_id=context_id))
 
     async def _on_event(self, msg: dict):
         kind = msg.get("type")
         context_id = msg.get("context_id")
         if kind == "audio_start":
-            if context_id in self._audio:
-                self._audio[context_id].rate = int(msg.get("sample_rate") or SERVER_SAMPLE_RATE)
+            rate = int(msg.get("sample_rate") or SERVER_SAMPLE_RATE)
+            if context_id and rate != SERVER_SAMPLE_RATE:
+                self._audio[context_id] = PCMStream(rate, self.sample_rate)
         elif kind == "audio_done":
             self._configured.discard(context_id)
-            self._audio.pop(context_id, None)
+            stream = self._audio.pop(context_id, None)
             if context_id and self.audio_context_available(context_id):
+                if stream is not None:
+                    await self._append_audio(context_id, await stream.finish())
                 logger.debug(f"{self}: context {context_id} done: {msg.get('stop_reason')}, "
                              f"{msg.get('audio_seconds')} s of audio, first audio after "
                              f"{msg.get('time_to_first_audio_ms')} ms")

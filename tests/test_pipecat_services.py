@@ -1,0 +1,327 @@
+"""Pipecat services against the real server (tiny checkpoint, CPU, loopback): frames, audio, metrics, interruptions,
+errors, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+pytest.importorskip("pipecat")
+aiohttp = pytest.importorskip("aiohttp")
+websockets = pytest.importorskip("websockets")
+
+from pipecat.frames.frames import (ErrorFrame, Frame, InterruptionFrame, LLMFullResponseEndFrame,  # noqa: E402
+                                   LLMFullResponseStartFrame, LLMTextFrame, MetricsFrame, TTSAudioRawFrame,
+                                   TTSSpeakFrame, TTSStartedFrame, TTSStoppedFrame)
+from pipecat.metrics.metrics import TTFBMetricsData  # noqa: E402
+from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
+from pipecat.pipeline.worker import PipelineParams  # noqa: E402
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
+from pipecat.services.tts_service import TextAggregationMode  # noqa: E402
+from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
+
+from qwen_tts_megakernel.pipecat import QwenHttpTTSService, QwenTTSService  # noqa: E402
+from qwen_tts_megakernel.pipecat.testing import TTSServerProcess, prometheus_sum  # noqa: E402
+from qwen_tts_megakernel.pipecat.websocket import parse_audio_message, websocket_url  # noqa: E402
+from qwen_tts_megakernel.tiny import write_tiny_model  # noqa: E402
+
+VOICE = "ryan"
+LANGUAGE = "english"
+TEXT = "Hello there, how are you today?"
+SHORT = 12  # frames (0.96 s of audio)
+LONG = 250  # frames (20 s of audio; a few seconds of synthesis on CPU)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = write_tiny_model(tmp_path_factory.mktemp("tiny"), "0.6b", "custom_voice", seed=0)
+    with TTSServerProcess(model) as srv:
+        yield srv
+
+
+def cancelled_streams(server) -> float:
+    return prometheus_sum(server.metrics_text(), "qwen_tts_streams_total", stop_reason="cancelled")
+
+
+def settings(cls, **kw):
+    return cls.Settings(**({"voice": VOICE, "language": LANGUAGE, "seed": 7, "max_new_tokens": SHORT} | kw))
+
+
+def metrics_params(**kw) -> PipelineParams:
+    return PipelineParams(enable_metrics=True, enable_usage_metrics=True, **kw)
+
+
+def audio_of(frames) -> bytes:
+    return b"".join(f.audio for f in frames if isinstance(f, TTSAudioRawFrame))
+
+
+def ttfb_values(frames, service) -> list[float]:
+    return [d.value for f in frames if isinstance(f, MetricsFrame) for d in f.data
+            if isinstance(d, TTFBMetricsData) and d.processor == service.name and d.value > 0]
+
+
+def assert_started_audio_stopped(frames) -> list[str]:
+    """TTSStartedFrame, then audio, then TTSStoppedFrame, per context; returns the context ids in order."""
+    kinds = [(type(f), getattr(f, "context_id", None)) for f in frames
+             if isinstance(f, (TTSStartedFrame, TTSAudioRawFrame, TTSStoppedFrame))]
+    assert kinds, "no TTS frames"
+    contexts = []
+    state = None
+    for kind, ctx in kinds:
+        if kind is TTSStartedFrame:
+            assert state is None, kinds
+            state, current = "started", ctx
+            contexts.append(ctx)
+        elif kind is TTSAudioRawFrame:
+            assert state in ("started", "audio") and ctx == current, "audio outside its started/stopped pair"
+            state = "audio"
+        else:
+            assert state == "audio" and ctx == current, "stopped without audio"
+            state = None
+    assert state is None, "no TTSStoppedFrame at the end"
+    return contexts
+
+
+async def http_reference_audio(server, text, **body) -> bytes:
+    """What the server produces for this request, read with a plain client."""
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{server.base_url}/tts/stream", json={"text": text, **body}) as r:
+            assert r.status == 200, await r.text()
+            assert r.headers.get("X-Sample-Rate") == "24000"
+            return await r.read()
+
+
+async def ws_reference_audio(server, deltas: list[str], **config) -> tuple[bytes, dict]:
+    """What the server produces for this text over a plain WebSocket client: (audio, audio_done)."""
+    ctx = "ref"
+    async with websockets.connect(websocket_url(server.base_url), max_size=None) as ws:
+        await ws.send(json.dumps({"type": "config", "context_id": ctx, **config}))
+        for d in deltas:
+            await ws.send(json.dumps({"type": "text", "context_id": ctx, "text": d}))
+        await ws.send(json.dumps({"type": "flush", "context_id": ctx}))
+        audio = bytearray()
+        async for message in ws:
+            if isinstance(message, bytes):
+                got_ctx, pcm = parse_audio_message(message)
+                assert got_ctx == ctx
+                audio += pcm
+            else:
+                msg = json.loads(message)
+                assert msg["type"] != "error", msg
+                if msg["type"] == "audio_done":
+                    return bytes(audio), msg
+    raise AssertionError("the server closed the WebSocket before audio_done")
+
+
+class Timestamps(FrameProcessor):
+    """Records when each downstream TTSAudioRawFrame passes (the end of the pipeline under test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.audio_times: list[float] = []
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, TTSAudioRawFrame) and direction == FrameDirection.DOWNSTREAM:
+            self.audio_times.append(time.monotonic())
+        await self.push_frame(frame, direction)
+
+
+async def wait_for_cancellation(server, before: float, timeout_s: float = 10.0) -> float:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = await asyncio.to_thread(cancelled_streams, server)
+        if now > before:
+            return now
+        await asyncio.sleep(0.1)
+    return await asyncio.to_thread(cancelled_streams, server)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTTP service
+
+
+@pytest.mark.asyncio
+async def test_http_speaks_in_order_with_server_audio_and_ttfb(server):
+    tts = QwenHttpTTSService(base_url=server.base_url, settings=settings(QwenHttpTTSService))
+    down, up = await run_test(tts, frames_to_send=[TTSSpeakFrame(TEXT)], pipeline_params=metrics_params())
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+    assert len(assert_started_audio_stopped(down)) == 1
+    audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert all(f.sample_rate == 24000 and f.num_channels == 1 for f in audio)
+    expected = await http_reference_audio(server, TEXT, speaker=VOICE, language=LANGUAGE, seed=7,
+                                          max_new_tokens=SHORT)
+    assert len(expected) == SHORT * 1920 * 2
+    assert audio_of(down) == expected
+    assert ttfb_values(down, tts), "no TTFB metric > 0"
+
+
+@pytest.mark.asyncio
+async def test_http_resamples_to_the_pipeline_rate(server):
+    tts = QwenHttpTTSService(base_url=server.base_url, settings=settings(QwenHttpTTSService))
+    down, _ = await run_test(tts, frames_to_send=[TTSSpeakFrame(TEXT)],
+                             pipeline_params=PipelineParams(audio_out_sample_rate=16000))
+    audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert audio and all(f.sample_rate == 16000 for f in audio)
+    samples = len(audio_of(down)) // 2
+    assert abs(samples - SHORT * 1920 * 2 // 3) <= 2  # 24 kHz -> 16 kHz, the tail flushed
+
+
+@pytest.mark.asyncio
+async def test_http_server_error_goes_upstream(server):
+    tts = QwenHttpTTSService(base_url=server.base_url, settings=settings(QwenHttpTTSService, voice="nobody"))
+    down, up = await run_test(tts, frames_to_send=[TTSSpeakFrame(TEXT)])
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert errors and "nobody" in errors[0].error and "400" in errors[0].error, [e.error for e in errors]
+    assert not [f for f in down if isinstance(f, TTSAudioRawFrame)]
+
+
+@pytest.mark.asyncio
+async def test_http_interruption_cancels_the_server_stream(server):
+    before = await asyncio.to_thread(cancelled_streams, server)
+    tts = QwenHttpTTSService(base_url=server.base_url, settings=settings(QwenHttpTTSService, max_new_tokens=LONG))
+    stamps = Timestamps()
+    down, _ = await run_test(Pipeline([tts, stamps]),
+                             frames_to_send=[TTSSpeakFrame(TEXT), SleepFrame(sleep=1.0), InterruptionFrame(),
+                                             SleepFrame(sleep=0.3)])
+    assert stamps.audio_times, "no audio before the interruption"
+    received = len(audio_of(down)) // 2
+    assert received < LONG * 1920 // 2, "the whole utterance arrived: nothing was left to cancel"
+    assert await wait_for_cancellation(server, before) > before, "the server recorded no cancelled stream"
+
+
+@pytest.mark.asyncio
+async def test_http_first_audio_reaches_the_sink_while_the_server_is_synthesizing(server):
+    tts = QwenHttpTTSService(base_url=server.base_url, settings=settings(QwenHttpTTSService, max_new_tokens=LONG))
+    stamps = Timestamps()
+    down, _ = await run_test(Pipeline([tts, stamps]), frames_to_send=[TTSSpeakFrame(TEXT)])
+    assert len(audio_of(down)) == LONG * 1920 * 2
+    first, last = stamps.audio_times[0], stamps.audio_times[-1]
+    # The server sends each chunk as soon as its frames are decoded, so its last chunk leaves right after it
+    # finishes synthesizing: the first chunk reached the sink seconds before synthesis ended.
+    assert last - first > 1.0, f"audio arrived within {last - first:.2f} s: not streamed"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WebSocket service
+
+
+def ws_service(server, **kw) -> QwenTTSService:
+    mode = kw.pop("text_aggregation_mode", TextAggregationMode.TOKEN)
+    return QwenTTSService(base_url=server.base_url, settings=settings(QwenTTSService, **kw),
+                          text_aggregation_mode=mode)
+
+
+@pytest.mark.asyncio
+async def test_ws_speaks_in_order_with_server_audio_and_ttfb(server):
+    tts = ws_service(server)
+    down, up = await run_test(tts, frames_to_send=[TTSSpeakFrame(TEXT), SleepFrame(sleep=0.2)],
+                              pipeline_params=metrics_params())
+    assert not [f for f in up if isinstance(f, ErrorFrame)], [f.error for f in up if isinstance(f, ErrorFrame)]
+    assert len(assert_started_audio_stopped(down)) == 1
+    expected, done = await ws_reference_audio(server, [TEXT], voice=VOICE, language=LANGUAGE, seed=7,
+                                              max_new_tokens=SHORT)
+    assert done["stop_reason"] == "max_new_tokens"
+    assert len(expected) == SHORT * 1920 * 2
+    assert audio_of(down) == expected
+    assert ttfb_values(down, tts), "no TTFB metric > 0"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", [TextAggregationMode.TOKEN, TextAggregationMode.SENTENCE])
+async def test_ws_llm_turn_streams_text_into_one_context(server, mode):
+    tokens = ["Hel", "lo ", "there", ", how", " are", " you", " today?", " I am", " fine."]
+    tts = ws_service(server, text_aggregation_mode=mode)
+    sent: list[str] = []
+
+    @tts.event_handler("on_tts_request")
+    async def _(service, context_id, text):
+        sent.append(text)
+
+    frames = [LLMFullResponseStartFrame(), *[LLMTextFrame(t) for t in tokens], LLMFullResponseEndFrame(),
+              SleepFrame(sleep=0.2)]
+    down, up = await run_test(tts, frames_to_send=frames, pipeline_params=metrics_params())
+    assert not [f for f in up if isinstance(f, ErrorFrame)], [f.error for f in up if isinstance(f, ErrorFrame)]
+    assert len(assert_started_audio_stopped(down)) == 1  # one context for the whole turn
+    if mode == TextAggregationMode.TOKEN:
+        assert sent == tokens  # every token went out as it came
+        # Text that arrived token by token speaks exactly like the same text sent at once.
+        expected, _ = await ws_reference_audio(server, ["".join(tokens)], voice=VOICE, language=LANGUAGE, seed=7,
+                                               max_new_tokens=SHORT)
+        assert audio_of(down) == expected
+    else:
+        assert len(sent) == 2 and sent[0].startswith("Hello there")  # two sentences
+        assert len(audio_of(down)) == SHORT * 1920 * 2
+    assert ttfb_values(down, tts)
+
+
+@pytest.mark.asyncio
+async def test_ws_interruption_cancels_on_the_server_and_drops_late_audio(server):
+    before = await asyncio.to_thread(cancelled_streams, server)
+    tts = ws_service(server, max_new_tokens=LONG)
+    messages: list[dict] = []
+    original = tts._on_event
+
+    async def spy(msg):
+        messages.append(msg)
+        await original(msg)
+
+    tts._on_event = spy
+    down, _ = await run_test(tts, frames_to_send=[TTSSpeakFrame(TEXT), SleepFrame(sleep=1.0), InterruptionFrame(),
+                                                  SleepFrame(sleep=1.0), TTSSpeakFrame("Second."),
+                                                  SleepFrame(sleep=0.5)])
+    contexts = [f.context_id for f in down if isinstance(f, TTSStartedFrame)]
+    assert len(contexts) == 2
+    first, second = contexts
+    i_interrupt = next(i for i, f in enumerate(down) if isinstance(f, InterruptionFrame))
+    first_audio = [i for i, f in enumerate(down) if isinstance(f, TTSAudioRawFrame) and f.context_id == first]
+    assert first_audio and max(first_audio) < i_interrupt, "audio of the cancelled context after the interruption"
+    assert len(first_audio) < LONG  # it was cut short
+    assert [f for f in down if isinstance(f, TTSAudioRawFrame) and f.context_id == second]
+    done = [m for m in messages if m.get("type") == "audio_done" and m.get("context_id") == first]
+    assert done and done[0]["stop_reason"] == "cancelled", messages
+    assert await wait_for_cancellation(server, before) > before, "the server recorded no cancelled stream"
+
+
+@pytest.mark.asyncio
+async def test_ws_server_error_goes_upstream(server):
+    tts = ws_service(server, voice="nobody")
+    down, up = await run_test(tts, frames_to_send=[TTSSpeakFrame(TEXT), SleepFrame(sleep=0.5)])
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert errors and any("nobody" in e.error for e in errors), [e.error for e in errors]
+    assert not [f for f in down if isinstance(f, TTSAudioRawFrame)]
+
+
+@pytest.mark.asyncio
+async def test_ws_first_audio_reaches_the_sink_while_the_server_is_synthesizing(server):
+    tts = ws_service(server, max_new_tokens=LONG)
+    stamps = Timestamps()
+    done: list[tuple[float, dict]] = []
+    sent_at: list[float] = []
+    original_event, original_send = tts._on_event, tts._send
+
+    async def on_event(msg):
+        if msg.get("type") == "audio_done":
+            done.append((time.monotonic(), msg))
+        await original_event(msg)
+
+    async def send(msg):
+        if msg["type"] == "config":
+            sent_at.append(time.monotonic())
+        await original_send(msg)
+
+    tts._on_event, tts._send = on_event, send
+    down, _ = await run_test(Pipeline([tts, stamps]), frames_to_send=[TTSSpeakFrame(TEXT), SleepFrame(sleep=0.2)])
+    assert len(audio_of(down)) == LONG * 1920 * 2
+    assert done and done[0][1]["stop_reason"] == "max_new_tokens"
+    first_audio = stamps.audio_times[0]
+    # The server started no earlier than the config went out and synthesized for elapsed_ms, so it finished no
+    # earlier than sent_at + elapsed_ms; the first audio passed the end of the pipeline well before that.
+    server_done_no_earlier_than = sent_at[0] + done[0][1]["elapsed_ms"] / 1000
+    assert first_audio < server_done_no_earlier_than - 0.5, (
+        f"first audio {first_audio - sent_at[0]:.2f} s after the request; synthesis took "
+        f"{done[0][1]['elapsed_ms'] / 1000:.2f} s")
+    assert stamps.audio_times[-1] - first_audio > 1.0
