@@ -447,5 +447,5 @@ def run_serve(args) -> int:
         if getattr(args, name, None) is not None:
             setattr(settings, name, getattr(args, name))
     app = create_app(synth, model_name=args.model, api_key=api_key, settings=settings)
-    uvicorn.run(app, host=host, port=port, log_level="info", ws="websockets")
+    uvicorn.run(app, host=host, port=port, log_level="info", ws="websockets-sansio")
     return 0
