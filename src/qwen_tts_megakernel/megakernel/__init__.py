@@ -1,0 +1,1 @@
+"""The CUDA decode megakernel backend: build (nvcc at first use), backend (MegakernelBackend), validate, bench."""

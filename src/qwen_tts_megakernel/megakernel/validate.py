@@ -1,0 +1,311 @@
+"""qwen-tts-mk validate: the megakernel against the reference backend on the GPU, with the same weights.
+
+Reports (table + JSON; exit status 1 when a bound fails):
+  * talker post-norm hidden and logits, relative error ||mk - ref|| / ||ref|| per frame (bound 1e-2, bf16);
+  * teacher-forced agreement of g0 and of g1..g15: both sides see the reference's codes as history and the same
+    uniforms; the megakernel's own choices are compared with the reference's (bound >= 99%);
+  * free-running codes under shared random numbers: the first frame where the two code streams differ;
+  * A/B: perturbing the kernel's hidden state must change the codes (guards against a kernel whose output is
+    ignored).
+Weights: --model M (a checkpoint), or --random-weights 0.6b|1.7b (random tensors of the real shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..sampling import RandomStream, SamplingParams, TalkerRules, philox_uniforms, sample_code_predictor, sample_talker
+
+HIDDEN_BOUND = 1e-2
+AGREE_BOUND = 0.99
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random weights of the real shapes
+
+
+def random_config(size: str = "0.6b"):
+    """A ModelConfig with the real talker / code-predictor shapes (text path kept tiny: it is not used here)."""
+    from ..config import CodePredictorConfig, ModelConfig, SpecialIds, TalkerConfig
+
+    hidden, ffn = {"0.6b": (1024, 3072), "1.7b": (2048, 6144)}[size]
+    cp = CodePredictorConfig.from_dict(dict(
+        vocab_size=2048, hidden_size=1024, intermediate_size=3072, num_hidden_layers=5, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, num_code_groups=16))
+    talker = TalkerConfig.from_dict(dict(
+        vocab_size=3072, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, num_code_groups=16,
+        text_vocab_size=8, text_hidden_size=32))
+    return ModelConfig(model_type="custom_voice", model_size="0b6" if size == "0.6b" else "1b7", talker=talker,
+                       code_predictor=cp, codec=None, ids=SpecialIds())
+
+
+def random_weights(config, seed: int = 0, device="cpu") -> dict[str, torch.Tensor]:
+    """Official tensor names, bf16, scaled like a trained model's (linear std ~ 1/sqrt(fan_in), norms ~ 1)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+
+    def lin(name, o, i, scale=1.0):
+        out[name] = (torch.randn(o, i, generator=g) * (scale / math.sqrt(i))).to(torch.bfloat16)
+
+    def norm(name, n):
+        out[name] = (1.0 + 0.1 * torch.randn(n, generator=g)).to(torch.bfloat16)
+
+    def emb(name, n, d):
+        out[name] = (0.05 * torch.randn(n, d, generator=g)).to(torch.bfloat16)
+
+    def stack(prefix, c):
+        for i in range(c.num_hidden_layers):
+            p = f"{prefix}.layers.{i}."
+            lin(p + "self_attn.q_proj.weight", c.q_dim, c.hidden_size)
+            lin(p + "self_attn.k_proj.weight", c.kv_dim, c.hidden_size)
+            lin(p + "self_attn.v_proj.weight", c.kv_dim, c.hidden_size)
+            lin(p + "self_attn.o_proj.weight", c.hidden_size, c.q_dim, 0.5)
+            norm(p + "self_attn.q_norm.weight", c.head_dim)
+            norm(p + "self_attn.k_norm.weight", c.head_dim)
+            norm(p + "input_layernorm.weight", c.hidden_size)
+            norm(p + "post_attention_layernorm.weight", c.hidden_size)
+            lin(p + "mlp.gate_proj.weight", c.intermediate_size, c.hidden_size)
+            lin(p + "mlp.up_proj.weight", c.intermediate_size, c.hidden_size)
+            lin(p + "mlp.down_proj.weight", c.hidden_size, c.intermediate_size, 0.5)
+        norm(f"{prefix}.norm.weight", c.hidden_size)
+
+    t, c = config.talker, config.code_predictor
+    stack("talker.model", t)
+    emb("talker.model.codec_embedding.weight", t.vocab_size, t.hidden_size)
+    emb("talker.model.text_embedding.weight", t.text_vocab_size, t.text_hidden_size)
+    lin("talker.text_projection.linear_fc1.weight", t.text_hidden_size, t.text_hidden_size)
+    out["talker.text_projection.linear_fc1.bias"] = torch.zeros(t.text_hidden_size, dtype=torch.bfloat16)
+    lin("talker.text_projection.linear_fc2.weight", t.hidden_size, t.text_hidden_size)
+    out["talker.text_projection.linear_fc2.bias"] = torch.zeros(t.hidden_size, dtype=torch.bfloat16)
+    # Heads scaled up so the sampling distributions are peaked like a trained model's, not flat.
+    lin("talker.codec_head.weight", t.vocab_size, t.hidden_size, 4.0)
+    stack("talker.code_predictor.model", c)
+    for j in range(c.num_code_groups - 1):
+        emb(f"talker.code_predictor.model.codec_embedding.{j}.weight", c.vocab_size, t.hidden_size)
+        lin(f"talker.code_predictor.lm_head.{j}.weight", c.vocab_size, c.hidden_size, 4.0)
+    if config.has_mtp_projection:
+        lin("talker.code_predictor.small_to_mtp_projection.weight", c.hidden_size, t.hidden_size)
+        out["talker.code_predictor.small_to_mtp_projection.bias"] = (
+            0.02 * torch.randn(c.hidden_size, generator=g)).to(torch.bfloat16)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def random_prompt(config, n_prefill: int = 12, n_text: int = 4, seed: int = 1, device="cpu"):
+    """Prefill rows [L,H], text rows [T,H] and a pad row, random with embedding-like scale."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    H = config.talker.hidden_size
+    rows = 0.05 * torch.randn(n_prefill, H, generator=g)
+    text = 0.05 * torch.randn(n_text, H, generator=g)
+    pad = 0.05 * torch.randn(H, generator=g)
+    return rows.to(device), text.to(device), pad.to(device)
+
+
+def uniform_table(seed: int, frames: int) -> np.ndarray:
+    return np.stack([philox_uniforms(seed, k) for k in range(frames)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference runs (teacher forcing capable)
+
+
+@torch.inference_mode()
+def reference_run(talker, prefill, text_rows, pad_row, params: SamplingParams, table: np.ndarray, frames: int,
+                  forced: np.ndarray | None = None):
+    """Frames of the reference talker + code predictor. Returns (own codes [n,16], hidden [n,H], logits [n,V]).
+
+    With `forced`, the history fed back (next inputs, penalty set, predictor inputs) is forced[k] instead of the
+    sampled codes; the sampled ("own") codes are still what is returned."""
+    cfg = talker.config
+    rules = TalkerRules(vocab_size=cfg.talker.vocab_size, eos_id=cfg.ids.codec_eos)
+    dev = talker.codec_head.weight.device
+    dt = talker.codec_head.weight.dtype
+    cache = talker.new_cache(len(prefill) + frames + 1)
+    past: list[int] = []
+    last = None
+    codes_out, hid_out, log_out = [], [], []
+    cp = talker.code_predictor
+    for k in range(frames):
+        if k == 0:
+            rows = prefill.to(dev, dt)
+        else:
+            text = text_rows[k - 1] if k - 1 < len(text_rows) else pad_row
+            rows = (talker.frame_embedding(last) + text.to(dev, dt)).unsqueeze(0)
+        hidden, logits = talker.forward_rows(rows, cache)
+        hid_out.append(hidden.float().cpu())
+        log_out.append(logits.float().cpu())
+        u = table[k]
+        g0 = sample_talker(logits.cpu(), torch.tensor(past, dtype=torch.long), k, params, rules, float(u[0]))
+        own = [g0] + [0] * 15
+        used = list(own)
+        if forced is not None:
+            used[0] = int(forced[k][0])
+        if used[0] == rules.eos_id:
+            codes_out.append(own)
+            break
+        cp_cache = cp.new_cache(dev, dt)
+        crow = torch.stack([hidden, talker.model.codec_embedding.weight[used[0]]])
+        for j in range(1, 16):
+            lj = cp.logits(crow, cp_cache, head=j - 1)
+            own[j] = sample_code_predictor(lj.cpu(), params, float(u[j]))
+            used[j] = int(forced[k][j]) if forced is not None else own[j]
+            if j < 15:
+                crow = cp.input_row(j + 1, used[j])
+        past.append(used[0])
+        last = used
+        codes_out.append(own)
+    return np.array(codes_out, dtype=np.int64), torch.stack(hid_out), torch.stack(log_out)
+
+
+def kernel_run(backend, prefill, text_rows, pad_row, params, table, frames, forced=None, perturb=0.0):
+    """Frames of the megakernel (lookahead 0 so the debug hidden/logits belong to the returned frame)."""
+    stream = backend.open_stream(prefill, text_rows, pad_row, params, RandomStream(0, table), forced=forced,
+                                 perturb=perturb, lookahead=0)
+    codes, hid, log = [], [], []
+    try:
+        for _ in range(frames):
+            c = stream.next_frame()
+            codes.append(c)
+            hid.append(stream.last_hidden().cpu())
+            log.append(stream.last_logits().cpu())
+            if c[0] == backend.config.ids.codec_eos:
+                break
+    finally:
+        stream.close()
+    return np.array(codes, dtype=np.int64), torch.stack(hid), torch.stack(log)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def first_divergence(a: np.ndarray, b: np.ndarray) -> int | None:
+    n = min(len(a), len(b))
+    for k in range(n):
+        if not np.array_equal(a[k], b[k]):
+            return k
+    return None if len(a) == len(b) else n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_validation(config, weights, frames: int = 64, seed: int = 1234, device="cuda", log=print) -> dict:
+    from ..model import Talker
+    from .backend import MegakernelBackend
+
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    backend = MegakernelBackend(config, weights, device=dev, max_seq_len=max(1024, frames + 64))
+    # The reference gets the bf16 weights upcast to fp32: the same numbers the kernel reads.
+    talker = Talker.from_state_dict(config, {k: v.float() for k, v in weights.items()}, device=dev,
+                                    dtype=torch.float32)
+    prefill, text, pad = random_prompt(config, seed=seed)
+    params = SamplingParams()
+    table = uniform_table(seed, frames)
+    log(f"setup {time.perf_counter() - t0:.1f} s; blocks {backend.num_blocks}, SMs {backend.sm_count}")
+
+    ref_codes, ref_hid, ref_log = reference_run(talker, prefill, text, pad, params, table, frames)
+    n = len(ref_codes)
+    forced = np.zeros((frames, 16), dtype=np.int64)
+    forced[:n] = ref_codes
+    # Teacher-forced: the kernel sees the reference's history; its own choices are compared.
+    tf_codes, tf_hid, tf_log = kernel_run(backend, prefill, text, pad, params, table, n, forced=forced[:n])
+    m = min(len(tf_codes), n)
+    hid_err = [rel_err(tf_hid[k], ref_hid[k]) for k in range(m)]
+    log_err = [rel_err(tf_log[k], ref_log[k]) for k in range(m)]
+    agree0 = float(np.mean(tf_codes[:m, 0] == ref_codes[:m, 0]))
+    full = [k for k in range(m) if ref_codes[k, 0] != config.ids.codec_eos]
+    agree_rest = float(np.mean(tf_codes[full, 1:] == ref_codes[full, 1:])) if full else 1.0
+    # Free-running under shared random numbers.
+    fr_codes, _, _ = kernel_run(backend, prefill, text, pad, params, table, frames)
+    div = first_divergence(fr_codes, ref_codes)
+    # A/B: a perturbed hidden state must change the codes.
+    ab_codes, _, _ = kernel_run(backend, prefill, text, pad, params, table, min(frames, 16), perturb=0.05)
+    ab_changed = first_divergence(ab_codes, fr_codes[: len(ab_codes)]) is not None
+
+    report = {
+        "frames_compared": m,
+        "hidden_rel_err_max": max(hid_err), "hidden_rel_err_median": float(np.median(hid_err)),
+        "logits_rel_err_max": max(log_err), "logits_rel_err_median": float(np.median(log_err)),
+        "teacher_forced_g0_agreement": agree0, "teacher_forced_g1_15_agreement": agree_rest,
+        "free_running_frames": int(len(fr_codes)), "free_running_first_divergence": div,
+        "ab_perturbation_changes_codes": bool(ab_changed),
+        "bounds": {"hidden_logits_rel_err": HIDDEN_BOUND, "agreement": AGREE_BOUND},
+        "device": torch.cuda.get_device_name(dev), "blocks": backend.num_blocks,
+        "seconds": time.perf_counter() - t0,
+    }
+    report["pass"] = bool(report["hidden_rel_err_max"] <= HIDDEN_BOUND and report["logits_rel_err_max"] <= HIDDEN_BOUND
+                          and agree0 >= AGREE_BOUND and agree_rest >= AGREE_BOUND and ab_changed)
+    return report
+
+
+def format_table(r: dict) -> str:
+    rows = [
+        ("talker hidden rel. error (max / median)", f"{r['hidden_rel_err_max']:.2e} / {r['hidden_rel_err_median']:.2e}",
+         f"<= {HIDDEN_BOUND:g}", r["hidden_rel_err_max"] <= HIDDEN_BOUND),
+        ("talker logits rel. error (max / median)", f"{r['logits_rel_err_max']:.2e} / {r['logits_rel_err_median']:.2e}",
+         f"<= {HIDDEN_BOUND:g}", r["logits_rel_err_max"] <= HIDDEN_BOUND),
+        ("teacher-forced g0 agreement", f"{100 * r['teacher_forced_g0_agreement']:.2f} %", ">= 99 %",
+         r["teacher_forced_g0_agreement"] >= AGREE_BOUND),
+        ("teacher-forced g1..g15 agreement", f"{100 * r['teacher_forced_g1_15_agreement']:.2f} %", ">= 99 %",
+         r["teacher_forced_g1_15_agreement"] >= AGREE_BOUND),
+        ("free-running first divergence (frame)", str(r["free_running_first_divergence"]), "report", True),
+        ("A/B: perturbed hidden changes codes", str(r["ab_perturbation_changes_codes"]), "True",
+         r["ab_perturbation_changes_codes"]),
+    ]
+    w = max(len(a) for a, *_ in rows)
+    lines = [f"{'check':<{w}}  {'value':<24} {'bound':<10} ok"]
+    lines += [f"{a:<{w}}  {b:<24} {c:<10} {'PASS' if d else 'FAIL'}" for a, b, c, d in rows]
+    lines.append(f"frames compared: {r['frames_compared']}, device: {r['device']}, overall: "
+                 f"{'PASS' if r['pass'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def _parse(argv) -> argparse.Namespace:
+    if isinstance(argv, argparse.Namespace):
+        return argv
+    p = argparse.ArgumentParser(prog="qwen-tts-mk validate")
+    p.add_argument("--model", default=None)
+    p.add_argument("--random-weights", default=None, choices=["0.6b", "1.7b"])
+    p.add_argument("--frames", type=int, default=64)
+    p.add_argument("--output", default=None)
+    return p.parse_args(argv)
+
+
+def main_validate(argv=None) -> int:
+    """Entry point for `qwen-tts-mk validate` (argv list or the CLI's argparse Namespace)."""
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available():
+        print("validate needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if getattr(args, "model", None):
+        from ..checkpoint import load_checkpoint
+
+        ck = load_checkpoint(args.model)
+        config, weights, name = ck.config, ck.weights, args.model
+    else:
+        size = getattr(args, "random_weights", None) or "0.6b"
+        config = random_config(size)
+        weights = random_weights(config, seed=0)
+        name = f"random-{size}"
+    report = run_validation(config, weights, frames=int(getattr(args, "frames", 64)))
+    report["model"] = name
+    print(format_table(report))
+    out = getattr(args, "output", None) or f"benchmarks/results/validate-{name.replace('/', '_')}.json"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0 if report["pass"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_validate())
