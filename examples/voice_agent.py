@@ -91,7 +91,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     # STT
     p.add_argument("--stt", choices=["whisper", "deepgram", "none"], default=None,
                    help="default: whisper for local/webrtc and --input-wav, none for text turns")
-    p.add_argument("--whisper-model", default="Systran/faster-distil-whisper-small.en",
+    p.add_argument("--whisper-model", default="base.en",
                    help="a faster-whisper model name or local CTranslate2 folder")
     p.add_argument("--whisper-device", default="cpu")
     # Headless

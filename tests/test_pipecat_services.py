@@ -32,7 +32,9 @@ VOICE = "ryan"
 LANGUAGE = "english"
 TEXT = "Hello there, how are you today?"
 SHORT = 12  # frames (0.96 s of audio)
-LONG = 250  # frames (20 s of audio; a few seconds of synthesis on CPU)
+LONG = 250  # frames (20 s of audio; a few seconds of synthesis on CPU); TEXT's length guard is 290 frames
+# Interrupted utterances: long enough that no CPU finishes them before the interruption (guard 830 frames).
+VERY_LONG_TEXT, VERY_LONG = " ".join([TEXT] * 3), 800
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +184,15 @@ async def test_http_server_error_goes_upstream(server):
 @pytest.mark.asyncio
 async def test_http_interruption_cancels_the_server_stream(server):
     before = await asyncio.to_thread(cancelled_streams, server)
-    tts = QwenHttpTTSService(base_url=server.base_url, settings=settings(QwenHttpTTSService, max_new_tokens=LONG))
+    tts = QwenHttpTTSService(base_url=server.base_url,
+                             settings=settings(QwenHttpTTSService, max_new_tokens=VERY_LONG))
     stamps = Timestamps()
     down, _ = await run_test(Pipeline([tts, stamps]),
-                             frames_to_send=[TTSSpeakFrame(TEXT), SleepFrame(sleep=1.0), InterruptionFrame(),
+                             frames_to_send=[TTSSpeakFrame(VERY_LONG_TEXT), SleepFrame(sleep=1.5), InterruptionFrame(),
                                              SleepFrame(sleep=0.3)])
     assert stamps.audio_times, "no audio before the interruption"
     received = len(audio_of(down)) // 2
-    assert received < LONG * 1920 // 2, "the whole utterance arrived: nothing was left to cancel"
+    assert received < VERY_LONG * 1920, "the whole utterance arrived: nothing was left to cancel"
     assert await wait_for_cancellation(server, before) > before, "the server recorded no cancelled stream"
 
 
@@ -261,7 +264,7 @@ async def test_ws_llm_turn_streams_text_into_one_context(server, mode):
 @pytest.mark.asyncio
 async def test_ws_interruption_cancels_on_the_server_and_drops_late_audio(server):
     before = await asyncio.to_thread(cancelled_streams, server)
-    tts = ws_service(server, max_new_tokens=LONG)
+    tts = ws_service(server, max_new_tokens=VERY_LONG)
     messages: list[dict] = []
     original = tts._on_event
 
@@ -270,7 +273,8 @@ async def test_ws_interruption_cancels_on_the_server_and_drops_late_audio(server
         await original(msg)
 
     tts._on_event = spy
-    down, _ = await run_test(tts, frames_to_send=[TTSSpeakFrame(TEXT), SleepFrame(sleep=1.0), InterruptionFrame(),
+    down, _ = await run_test(tts, frames_to_send=[TTSSpeakFrame(VERY_LONG_TEXT), SleepFrame(sleep=1.5),
+                                                  InterruptionFrame(),
                                                   SleepFrame(sleep=1.0), TTSSpeakFrame("Second."),
                                                   SleepFrame(sleep=0.5)])
     contexts = [f.context_id for f in down if isinstance(f, TTSStartedFrame)]
@@ -279,7 +283,7 @@ async def test_ws_interruption_cancels_on_the_server_and_drops_late_audio(server
     i_interrupt = next(i for i, f in enumerate(down) if isinstance(f, InterruptionFrame))
     first_audio = [i for i, f in enumerate(down) if isinstance(f, TTSAudioRawFrame) and f.context_id == first]
     assert first_audio and max(first_audio) < i_interrupt, "audio of the cancelled context after the interruption"
-    assert len(first_audio) < LONG  # it was cut short
+    assert sum(len(down[i].audio) for i in first_audio) < VERY_LONG * 1920 * 2  # it was cut short
     assert [f for f in down if isinstance(f, TTSAudioRawFrame) and f.context_id == second]
     done = [m for m in messages if m.get("type") == "audio_done" and m.get("context_id") == first]
     assert done and done[0]["stop_reason"] == "cancelled", messages
