@@ -262,3 +262,21 @@ def test_base_models_load_and_explain_that_cloning_is_not_implemented(tmp_path):
     assert synth.config.model_type == "base" and synth.voices == []
     with pytest.raises(PromptError, match="voice cloning"):
         synth.generate_codes(TEXT, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("size,params_millions", [("0.6b", 906), ("1.7b", 1920)])  # qwen3-tts-model.md 1.5
+def test_real_shapes_match_the_published_parameter_counts(size, params_millions):
+    import math
+
+    from qwen_tts_megakernel.checkpoint import expected_shapes
+    from qwen_tts_megakernel.config import ModelConfig
+    from qwen_tts_megakernel.tiny import GENERATION_CONFIG, real_config, real_speech_tokenizer_config
+
+    config = ModelConfig.from_dicts(real_config(size, "custom_voice", {"<|im_start|>": 1, "<|im_end|>": 2,
+                                                                       "<tts_pad>": 3, "<tts_text_bos>": 4,
+                                                                       "<tts_text_eod>": 5}),
+                                    real_speech_tokenizer_config(), GENERATION_CONFIG)
+    total = sum(math.prod(s) for s in expected_shapes(config).values()) / 1e6
+    assert abs(total - params_millions) / params_millions < 0.005
+    assert config.codec.samples_per_frame == 1920 and config.codec.hidden_size == 512
+    assert config.has_mtp_projection == (size == "1.7b")

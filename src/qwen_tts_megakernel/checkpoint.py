@@ -122,7 +122,7 @@ def check_shapes(weights: dict[str, torch.Tensor], expected: dict[str, tuple[int
 class Checkpoint:
     """A loaded checkpoint: typed config, talker tensors, codec decoder tensors and the text tokenizer."""
 
-    path: Path
+    path: Path | None  # None for in-memory (random) checkpoints
     config: ModelConfig
     weights: dict[str, torch.Tensor]
     codec_weights: dict[str, torch.Tensor]

@@ -39,6 +39,8 @@ from .sampling import RandomStream, SamplingParams, TalkerRules, sample_code_pre
 BACKENDS = ("reference", "megakernel")
 STOP_REASONS = ("eos", "max_new_tokens", "length_guard", "cancelled")
 DEFAULT_CHUNK_SCHEDULE = (1, 2, 4, 8)
+# "random:0.6b" / "random:1.7b": full-size random weights (real shapes) for GPU benchmarks and validation.
+RANDOM_MODEL_PREFIX = "random:"
 # Runaway guard: about one second of speech per text token plus three seconds, far above any real speaking rate.
 GUARD_FRAMES_PER_TOKEN = 12
 GUARD_BASE_FRAMES = 38
@@ -207,6 +209,7 @@ class Synthesizer:
     @classmethod
     def from_pretrained(cls, model: str, *, backend: str = "reference", device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None) -> "Synthesizer":
+        """`model`: a local folder, a Hugging Face id, or "random:0.6b" / "random:1.7b" (random real-size weights)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         device = torch.device(device) if device is not None else torch.device(
@@ -216,7 +219,19 @@ class Synthesizer:
                      "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        checkpoint = load_checkpoint(model)
+        if str(model).startswith(RANDOM_MODEL_PREFIX):
+            from .tiny import random_checkpoint
+
+            checkpoint = random_checkpoint(str(model)[len(RANDOM_MODEL_PREFIX):], device=device)
+        else:
+            checkpoint = load_checkpoint(model)
+        return cls.from_checkpoint(checkpoint, backend=backend, device=device, dtype=dtype)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, *, backend: str = "reference",
+                        device: torch.device = torch.device("cpu"),
+                        dtype: torch.dtype = torch.float32) -> "Synthesizer":
+        """From an already loaded checkpoint (e.g. tiny.random_checkpoint() for benchmarks)."""
         talker = Talker.from_state_dict(checkpoint.config, checkpoint.weights, device=device, dtype=dtype)
         codec = CodecDecoder.from_state_dict(checkpoint.config.codec, checkpoint.codec_weights, device=device,
                                              dtype=torch.float32)

@@ -1,4 +1,5 @@
-"""Tiny random checkpoints in the exact official Hugging Face layout: the test fixture of this project.
+"""Random checkpoints in the exact official Hugging Face layout: tiny ones are the test fixture of this project,
+full-size ones (the real 0.6B / 1.7B shapes) stand in for real weights in GPU validation and benchmarks.
 
 `write_tiny_model(dir)` writes config.json, generation_config.json, model.safetensors (official tensor names),
 vocab.json + merges.txt + tokenizer_config.json, preprocessor_config.json and speech_tokenizer/{config.json,
@@ -76,26 +77,31 @@ GENERATION_CONFIG = dict(do_sample=True, temperature=0.9, top_k=50, top_p=1.0, r
                          max_new_tokens=8192)
 
 
-def _transformer_weights(prefix: str, hidden: int, ffn: int, layers: int, gen: torch.Generator) -> dict:
-    """Random Qwen3 decoder-stack weights under `prefix` (…layers.{i}.…, norm.weight)."""
+def _randn(gen: torch.Generator, *shape: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, device=gen.device).to(device=device, dtype=dtype)
+
+
+def _transformer_weights(prefix: str, c: dict, gen: torch.Generator, dtype, device) -> dict:
+    """Random Qwen3 decoder-stack weights under `prefix` (…layers.{i}.…, norm.weight) for config dict `c`."""
 
     def linear(out_f: int, in_f: int) -> torch.Tensor:
-        return torch.randn(out_f, in_f, generator=gen) / in_f ** 0.5
+        return _randn(gen, out_f, in_f, dtype=dtype, device=device) / in_f ** 0.5
 
     def norm(n: int) -> torch.Tensor:
-        return 1.0 + 0.1 * torch.randn(n, generator=gen)
+        return 1.0 + 0.1 * _randn(gen, n, dtype=dtype, device=device)
 
-    q_dim, kv_dim = TINY_HEADS * TINY_HEAD_DIM, TINY_KV_HEADS * TINY_HEAD_DIM
+    hidden, ffn, head_dim = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    q_dim, kv_dim = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
     w = {}
-    for i in range(layers):
+    for i in range(c["num_hidden_layers"]):
         p = f"{prefix}.layers.{i}"
         w[f"{p}.input_layernorm.weight"] = norm(hidden)
         w[f"{p}.self_attn.q_proj.weight"] = linear(q_dim, hidden)
         w[f"{p}.self_attn.k_proj.weight"] = linear(kv_dim, hidden)
         w[f"{p}.self_attn.v_proj.weight"] = linear(kv_dim, hidden)
         w[f"{p}.self_attn.o_proj.weight"] = linear(hidden, q_dim)
-        w[f"{p}.self_attn.q_norm.weight"] = norm(TINY_HEAD_DIM)
-        w[f"{p}.self_attn.k_norm.weight"] = norm(TINY_HEAD_DIM)
+        w[f"{p}.self_attn.q_norm.weight"] = norm(head_dim)
+        w[f"{p}.self_attn.k_norm.weight"] = norm(head_dim)
         w[f"{p}.post_attention_layernorm.weight"] = norm(hidden)
         w[f"{p}.mlp.gate_proj.weight"] = linear(ffn, hidden)
         w[f"{p}.mlp.up_proj.weight"] = linear(ffn, hidden)
@@ -104,33 +110,37 @@ def _transformer_weights(prefix: str, hidden: int, ffn: int, layers: int, gen: t
     return w
 
 
-def tiny_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
-    """Random talker + code-predictor weights with the official names and shapes."""
-    gen = torch.Generator().manual_seed(seed)
+def random_weights(config: dict, seed: int, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Random talker + code-predictor weights with the official names and shapes of config.json `config`.
+
+    Linear layers are scaled by 1/sqrt(fan_in) so activations keep unit scale at any width; the EOS row of the
+    codec head is shrunk so random models rarely stop by themselves (tests that need EOS raise it, benchmarks get
+    a fixed frame count)."""
+    gen = torch.Generator(device=device or "cpu").manual_seed(seed)
     tc, cc = config["talker_config"], config["talker_config"]["code_predictor_config"]
     hidden, text_hidden, cp_hidden = tc["hidden_size"], tc["text_hidden_size"], cc["hidden_size"]
-    w = _transformer_weights("talker.model", hidden, tc["intermediate_size"], tc["num_hidden_layers"], gen)
-    w["talker.model.codec_embedding.weight"] = torch.randn(tc["vocab_size"], hidden, generator=gen)
-    w["talker.model.text_embedding.weight"] = torch.randn(tc["text_vocab_size"], text_hidden, generator=gen)
-    w["talker.text_projection.linear_fc1.weight"] = torch.randn(text_hidden, text_hidden, generator=gen) / text_hidden ** 0.5
-    w["talker.text_projection.linear_fc1.bias"] = 0.1 * torch.randn(text_hidden, generator=gen)
-    w["talker.text_projection.linear_fc2.weight"] = torch.randn(hidden, text_hidden, generator=gen) / text_hidden ** 0.5
-    w["talker.text_projection.linear_fc2.bias"] = 0.1 * torch.randn(hidden, generator=gen)
-    head = torch.randn(tc["vocab_size"], hidden, generator=gen) / hidden ** 0.5
-    # Keep EOS unlikely so that tiny models speak for a while; tests that need EOS raise this row themselves.
+
+    def randn(*shape: int) -> torch.Tensor:
+        return _randn(gen, *shape, dtype=dtype, device=device)
+
+    w = _transformer_weights("talker.model", tc, gen, dtype, device)
+    w["talker.model.codec_embedding.weight"] = randn(tc["vocab_size"], hidden)
+    w["talker.model.text_embedding.weight"] = randn(tc["text_vocab_size"], text_hidden)
+    w["talker.text_projection.linear_fc1.weight"] = randn(text_hidden, text_hidden) / text_hidden ** 0.5
+    w["talker.text_projection.linear_fc1.bias"] = 0.1 * randn(text_hidden)
+    w["talker.text_projection.linear_fc2.weight"] = randn(hidden, text_hidden) / text_hidden ** 0.5
+    w["talker.text_projection.linear_fc2.bias"] = 0.1 * randn(hidden)
+    head = randn(tc["vocab_size"], hidden) / hidden ** 0.5
     head[tc["codec_eos_token_id"]] *= 0.25
     w["talker.codec_head.weight"] = head
-    w.update(_transformer_weights("talker.code_predictor.model", cp_hidden, cc["intermediate_size"],
-                                  cc["num_hidden_layers"], gen))
+    w.update(_transformer_weights("talker.code_predictor.model", cc, gen, dtype, device))
     for j in range(cc["num_code_groups"] - 1):
-        w[f"talker.code_predictor.model.codec_embedding.{j}.weight"] = torch.randn(cc["vocab_size"], hidden,
-                                                                                   generator=gen)
-        w[f"talker.code_predictor.lm_head.{j}.weight"] = torch.randn(cc["vocab_size"], cp_hidden,
-                                                                     generator=gen) / cp_hidden ** 0.5
+        w[f"talker.code_predictor.model.codec_embedding.{j}.weight"] = randn(cc["vocab_size"], hidden)
+        w[f"talker.code_predictor.lm_head.{j}.weight"] = randn(cc["vocab_size"], cp_hidden) / cp_hidden ** 0.5
     if hidden != cp_hidden:
-        w["talker.code_predictor.small_to_mtp_projection.weight"] = torch.randn(cp_hidden, hidden,
-                                                                                generator=gen) / hidden ** 0.5
-        w["talker.code_predictor.small_to_mtp_projection.bias"] = 0.1 * torch.randn(cp_hidden, generator=gen)
+        w["talker.code_predictor.small_to_mtp_projection.weight"] = randn(cp_hidden, hidden) / hidden ** 0.5
+        w["talker.code_predictor.small_to_mtp_projection.bias"] = 0.1 * randn(cp_hidden)
     return {k: v.contiguous() for k, v in w.items()}
 
 
@@ -152,6 +162,91 @@ def write_tiny_model(out_dir: str | Path, size: str = "0.6b", model_type: str = 
     (out / "preprocessor_config.json").write_text(json.dumps(
         {"feature_extractor_type": "EncodecFeatureExtractor", "feature_size": 1, "padding_side": "right",
          "padding_value": 0.0, "return_attention_mask": True, "sampling_rate": 24000}, indent=2), "utf-8")
-    save_file(tiny_weights(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(random_weights(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     write_tiny_speech_tokenizer(out / "speech_tokenizer", seed=seed + 1)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Full-size random checkpoints (real shapes, random values)
+
+REAL_TALKER_WIDTHS = {"0.6b": (1024, 3072), "1.7b": (2048, 6144)}  # hidden, FFN (qwen3-tts-model.md 1.1)
+
+
+def real_config(size: str, model_type: str, special_ids: dict[str, int]) -> dict:
+    """config.json with the real 0.6B / 1.7B shapes (the text tokenizer's special ids are the caller's)."""
+    hidden, ffn = REAL_TALKER_WIDTHS[size]
+    config = tiny_config(size, model_type, 151936, special_ids)
+    config["talker_config"]["code_predictor_config"].update(
+        hidden_size=1024, intermediate_size=3072, num_hidden_layers=5, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128)
+    config["talker_config"].update(
+        hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, text_hidden_size=2048,
+        rope_scaling={"interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"})
+    config["torch_dtype"] = "bfloat16"
+    if model_type == "base":
+        config["speaker_encoder_config"] = dict(enc_dim=hidden, sample_rate=24000)
+    return config
+
+
+def real_speech_tokenizer_config() -> dict:
+    """speech_tokenizer/config.json with the real decoder shapes (qwen3-tts-model.md section 5)."""
+    from .codec import tiny_speech_tokenizer_config
+
+    config = tiny_speech_tokenizer_config()
+    config["decoder_config"].update(
+        codebook_dim=512, decoder_dim=1536, head_dim=64, hidden_size=512, intermediate_size=1024, latent_dim=1024,
+        num_attention_heads=16, num_hidden_layers=8, num_key_value_heads=16)
+    config["encoder_config"] = {}  # the official MimiConfig defaults; only voice cloning uses the encoder
+    return config
+
+
+def random_model(size: str = "0.6b", model_type: str = "custom_voice", seed: int = 0,
+                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None):
+    """(ModelConfig, weights) of a full-size random model, in memory (for validation and benchmarks)."""
+    from .config import ModelConfig
+
+    _, special_ids = build_tiny_tokenizer()
+    config = real_config(size, model_type, special_ids)
+    model_config = ModelConfig.from_dicts(config, real_speech_tokenizer_config(), GENERATION_CONFIG)
+    return model_config, random_weights(config, seed, dtype=dtype, device=device)
+
+
+def write_random_model(out_dir: str | Path, size: str = "0.6b", model_type: str = "custom_voice", seed: int = 0,
+                       device: str | torch.device | None = None) -> Path:
+    """A full-size random checkpoint (bf16) in the official layout, with the tiny tokenizer. About 1.9 GB (0.6B)."""
+    from .codec import random_speech_tokenizer_weights
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, special_ids = build_tiny_tokenizer()
+    write_tokenizer_files(tokenizer, special_ids, out)
+    config = real_config(size, model_type, special_ids)
+    (out / "config.json").write_text(json.dumps(config, indent=2), "utf-8")
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2), "utf-8")
+    weights = {k: v.cpu() for k, v in random_weights(config, seed, torch.bfloat16, device).items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    codec_dir = out / "speech_tokenizer"
+    codec_dir.mkdir(exist_ok=True)
+    codec_config = real_speech_tokenizer_config()
+    (codec_dir / "config.json").write_text(json.dumps(codec_config, indent=2), "utf-8")
+    save_file(random_speech_tokenizer_weights(codec_config, seed + 1), str(codec_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    return out
+
+
+def random_checkpoint(size: str = "0.6b", model_type: str = "custom_voice", seed: int = 0,
+                      device: str | torch.device | None = None):
+    """A full-size random model as an in-memory Checkpoint (talker weights in bf16, made on `device`)."""
+    from .checkpoint import Checkpoint
+    from .codec import random_speech_tokenizer_weights
+    from .tokenizer import TextTokenizer
+
+    if size not in REAL_TALKER_WIDTHS:
+        raise ValueError(f"random model size must be one of {sorted(REAL_TALKER_WIDTHS)}, got {size!r}")
+    config, weights = random_model(size, model_type, seed, torch.bfloat16, device)
+    tokenizer, _ = build_tiny_tokenizer()
+    codec_weights = random_speech_tokenizer_weights(real_speech_tokenizer_config(), seed + 1)
+    return Checkpoint(path=None, config=config, weights=weights, codec_weights=codec_weights,
+                      tokenizer=TextTokenizer(tokenizer))
