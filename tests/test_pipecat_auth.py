@@ -66,3 +66,11 @@ def test_helpers():
                                       "temperature": 0.7}
     h = QwenHttpTTSService(settings=QwenHttpTTSService.Settings(voice="ryan", seed=5))
     assert h._request_body("Hi") == {"text": "Hi", "language": "auto", "speaker": "ryan", "seed": 5}
+
+
+def test_error_detail():
+    from qwen_tts_megakernel.pipecat._common import error_detail
+
+    assert error_detail(400, '{"detail": "unknown voice"}') == "Qwen TTS server error 400: unknown voice"
+    assert error_detail(401, '{"error": {"message": "wrong key", "type": "x"}}') == "Qwen TTS server error 401: wrong key"
+    assert error_detail(503, "busy") == "Qwen TTS server error 503: busy"

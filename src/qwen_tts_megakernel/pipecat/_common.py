@@ -79,11 +79,19 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
 
 
 def error_detail(status: int, body: str) -> str:
-    """The server's 4xx/5xx JSON {"detail": ...} as one line."""
+    """The server's error answer as one line: {"detail": ...} (FastAPI) or {"error": {"message": ...}} (OpenAI)."""
     try:
-        detail = json.loads(body).get("detail", body)
-    except (ValueError, AttributeError):
-        detail = body
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    detail = body
+    if isinstance(data, dict):
+        if "detail" in data:
+            detail = data["detail"]
+        elif isinstance(data.get("error"), dict) and "message" in data["error"]:
+            detail = data["error"]["message"]
+        elif "error" in data:
+            detail = data["error"]
     if not isinstance(detail, str):
         detail = json.dumps(detail)
     return f"Qwen TTS server error {status}: {detail.strip()[:500]}"

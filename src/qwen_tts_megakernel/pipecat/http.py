@@ -96,7 +96,10 @@ class QwenHttpTTSService(TTSService):
                                           headers=auth_headers(self._api_key), timeout=self._timeout) as response:
                 if response.status != 200:
                     failed = True
-                    yield ErrorFrame(error=error_detail(response.status, await response.text()))
+                    message = error_detail(response.status, await response.text())
+                    if response.headers.get("Retry-After"):  # 503: the server's queue is full
+                        message += f" (retry after {response.headers['Retry-After']} s)"
+                    yield ErrorFrame(error=message)
                 else:
                     await self.start_tts_usage_metrics(text)
                     rate = int(response.headers.get("X-Sample-Rate", SERVER_SAMPLE_RATE))
