@@ -193,7 +193,7 @@ def test_mis_sized_launch_errors_instead_of_hanging(model):
     be = MegakernelBackend(config, weights, device="cuda", max_seq_len=64, num_blocks=sms + 1, cooperative=False,
                            timeout_s=0.2)
     prefill, text, pad = random_prompt(config, seed=10)
-    st = be.open_stream(prefill, text, pad, SamplingParams(), RandomStream(1))
+    st = be.open_stream(prefill, text, pad, SamplingParams(), RandomStream(1), lookahead=0)
     with pytest.raises(MegakernelError):
         st.next_frame(timeout_s=20)
     torch.cuda.synchronize()

@@ -34,13 +34,16 @@ struct GridBarrier {
   int* s_flag;              // shared: abort flag broadcast
 
   // All blocks arrive; returns false when the launch must abort (timeout or another block's error).
+  bool no_grid;             // timing experiment: block-local sync only (results are garbage)
+
   __device__ bool sync(int nblocks) {
     __syncthreads();
+    if (no_grid) return true;
     ++n;
     if (threadIdx.x == 0) {
       const unsigned long long target = base + (unsigned long long)n * (unsigned long long)nblocks;
-      __threadfence();  // release: this block's writes before the arrival
-      atomicAdd(count, 1ull);
+      // release: this block's writes (ordered before by __syncthreads) before the arrival
+      asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(count) : "memory");
       int abort = 0;
       unsigned int sleep_ns = 0;
       unsigned long long t0 = 0;
@@ -149,7 +152,8 @@ struct WeightStream {
         const int n = min(upt, u1 - start);
         const uint4* src = reinterpret_cast<const uint4*>(pw.w + (long long)start * pw.unit_elems);
         const int chunks = n * pw.unit_elems / 8;
-        for (int i = threadIdx.x; i < chunks; i += NTHREADS) cp_async16(dst + 16 * i, src + i);
+        for (int i = threadIdx.x - 32; i < chunks; i += NTHREADS - 32)
+          if (i >= 0) cp_async16(dst + 16 * i, src + i);
         ++prod_tile;
         break;
       }
@@ -341,7 +345,7 @@ __device__ __forceinline__ void head_norm_rope(float x[4], const bf16* w, const 
 // and V into the bf16 cache when they fall in this chunk, then for both q heads of the group and every row the
 // softmax partials over the chunk: part[r][qh][chunk] = (max score m, sum exp l, sum exp * v [128]).
 template <class S>
-__device__ void attention_phase(const float* qkv, int nr, int p0, int nc, bf16* kc, bf16* vc, int cap,
+__device__ void attention_phase(const float* qkv, int nr, int p0, int nc, kv_t* kc, kv_t* vc, int cap,
                                 const bf16* norms, const float* rope, float eps, float* part, float* sm) {
   const int unit = blockIdx.x;
   if (unit >= S::NKV * nc) return;
@@ -356,8 +360,8 @@ __device__ void attention_phase(const float* qkv, int nr, int p0, int nc, bf16* 
   float* wm = sm + 2 * 2 * 128;     // [NWARPS][2] per-warp max
   float* wl = wm + NWARPS * 2;      // [NWARPS][2] per-warp sum
   float* wa = wl + NWARPS * 2;      // [NWARPS][2][128] per-warp accumulators
-  bf16* kcache = kc + (long long)kh * cap * S::HD;
-  bf16* vcache = vc + (long long)kh * cap * S::HD;
+  kv_t* kcache = kc + (long long)kh * cap * S::HD;
+  kv_t* vcache = vc + (long long)kh * cap * S::HD;
   const float scale = rsqrtf((float)S::HD);
 
   // New K/V (warps 0..nr-1) and queries (warps 4.. : row r, head h).
@@ -374,8 +378,8 @@ __device__ void attention_phase(const float* qkv, int nr, int p0, int nc, bf16* 
       head_norm_rope(k, kn, rope + (long long)pos * S::HD, eps, lane);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        kcache[(long long)pos * S::HD + 4 * lane + i] = __float2bfloat16(k[i]);
-        vcache[(long long)pos * S::HD + 4 * lane + i] = __float2bfloat16(v[i]);
+        kcache[(long long)pos * S::HD + 4 * lane + i] = k[i];
+        vcache[(long long)pos * S::HD + 4 * lane + i] = v[i];
       }
     }
   } else if (warp >= 4 && warp < 4 + 2 * nr) {
@@ -402,25 +406,23 @@ __device__ void attention_phase(const float* qkv, int nr, int p0, int nc, bf16* 
     float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
     for (int base = c0 + warp; base < end; base += 4 * NWARPS) {
       // Four positions per warp per iteration, loads issued before use.
-      uint2 kv[4], vv[4];
+      float4 kv[4], vv[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int pos = base + j * NWARPS;
         if (pos < end) {
-          kv[j] = *reinterpret_cast<const uint2*>(kcache + (long long)pos * S::HD + 4 * lane);
-          vv[j] = *reinterpret_cast<const uint2*>(vcache + (long long)pos * S::HD + 4 * lane);
+          kv[j] = *reinterpret_cast<const float4*>(kcache + (long long)pos * S::HD + 4 * lane);
+          vv[j] = *reinterpret_cast<const float4*>(vcache + (long long)pos * S::HD + 4 * lane);
         } else {
-          kv[j] = make_uint2(0, 0);
-          vv[j] = make_uint2(0, 0);
+          kv[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+          vv[j] = make_float4(0.f, 0.f, 0.f, 0.f);
         }
       }
       float s0[4], s1[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const float k0 = __uint_as_float(kv[j].x << 16), k1 = __uint_as_float(kv[j].x & 0xFFFF0000u);
-        const float k2 = __uint_as_float(kv[j].y << 16), k3 = __uint_as_float(kv[j].y & 0xFFFF0000u);
-        s0[j] = q0[0] * k0 + q0[1] * k1 + q0[2] * k2 + q0[3] * k3;
-        s1[j] = q1[0] * k0 + q1[1] * k1 + q1[2] * k2 + q1[3] * k3;
+        s0[j] = q0[0] * kv[j].x + q0[1] * kv[j].y + q0[2] * kv[j].z + q0[3] * kv[j].w;
+        s1[j] = q1[0] * kv[j].x + q1[1] * kv[j].y + q1[2] * kv[j].z + q1[3] * kv[j].w;
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -439,8 +441,7 @@ __device__ void attention_phase(const float* qkv, int nr, int p0, int nc, bf16* 
       for (int j = 0; j < 4; ++j) {
         const float e0 = __expf(s0[j] - n0), e1 = __expf(s1[j] - n1);
         l0 += e0; l1 += e1;
-        const float v0 = __uint_as_float(vv[j].x << 16), v1 = __uint_as_float(vv[j].x & 0xFFFF0000u);
-        const float v2 = __uint_as_float(vv[j].y << 16), v3 = __uint_as_float(vv[j].y & 0xFFFF0000u);
+        const float v0 = vv[j].x, v1 = vv[j].y, v2 = vv[j].z, v3 = vv[j].w;
         a0[0] += e0 * v0; a0[1] += e0 * v1; a0[2] += e0 * v2; a0[3] += e0 * v3;
         a1[0] += e1 * v0; a1[1] += e1 * v1; a1[2] += e1 * v2; a1[3] += e1 * v3;
       }
@@ -513,7 +514,7 @@ __device__ void attention_combine(float* act, const float* part, int nr, int nc)
 
 template <class M, class S, int NR>
 __device__ bool decoder_layer(Ctx<M>& c, const float* x_src, int x_src_stride, float* x_res, const bf16* norms,
-                              bf16* kc, bf16* vc, int cap, const float* rope, float eps, int p0, int nc) {
+                              kv_t* kc, kv_t* vc, int cap, const float* rope, float eps, int p0, int nc) {
   const MkParams& p = c.p;
   float* act = c.act;
   // 1. input norm + fused QKV
@@ -591,6 +592,7 @@ __device__ __forceinline__ double draw_uniform(const MkSlot& s, int frame, int j
 
 // Launch flags (benchmarks): stop after codebook 0, to time the talker step alone.
 constexpr int FLAG_TALKER_ONLY = 1;
+constexpr int FLAG_NO_GRID_SYNC = 2;  // timing experiment only: skip grid barriers (results are garbage)
 
 template <class M>
 __device__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int flags, int* codes, int* used) {
@@ -610,10 +612,10 @@ __device__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int fla
   const int total = pos + 1;
   const int nc_cap = min(NC_MAX, nb / T::NKV);
   const int nc = max(1, min(nc_cap, (total + 63) / 64));
-  bf16* t_kv = p.t_kv + (long long)s.slot * T::L * 2 * T::NKV * p.max_seq * T::HD;
+  kv_t* t_kv = p.t_kv + (long long)s.slot * T::L * 2 * T::NKV * p.max_seq * T::HD;
   for (int l = 0; l < T::L; ++l) {
-    bf16* kc = t_kv + (long long)l * 2 * T::NKV * p.max_seq * T::HD;
-    bf16* vc = kc + (long long)T::NKV * p.max_seq * T::HD;
+    kv_t* kc = t_kv + (long long)l * 2 * T::NKV * p.max_seq * T::HD;
+    kv_t* vc = kc + (long long)T::NKV * p.max_seq * T::HD;
     const float* xs = l == 0 ? s.x_in : p.x_res;
     if (!decoder_layer<M, T, 1>(c, xs, T::H, p.x_res, p.t_norms + (long long)l * T::NORM_ELEMS, kc, vc,
                                 (int)p.max_seq, p.t_rope, (float)p.t_eps, pos, nc))
@@ -659,7 +661,7 @@ __device__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int fla
   if (used[0] == s.eos_id || (flags & FLAG_TALKER_ONLY)) return true;
 
   // ---- code predictor: 15 steps; step j = 1 is the 2-row prefill [h, C(g0)] at positions 0, 1 ----
-  bf16* c_kv = p.c_kv + (long long)s.slot * C::L * 2 * C::NKV * CP_POS * C::HD;
+  kv_t* c_kv = p.c_kv + (long long)s.slot * C::L * 2 * C::NKV * CP_POS * C::HD;
   float* xin = act;  // step input rows [nr][T::H] in shared memory (row 0 of step 1 = h, already there)
   for (int j = 1; j < NCODES; ++j) {
     const int nr = j == 1 ? 2 : 1;
@@ -691,8 +693,8 @@ __device__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int fla
       xsrc = xin;  // every block has the rows in shared memory
     }
     for (int l = 0; l < C::L; ++l) {
-      bf16* kc = c_kv + (long long)l * 2 * C::NKV * CP_POS * C::HD;
-      bf16* vc = kc + (long long)C::NKV * CP_POS * C::HD;
+      kv_t* kc = c_kv + (long long)l * 2 * C::NKV * CP_POS * C::HD;
+      kv_t* vc = kc + (long long)C::NKV * CP_POS * C::HD;
       const float* xs = l == 0 ? xsrc : p.x_res;
       const int xstride = (l == 0 && !M::PROJ) ? T::H : C::H;
       const bf16* norms = p.c_norms + (long long)l * C::NORM_ELEMS;
@@ -742,6 +744,7 @@ __global__ void __launch_bounds__(NTHREADS, 1)
   __shared__ int s_flag;
   __shared__ int s_codes[NCODES], s_used[NCODES];
   if (*(volatile int*)s.done) return;  // the stream already ended (a launch queued past EOS)
+  if (*(volatile int*)p.error) return;  // the instance hit an error before: do nothing
   if (threadIdx.x < NCODES) { s_codes[threadIdx.x] = 0; s_used[threadIdx.x] = 0; }
   Ctx<M> c(p, s);
   c.nb = gridDim.x;
@@ -756,6 +759,7 @@ __global__ void __launch_bounds__(NTHREADS, 1)
   c.bar.error = p.error;
   c.bar.timeout_ns = p.timeout_ns;
   c.bar.n = 0;
+  c.bar.no_grid = (flags & FLAG_NO_GRID_SYNC) != 0;
   c.bar.s_flag = &s_flag;
   c.ws.ring = smem;
   c.ws.issued = c.ws.consumed = c.ws.prod_phase = c.ws.prod_tile = 0;
@@ -788,7 +792,8 @@ __global__ void __launch_bounds__(NTHREADS, 1)
     if (eos) *s.done = 1;
     else s.seen[s_used[0] >> 5] |= 1u << (s_used[0] & 31);
     // Every block has passed its last barrier and read bar_base: publish the base of the next launch.
-    *(volatile unsigned long long*)p.bar_base = c.bar.base + (unsigned long long)c.bar.n * gridDim.x;
+    if (!c.bar.no_grid)
+      *(volatile unsigned long long*)p.bar_base = c.bar.base + (unsigned long long)c.bar.n * gridDim.x;
     __threadfence();
     write_record(s, frame, s_codes, eos, 0, c.ss->count);
   }

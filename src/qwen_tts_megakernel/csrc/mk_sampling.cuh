@@ -161,6 +161,7 @@ __device__ int block_sample(float* s, int n, bool do_sample, float temperature, 
   }
   __syncthreads();
   const int count = min(ss->count, CAND_MAX);
+  if (count == 0) return 0;  // no finite score (only from corrupted logits): a valid token, never a wild index
   // Rank sort: rank = number of candidates before this one in (score desc, index asc) order.
   for (int c = threadIdx.x; c < count; c += NTHREADS) {
     const float v = ss->cand_val[c];
