@@ -5,7 +5,7 @@
     qwen-tts-mk voices [--model M]
     qwen-tts-mk serve [--model M] [--backend B] [--host 127.0.0.1] [--port 8001] [--api-key K]
     qwen-tts-mk validate (--model M | --random-weights 0.6b)
-    qwen-tts-mk bench (--decode | --server | --all)
+    qwen-tts-mk bench (--all | --decode | --server)
 
 Errors a user can fix (unknown voice, missing model, empty text, ...) print one line naming the problem and exit
 with status 2, never a traceback.
@@ -107,6 +107,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.all:
+        from .benchmark import run_all
+
+        return run_all(args)
     if args.decode:
         from .megakernel.bench import main_bench_decode
 
@@ -115,7 +119,7 @@ def cmd_bench(args) -> int:
         from .server.bench import run_bench_server
 
         return run_bench_server(args)
-    raise UsageError("bench needs one of --decode or --server")
+    raise UsageError("bench needs one of --all, --decode or --server")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks (GPU)")
     p.add_argument("--decode", action="store_true", help="megakernel decode step vs reference baselines")
     p.add_argument("--server", action="store_true", help="server time to first chunk and RTF over loopback")
+    p.add_argument("--all", action="store_true", help="everything vs the alternatives, one process (GPU)")
+    p.add_argument("--runs", type=int, default=5, help="repetitions per measurement (--all)")
+    p.add_argument("--official-site", default=None,
+                   help="a site directory holding the official qwen-tts and its pinned transformers (--all)")
     p.add_argument("--model", default=None)
     p.add_argument("--random-weights", default="0.6b", choices=["0.6b", "1.7b"])
     p.add_argument("--backend", default=None, choices=["reference", "megakernel"])

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Regenerate the README's performance table from a `qwen-tts-mk bench --all` result file.
+
+    python scripts/update_readme_table.py benchmarks/results/nvidia-h100-80gb-hbm3.json
+
+Replaces the lines between <!-- bench:start --> and <!-- bench:end --> in README.md; never typed by hand.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def fmt(value, digits=1):
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def table(r: dict, source: str) -> str:
+    s = r["sections"]
+    lines = [f"Measured on {r['device']} ({r['date'][:10]}, commit {r['commit']}), {r['model']}, batch 1, "
+             f"fixed frame counts (random weights never stop). Source: `{source}`, written by "
+             "`qwen-tts-mk bench --all`.", ""]
+    dec = s.get("decode")
+    if dec:
+        mk, g, e = dec["megakernel"], dec.get("reference_graphs", {}), dec.get("reference_eager", {})
+        lines += ["| per frame | megakernel | floor (bandwidth) | reference + CUDA graphs | reference eager |",
+                  "|---|---|---|---|---|",
+                  f"| talker step (ms) | {fmt(mk.get('talker_step_ms'), 3)} | {fmt(dec['floor']['talker_step_ms'], 3)} "
+                  f"| {fmt(g.get('talker_step_ms'), 3)} | {fmt(e.get('talker_step_ms'), 3)} |",
+                  f"| full frame (ms) | {fmt(mk.get('frame_ms'), 3)} | {fmt(dec['floor']['frame_ms'], 3)} "
+                  f"| {fmt(g.get('frame_ms'), 3)} | {fmt(e.get('frame_ms'), 3)} |", ""]
+    st = s.get("streaming")
+    off = {v.get("text"): v for v in (s.get("official") or {}).get("results", [])}
+    if st:
+        backends = list(st)
+        lines += ["| text (frames) | " + " | ".join(f"{b}: first chunk ms / RTF" for b in backends)
+                  + " | official qwen-tts: complete audio ms / RTF |",
+                  "|---" * (len(backends) + 2) + "|"]
+        for label in st[backends[0]]:
+            cells = [f"{fmt(st[b][label]['ttfc_ms']['median'])} / {fmt(st[b][label]['rtf']['median'], 4)}"
+                     for b in backends]
+            o = off.get(label)
+            official = (f"{fmt(o['time_to_complete_audio_ms']['median'], 0)} / {fmt(o['rtf_median'], 3)}"
+                        if o else "n/a")
+            frames = st[backends[0]][label]["fixed_frames"]
+            lines.append(f"| {label} ({frames}) | " + " | ".join(cells) + f" | {official} |")
+        lines.append("")
+    srv = s.get("server")
+    if srv:
+        lines += ["| server, loopback | " + " | ".join(f"{v['protocol']} x{v['clients']}" for v in srv["results"])
+                  + " |", "|---" * (len(srv["results"]) + 1) + "|",
+                  "| first chunk, median ms | " + " | ".join(fmt(v["ttfc_ms_median"]) for v in srv["results"])
+                  + " |", ""]
+    if r.get("errors"):
+        lines += ["Sections that failed in that run: " + "; ".join(f"{k} ({v})" for k, v in r["errors"].items()),
+                  ""]
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    source = Path(argv[1])
+    report = json.loads(source.read_text())
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        print(f"README.md has no {START} ... {END} block", file=sys.stderr)
+        return 1
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + START + "\n" + table(report, source.as_posix()) + END + tail)
+    print(f"README.md table updated from {source}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

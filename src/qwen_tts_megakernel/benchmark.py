@@ -1,0 +1,283 @@
+"""`qwen-tts-mk bench --all`: the whole system against the alternatives, in one process, on one GPU.
+
+Sections (each median and p95 over several runs, all on the same random full-size weights and GPU):
+  decode     megakernel talker step and full frame vs the reference backend eager and with CUDA graphs, next to
+             the bandwidth floor measured in the same run (megakernel/bench.py)
+  streaming  in-process time to first chunk (request -> first PCM chunk of one frame) and RTF (compute time /
+             audio duration) for short, medium and long texts, per backend
+  official   the official qwen-tts package's generate: time to complete audio and RTF (own process)
+  server     time to first chunk over loopback, HTTP and WebSocket, at 1, 4 and 16 concurrent streams
+  pipecat    TTFB as Pipecat's own metrics report it for our two services
+
+Random weights do not stop on EOS like real ones, so every run here has a FIXED FRAME COUNT (a benchmark-only
+setting, labelled in the output). Writes benchmarks/results/<gpu>.json, .md and <gpu>-streaming.png.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TEXTS = {  # (text, fixed frame count ~ what real speech of that length takes at 12.5 frames/s)
+    "short": ("Hello there, how are you?", 25),
+    "medium": ("The quick brown fox jumps over the lazy dog while the streaming engine turns every word into "
+               "sound, one frame at a time.", 100),
+    "long": (" ".join(["Streaming text to speech turns words into sound as soon as they arrive, so a voice agent "
+                       "can answer before the whole sentence is written, and every frame of audio leaves the GPU "
+                       "eighty milliseconds of speech at a time."] * 2), 400),
+}
+
+
+def _stats(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {"median": statistics.median(ordered), "p95": ordered[max(0, round(0.95 * len(ordered)) - 1)],
+            "runs": len(ordered)}
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def gpu_slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-").replace("--", "-")
+
+
+# Sections -------------------------------------------------------------------------------------------------------
+
+
+def measure_stream(synth, text: str, frames: int, seed: int) -> dict:
+    """One streamed utterance: time to first chunk, compute time, chunk arrival times (s) vs audio end times."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    stream = synth.stream(text, seed=seed, max_new_tokens=frames)
+    arrivals, audio_ends, produced = [], [], 0
+    for chunk in stream:
+        produced += chunk.num_frames
+        arrivals.append(time.perf_counter() - start)
+        audio_ends.append(produced * synth.samples_per_frame / synth.sample_rate)
+    total = time.perf_counter() - start
+    return {"ttfc_s": arrivals[0], "total_s": total, "frames": produced, "stop_reason": stream.stop_reason,
+            "arrivals_s": arrivals, "audio_end_s": audio_ends}
+
+
+def section_streaming(synths: dict, runs: int) -> dict:
+    out = {}
+    for backend, synth in synths.items():
+        measure_stream(synth, "Warm up.", 8, seed=0)
+        per_text = {}
+        for label, (text, frames) in TEXTS.items():
+            samples = [measure_stream(synth, text, frames, seed=i + 1) for i in range(runs)]
+            rtf = [s["total_s"] / (s["frames"] * 0.08) for s in samples]
+            per_text[label] = {
+                "text_words": len(text.split()), "fixed_frames": frames,
+                "frames_produced": [s["frames"] for s in samples],
+                "stop_reasons": sorted({s["stop_reason"] for s in samples}),
+                "ttfc_ms": {k: (v * 1000 if k != "runs" else v) for k, v in
+                            _stats([s["ttfc_s"] for s in samples]).items()},
+                "rtf": _stats(rtf),
+            }
+        out[backend] = per_text
+    return out
+
+
+def section_plot(synth, out_png: Path) -> dict:
+    """Chunk arrival time against the audio time it completes, for one long utterance."""
+    text, frames = TEXTS["long"]
+    s = measure_stream(synth, text, frames, seed=99)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.step(s["audio_end_s"], s["arrivals_s"], where="post", label="chunk ready (wall clock)")
+    ax.plot([0, s["audio_end_s"][-1]], [0, s["audio_end_s"][-1]], "--", label="real time (playback)")
+    ax.set_xlabel("audio time covered (s)")
+    ax.set_ylabel("time since request (s)")
+    ax.set_title(f"Streaming proof: {len(s['arrivals_s'])} chunks, first after {1000 * s['ttfc_s']:.1f} ms")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return {"png": out_png.name, "ttfc_ms": 1000 * s["ttfc_s"], "total_s": s["total_s"],
+            "audio_s": s["audio_end_s"][-1], "chunks": len(s["arrivals_s"])}
+
+
+def section_official(model_dir: Path, site: str | None, runs: int) -> dict:
+    env = dict(os.environ)
+    if site:
+        env["PYTHONPATH"] = os.pathsep.join([site, env.get("PYTHONPATH", "")])
+    frames = [f for _, f in TEXTS.values()]
+    cmd = [sys.executable, "-m", "qwen_tts_megakernel.official_baseline", "--model", str(model_dir),
+           "--runs", str(runs), "--frames", *map(str, frames)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=420)
+    if proc.returncode != 0:
+        raise RuntimeError(f"official baseline failed: {proc.stderr.strip().splitlines()[-1:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for label, entry in zip(TEXTS, result["results"]):
+        entry["text"] = label
+    return result
+
+
+# Orchestration --------------------------------------------------------------------------------------------------
+
+
+def run_all(args) -> int:
+    if not torch.cuda.is_available():
+        print("bench --all needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from .engine import ReferenceBackend, Synthesizer
+    from .graphed import GraphedBackend
+    from .tiny import random_checkpoint, write_random_model
+
+    device = torch.device(args.device or "cuda")
+    size = args.random_weights or "0.6b"
+    runs = int(getattr(args, "runs", None) or 5)
+    out_dir = Path(args.output_dir or "benchmarks/results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name(device)
+    slug = gpu_slug(name)
+    report = {
+        "benchmark": "all", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git_commit(), "device": name, "sm_count": torch.cuda.get_device_properties(device).multi_processor_count,
+        "torch": torch.__version__, "host": platform.node(), "model": f"random weights, real {size} shapes",
+        "fixed_frame_count": "benchmark-only: random weights do not stop on EOS, so each run generates a fixed "
+                             "number of frames (max_new_tokens)",
+        "sections": {}, "errors": {},
+    }
+    started = time.perf_counter()
+
+    def section(key: str, fn):
+        t0 = time.perf_counter()
+        print(f"[bench --all] {key} ...", file=sys.stderr, flush=True)
+        try:
+            report["sections"][key] = fn()
+        except Exception as exc:  # one failing section must not hide the others' numbers
+            report["errors"][key] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        print(f"[bench --all] {key} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+    checkpoint = random_checkpoint(size, seed=0, device=device)
+    report["model_shapes"] = {"talker": vars(checkpoint.config.talker),
+                              "code_predictor": vars(checkpoint.config.code_predictor)}
+    synths = {}
+
+    def load():
+        mk = Synthesizer.from_checkpoint(checkpoint, backend="megakernel", device=device, dtype=torch.bfloat16)
+        synths["megakernel"] = mk
+        params = mk.sampling_params()
+        graphed = GraphedBackend(mk.talker, params, capacity=1024)
+        synths["reference-graphed"] = Synthesizer(checkpoint, graphed, mk.codec, mk.talker)
+        synths["reference"] = Synthesizer(checkpoint, ReferenceBackend(mk.talker), mk.codec, mk.talker)
+        return {"backends": list(synths)}
+
+    section("load", load)
+
+    def decode():
+        from .megakernel.bench import run_bench
+
+        return run_bench(size=size, device=str(device), out_dir=str(out_dir), weights=checkpoint.weights,
+                         config=checkpoint.config)
+
+    section("decode", decode)
+    section("streaming", lambda: section_streaming(synths, runs))
+    section("streaming_plot", lambda: section_plot(synths["megakernel"], out_dir / f"{slug}-streaming.png"))
+
+    def official():
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = write_random_model(Path(tmp) / "model", size, seed=0, device=device)
+            return section_official(model_dir, getattr(args, "official_site", None), max(2, runs // 2))
+
+    section("official", official)
+    synths.clear()
+    torch.cuda.empty_cache()
+
+    def server():
+        from types import SimpleNamespace
+
+        from .server.bench import run_bench_server
+
+        sargs = SimpleNamespace(model=f"random:{size}", backend="megakernel", device=str(device), dtype=None,
+                                output_dir=str(out_dir / "server"), concurrency=(1, 4, 16), requests_per_client=3,
+                                max_new_tokens=TEXTS["medium"][1], protocols=("http", "ws"), text=TEXTS["medium"][0])
+        code = run_bench_server(sargs)
+        latest = sorted((out_dir / "server").glob("server_*.json"))[-1]
+        result = json.loads(latest.read_text())
+        result["exit_code"] = code
+        return result
+
+    section("server", server)
+    report["elapsed_s"] = time.perf_counter() - started
+    (out_dir / f"{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{slug}.md").write_text(format_markdown(report))
+    print(format_markdown(report))
+    return 1 if report["errors"] else 0
+
+
+def _ms(d: dict | None, key: str = "median") -> str:
+    return f"{d[key]:.1f}" if d and isinstance(d.get(key), (int, float)) else "n/a"
+
+
+def format_markdown(r: dict) -> str:
+    s = r["sections"]
+    lines = [f"# {r['device']}: qwen-tts-megakernel vs alternatives ({r['model']})", "",
+             f"{r['date']}, commit {r['commit']}, torch {r['torch']}. {r['fixed_frame_count']}.", ""]
+    dec = s.get("decode")
+    if dec:
+        mk, g, e = dec["megakernel"], dec.get("reference_graphs", {}), dec.get("reference_eager", {})
+        lines += ["## Decode (batch 1)", "", "| | talker step (ms) | full frame (ms) |", "|---|---|---|",
+                  f"| megakernel | {mk.get('talker_step_ms', float('nan')):.3f} | {mk.get('frame_ms', float('nan')):.3f} |",
+                  f"| floor at {dec['matvec_GBps']:.0f} GB/s | {dec['floor']['talker_step_ms']:.3f} | "
+                  f"{dec['floor']['frame_ms']:.3f} |",
+                  f"| reference + CUDA graphs | {g.get('talker_step_ms', float('nan')):.3f} | "
+                  f"{g.get('frame_ms', float('nan')):.3f} |",
+                  f"| reference eager | {e.get('talker_step_ms', float('nan')):.3f} | "
+                  f"{e.get('frame_ms', float('nan')):.3f} |", ""]
+    st = s.get("streaming")
+    if st:
+        lines += ["## In-process streaming", "", "| backend | text | frames | time to first chunk (ms) median / p95 | "
+                  "RTF median / p95 |", "|---|---|---|---|---|"]
+        for backend, per_text in st.items():
+            for label, v in per_text.items():
+                lines.append(f"| {backend} | {label} ({v['text_words']} words) | {v['fixed_frames']} | "
+                             f"{_ms(v['ttfc_ms'])} / {_ms(v['ttfc_ms'], 'p95')} | "
+                             f"{v['rtf']['median']:.4f} / {v['rtf']['p95']:.4f} |")
+        lines.append("")
+    off = s.get("official")
+    if off:
+        lines += ["## The official qwen-tts package (same weights and GPU)", "",
+                  "| text | frames | time to complete audio (ms) median / p95 | RTF | ms per frame |",
+                  "|---|---|---|---|---|"]
+        for v in off["results"]:
+            t = v["time_to_complete_audio_ms"]
+            lines.append(f"| {v.get('text', '')} | {v['frames_requested']} | {t['median']:.0f} / {t['p95']:.0f} | "
+                         f"{v['rtf_median']:.3f} | {v['ms_per_frame_median']:.1f} |")
+        lines.append("")
+    srv = s.get("server")
+    if srv:
+        lines += ["## Server over loopback", "", "| protocol | concurrent | TTFC (ms) median / p95 | RTF median |",
+                  "|---|---|---|---|"]
+        for v in srv["results"]:
+            lines.append(f"| {v['protocol']} | {v['clients']} | {_ms({'m': v['ttfc_ms_median']}, 'm')} / "
+                         f"{_ms({'m': v['ttfc_ms_p95']}, 'm')} | {v['rtf_median'] or float('nan'):.3f} |")
+        lines.append("")
+    if r.get("errors"):
+        lines += ["## Sections that failed", ""] + [f"- {k}: {v}" for k, v in r["errors"].items()] + [""]
+    lines += ["Written by `qwen-tts-mk bench --all` (src/qwen_tts_megakernel/benchmark.py).", ""]
+    return "\n".join(lines)

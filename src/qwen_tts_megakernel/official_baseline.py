@@ -1,0 +1,97 @@
+"""What a user would run instead: the official qwen-tts package's generate, timed on the same checkpoint and GPU.
+
+Runs in its own process (the official package pins transformers 4.57.3, which the benchmark loads from a separate
+site directory), prints one JSON object on stdout:
+
+    python -m qwen_tts_megakernel.official_baseline --model DIR --frames 25 100 400 --runs 3
+
+For each frame count: time to complete audio (generate + speech-tokenizer decode; the official API returns audio
+only at the end), its real-time factor, and the frames actually produced. Random weights rarely emit EOS, so
+max_new_tokens fixes the frame count (the official generate completes max_new_tokens - 1 frames).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.machinery
+import json
+import statistics
+import sys
+import time
+import types
+
+
+def _stub_torchaudio_if_missing() -> None:
+    """The official package imports torchaudio for its 25 Hz tokenizer only; stand in if it is not installed."""
+    try:
+        import torchaudio  # noqa: F401
+        return
+    except ImportError:
+        pass
+    for name in ("torchaudio", "torchaudio.compliance", "torchaudio.compliance.kaldi"):
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=not name.endswith("kaldi"))
+        if not name.endswith("kaldi"):
+            mod.__path__ = []
+        sys.modules[name] = mod
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--frames", type=int, nargs="+", default=[25, 100, 400])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--text", default="Hello there, this is a benchmark of the official implementation.")
+    args = parser.parse_args(argv)
+
+    _stub_torchaudio_if_missing()
+    import torch
+    import transformers
+    from qwen_tts import Qwen3TTSModel
+
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = Qwen3TTSModel.from_pretrained(args.model, device_map=args.device, dtype=dtype)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    speaker = next(iter(model.get_supported_speakers() or []), None)
+
+    def run(frames: int) -> tuple[float, int]:
+        sync()
+        start = time.perf_counter()
+        wavs, sr = model.generate_custom_voice(text=args.text, speaker=speaker, language="English",
+                                               max_new_tokens=frames + 1)
+        sync()
+        return time.perf_counter() - start, len(wavs[0]) // 1920
+
+    run(8)  # warm-up: kernels, caches, allocator
+    results = []
+    for frames in args.frames:
+        times, produced = [], []
+        for _ in range(args.runs):
+            elapsed, got = run(frames)
+            times.append(elapsed)
+            produced.append(got)
+        audio_s = statistics.median(produced) * 0.08
+        results.append({
+            "frames_requested": frames,
+            "frames_produced": produced,
+            "time_to_complete_audio_ms": {"median": 1000 * statistics.median(times),
+                                          "p95": 1000 * sorted(times)[max(0, round(0.95 * len(times)) - 1)],
+                                          "runs": [1000 * t for t in times]},
+            "rtf_median": statistics.median(times) / audio_s if audio_s else None,
+            "ms_per_frame_median": 1000 * statistics.median(times) / max(1, statistics.median(produced)),
+        })
+    print(json.dumps({"package": "qwen-tts 0.1.1", "transformers": transformers.__version__,
+                      "torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu",
+                      "attn_implementation": "sdpa (flash-attn not installed)", "dtype": str(dtype).removeprefix("torch."),
+                      "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
