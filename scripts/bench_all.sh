@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole-system GPU benchmark (issue 7) in one call on the GPU machine:
+#   run(command="bash scripts/bench_all.sh", carry=[".whl"])
+# .whl holds the official qwen-tts 0.1.1 with its pinned transformers 4.57.3 (and huggingface_hub/tokenizers that
+# version accepts), installed into a private site directory that only the official-baseline subprocess sees.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+SITE=/tmp/official-site
+args=()
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+    args+=(--official-site "$SITE")
+fi
+status=0
+python3 -m qwen_tts_megakernel.cli bench --all --output-dir benchmarks/results "${args[@]}" "$@" || status=$?
+if [ -n "${OUT:-}" ]; then
+    cp benchmarks/results/*.json benchmarks/results/*.md benchmarks/results/*.png "$OUT"/ 2>/dev/null || true
+fi
+exit "$status"
