@@ -12,9 +12,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
     args+=(--official-site "$SITE")
 fi
+touch /tmp/bench_start
 status=0
 python3 -m qwen_tts_megakernel.cli bench --all --output-dir benchmarks/results "${args[@]}" "$@" || status=$?
 if [ -n "${OUT:-}" ]; then
-    cp benchmarks/results/*.json benchmarks/results/*.md benchmarks/results/*.png "$OUT"/ 2>/dev/null || true
+    # Only what this run wrote (the reply brings back at most 8 files).
+    find benchmarks/results -maxdepth 1 -type f -newer /tmp/bench_start -exec cp {} "$OUT"/ \;
 fi
 exit "$status"
