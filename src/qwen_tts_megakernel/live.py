@@ -70,6 +70,8 @@ class LiveUtterance:
     # Text input ------------------------------------------------------------------------------------------------
 
     def append(self, text: str) -> None:
+        if not text:
+            return
         if self.flushed:
             raise PromptError("text after flush")
         self.text += text

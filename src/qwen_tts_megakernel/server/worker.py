@@ -356,7 +356,9 @@ class EngineWorker:
                 self._update_gauges()
                 if self._stop:
                     break
-                ready = [j for j in self._active if j.ready()]
+                # Streams still waiting for their first audio go first: a newcomer's first chunk never waits
+                # behind a whole round of long-running streams.
+                ready = sorted((j for j in self._active if j.ready()), key=lambda j: j.first_audio is not None)
                 if not ready:
                     self._cond.wait(timeout=0.25)
                     continue
