@@ -423,8 +423,10 @@ async def run_headless(args) -> int:
 
 async def run_live_pipeline(args, transport) -> None:
     report = LatencyReport()
+    stt = make_stt(args)
+    if stt is None:
+        raise SystemExit("live modes need speech recognition: --stt whisper or --stt deepgram")
     async with aiohttp.ClientSession() as session:
-        stt = make_stt(args)
         tts = make_tts(args, session)
         llm = make_llm(args, args.llm_base_url)
         context = LLMContext()
@@ -457,6 +459,7 @@ async def bot(runner_args):
     from pipecat.transports.base_transport import TransportParams
 
     args = runner_args.cli_args
+    args.stt = args.stt or "whisper"
     transport = await create_transport(runner_args, {
         "webrtc": lambda: TransportParams(audio_in_enabled=True, audio_out_enabled=True)})
     await run_live_pipeline(args, transport)
@@ -464,24 +467,31 @@ async def bot(runner_args):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    mode = build_parser().parse_known_args(argv)[0].mode
-    if mode == "webrtc":
-        from pipecat.runner.run import main as runner_main
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--mode", choices=["local", "webrtc", "headless"], default="local")
+    mode = pre.parse_known_args(argv)[0].mode
+    try:
+        if mode == "webrtc":
+            # Pipecat's development runner serves the WebRTC page and calls bot() per session; it parses the command
+            # line itself, with this script's options added (they reach bot() as runner_args.cli_args).
+            from pipecat.runner.run import main as runner_main
 
-        parser = build_parser(argparse.ArgumentParser(description="Qwen3-TTS voice agent (WebRTC)"))
-        parser.set_defaults(transport="webrtc")
-        sys.argv = [sys.argv[0], *argv]
-        if "-t" not in argv and "--transport" not in argv:
-            sys.argv += ["-t", "webrtc"]
-        runner_main(parser)
-        return 0
-    args = build_parser().parse_args(argv)
-    if args.stt is None:
-        args.stt = "whisper" if mode in ("local", "webrtc") else None
-    if mode == "local":
-        asyncio.run(run_local(args))
-        return 0
-    return asyncio.run(run_headless(args))
+            sys.argv = [sys.argv[0], *argv]
+            if "-t" not in argv and "--transport" not in argv:
+                sys.argv += ["-t", "webrtc"]
+            runner_main(build_parser(argparse.ArgumentParser(description="Qwen3-TTS voice agent (WebRTC)")))
+            return 0
+        args = build_parser().parse_args(argv)
+        if mode == "local":
+            args.stt = args.stt or "whisper"
+            asyncio.run(run_local(args))
+            return 0
+        return asyncio.run(run_headless(args))
+    except ImportError as e:
+        hint = {"local": "local", "webrtc": "webrtc,runner"}.get(mode)
+        extra = f' (this mode needs: pip install "pipecat-ai[{hint}]==1.14.0")' if hint else ""
+        print(f"voice_agent: {e}{extra}; STT needs pipecat-ai[whisper] or pipecat-ai[deepgram]", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
