@@ -36,13 +36,14 @@ class QwenHttpTTSService(TTSService):
 
     def __init__(self, *, base_url: str = "http://127.0.0.1:8001", aiohttp_session: aiohttp.ClientSession | None = None,
                  api_key: str | None = None, settings: QwenTTSSettings | None = None,
-                 request_timeout_s: float | None = 60.0, **kwargs):
+                 read_timeout_s: float | None = 30.0, **kwargs):
         """Args:
             base_url: the server's root URL (no trailing path), e.g. ``http://127.0.0.1:8001``.
             aiohttp_session: a session to share; without one the service opens and closes its own.
             api_key: the server's ``--api-key`` (sent as ``Authorization: Bearer``).
             settings: voice, language, seed, max_new_tokens (``QwenHttpTTSService.Settings``).
-            request_timeout_s: total time one request may take (None: no limit).
+            read_timeout_s: the longest wait for the next bytes of a response (None: no limit); a long utterance
+                may take as long as it needs as long as it keeps streaming.
             **kwargs: passed to Pipecat's ``TTSService`` (``sample_rate``, ``text_aggregation_mode``, ...).
         """
         super().__init__(push_start_frame=True, push_stop_frames=True,
@@ -51,7 +52,7 @@ class QwenHttpTTSService(TTSService):
         self._session = aiohttp_session
         self._own_session = aiohttp_session is None
         self._api_key = api_key
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=10)
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=read_timeout_s)
 
     def can_generate_metrics(self) -> bool:
         return True
