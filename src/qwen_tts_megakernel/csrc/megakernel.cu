@@ -49,9 +49,9 @@ struct GridBarrier {
       unsigned long long t0 = 0;
       for (unsigned int it = 0;; ++it) {
         if (ld_acquire_u64(count) >= target) break;
-        if (it >= 64) {
+        if (it >= 32) {
           __nanosleep(sleep_ns);
-          sleep_ns = sleep_ns < 128 ? sleep_ns + 16 : 128;
+          sleep_ns = sleep_ns < 256 ? sleep_ns + 32 : 256;
         }
         if ((it & 255) == 255) {
           const unsigned long long now = globaltimer_ns();
@@ -64,7 +64,7 @@ struct GridBarrier {
           }
         }
       }
-      // The ld.acquire above orders this block's later reads (bar.sync extends it to every thread).
+      __threadfence();  // acquire side: later reads see what other blocks wrote before arriving
       *s_flag = abort;
     }
     __syncthreads();
@@ -300,45 +300,22 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return t;
 }
 
-// dst[r][0..n) = RMSNorm(src[r]) * weight for nr <= 2 rows of n <= 4 * NTHREADS values (src may be global or
-// shared, may alias dst): x * rsqrt(mean(x^2) + eps) * weight, fp32. One float4 per thread and row, all loads
-// issued before the first use (these loads sit on the critical path right after a grid barrier).
+// dst[r][0..n) = RMSNorm(src[r]) * weight for nr rows (src may be global or shared, may alias dst):
+// x * rsqrt(mean(x^2) + eps) * weight, in fp32.
 __device__ void rmsnorm_rows(float* dst, const float* src, int nr, int n, int src_stride, int dst_stride,
                              const bf16* weight, float eps, float* red) {
-  const int nv = n / 4;
-  const bool mine = threadIdx.x < nv;
-  float4 x[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
-  uint2 w = make_uint2(0, 0);
-  if (mine) {
-    w = reinterpret_cast<const uint2*>(weight)[threadIdx.x];
-    for (int r = 0; r < nr; ++r) x[r] = reinterpret_cast<const float4*>(src + r * src_stride)[threadIdx.x];
-  }
-  const float w0 = __uint_as_float(w.x << 16), w1 = __uint_as_float(w.x & 0xFFFF0000u);
-  const float w2 = __uint_as_float(w.y << 16), w3 = __uint_as_float(w.y & 0xFFFF0000u);
   for (int r = 0; r < nr; ++r) {
-    const float4 v = x[r];
-    const float inv = rsqrtf(block_sum(v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w, red) / (float)n + eps);
-    if (mine)
-      reinterpret_cast<float4*>(dst + r * dst_stride)[threadIdx.x] =
-          make_float4(v.x * inv * w0, v.y * inv * w1, v.z * inv * w2, v.w * inv * w3);
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += NTHREADS) {
+      const float x = src[r * src_stride + i];
+      dst[r * dst_stride + i] = x;
+      ss += x * x;
+    }
+    const float inv = rsqrtf(block_sum(ss, red) / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += NTHREADS)
+      dst[r * dst_stride + i] = dst[r * dst_stride + i] * inv * bf16_to_float(weight[i]);
   }
   __syncthreads();
-}
-
-// dst[0..n) = src[0..n) (n % 4 == 0, n <= 16 * NTHREADS), float4 loads all issued before the stores.
-__device__ __forceinline__ void copy_floats(float* dst, const float* src, int n) {
-  const int n4 = n / 4;
-  float4 t[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const int i = threadIdx.x + k * NTHREADS;
-    if (i < n4) t[k] = reinterpret_cast<const float4*>(src)[i];
-  }
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const int i = threadIdx.x + k * NTHREADS;
-    if (i < n4) reinterpret_cast<float4*>(dst)[i] = t[k];
-  }
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -502,55 +479,23 @@ __device__ void attention_phase(const float* qkv, int nr, int p0, int nc, kv_t* 
 }
 
 // act[r][i] = attention output of q dim i for row r: the chunk partials combined (softmax-weighted).
-// Chunk weights exp(m_c - M) / L per (row, head, chunk) go to shared memory first; then every thread combines
-// its outputs with all loads of a chunk in flight at once.
 template <class S>
 __device__ void attention_combine(float* act, const float* part, int nr, int nc) {
-  constexpr int PS = 2 + S::HD;
-  float* wgt = act + 2 * S::QD;  // [nr][NQ][NC_MAX] chunk weights (after the outputs in the act region)
-  const int t = threadIdx.x;
-  float m = -INFINITY, l = 0.f;
-  if (t < nr * S::NQ * nc) {
-    const int rh = t / nc, c = t % nc;
-    const float* pc = part + ((long long)rh * NC_MAX + c) * PS;
-    m = pc[0];
-    l = pc[1];
-    wgt[rh * NC_MAX + c] = m;
-    wgt[2 * S::NQ * NC_MAX + rh * NC_MAX + c] = l;
-  }
-  __syncthreads();
-  if (t < nr * S::NQ) {
+  for (int t = threadIdx.x; t < nr * S::QD; t += NTHREADS) {
+    const int r = t / S::QD, i = t % S::QD;
+    const int qh = i / S::HD, d = i % S::HD;
+    const float* base = part + (long long)(r * S::NQ + qh) * NC_MAX * (2 + S::HD);
     float M = -INFINITY;
-    for (int c = 0; c < nc; ++c) M = fmaxf(M, wgt[t * NC_MAX + c]);
-    float L = 0.f;
+    for (int c = 0; c < nc; ++c) M = fmaxf(M, base[c * (2 + S::HD)]);
+    float L = 0.f, A = 0.f;
     for (int c = 0; c < nc; ++c) {
-      const float mc = wgt[t * NC_MAX + c];
-      L += mc == -INFINITY ? 0.f : __expf(mc - M) * wgt[2 * S::NQ * NC_MAX + t * NC_MAX + c];
+      const float* pc = base + c * (2 + S::HD);
+      if (pc[0] == -INFINITY) continue;
+      const float f = __expf(pc[0] - M);
+      L += f * pc[1];
+      A += f * pc[2 + d];
     }
-    for (int c = 0; c < nc; ++c) {
-      const float mc = wgt[t * NC_MAX + c];
-      wgt[t * NC_MAX + c] = mc == -INFINITY ? 0.f : __expf(mc - M) / L;
-    }
-  }
-  __syncthreads();
-  constexpr int PER = 2 * S::QD / NTHREADS;  // outputs per thread for nr = 2
-  float acc[PER];
-#pragma unroll
-  for (int k = 0; k < PER; ++k) acc[k] = 0.f;
-  for (int c = 0; c < nc; ++c) {
-#pragma unroll
-    for (int k = 0; k < PER; ++k) {
-      const int o = t + k * NTHREADS;
-      if (o < nr * S::QD) {
-        const int rh = o / S::HD, d = o % S::HD;
-        acc[k] += wgt[rh * NC_MAX + c] * part[((long long)rh * NC_MAX + c) * PS + 2 + d];
-      }
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < PER; ++k) {
-    const int o = t + k * NTHREADS;
-    if (o < nr * S::QD) act[o] = acc[k];
+    act[r * S::QD + i] = A / L;
   }
   __syncthreads();
 }
@@ -602,7 +547,7 @@ __device__ bool decoder_layer(Ctx<M>& c, const float* x_src, int x_src_stride, f
   });
   MK_SYNC();
   // 5. down + residual
-  copy_floats(act, mlp, NR * S::F);
+  for (int i = threadIdx.x; i < NR * S::F; i += NTHREADS) act[i] = mlp[i];
   __syncthreads();
   c.template run_phase<NR, 1>(act, S::F, [&](int u, float (&a)[NR][1]) {
 #pragma unroll
@@ -694,10 +639,8 @@ __device__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int fla
   float* scores = act + 2048;  // after h (H <= 2048)
   {
     const float pen = (float)s.rep_penalty;
-    copy_floats(scores, p.t_logits, T::V);
-    __syncthreads();
     for (int i = threadIdx.x; i < T::V; i += NTHREADS) {
-      float v = scores[i];
+      float v = p.t_logits[i];
       if ((s.seen[i >> 5] >> (i & 31)) & 1u) v = v < 0.f ? v * pen : v / pen;
       if (i >= s.suppress_start && i != s.eos_id) v = -INFINITY;
       if (i == s.eos_id && frame < s.min_new_tokens) v = -INFINITY;
@@ -768,7 +711,7 @@ __device__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int fla
       c.template run_phase<1, 1>(act, C::H, [&](int u, float (&a)[1][1]) { logits[u] = a[0][0]; });
     }
     MK_SYNC();
-    copy_floats(scores, p.c_logits, C::V);
+    for (int i = threadIdx.x; i < C::V; i += NTHREADS) scores[i] = p.c_logits[i];
     __syncthreads();
     const double u = draw_uniform(s, frame, j);
     if (u < 0.0) { if (threadIdx.x == 0) atomicCAS(p.error, 0, ERR_TABLE); return false; }
