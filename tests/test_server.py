@@ -11,7 +11,6 @@ import struct
 import threading
 import time
 
-import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
