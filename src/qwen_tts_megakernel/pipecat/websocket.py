@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncGenerator
+from typing import AsyncGenerator
 from urllib.parse import urlsplit, urlunsplit
 
 from loguru import logger
 from pipecat.frames.frames import (CancelFrame, EndFrame, ErrorFrame, Frame, TTSAudioRawFrame, TTSStoppedFrame)
 from pipecat.processors.frame_processor import FrameProcessorSetup
-from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TextAggregationMode, WebsocketTTSService
 from pipecat.transcriptions.language import Language
 from websockets.protocol import State
@@ -108,11 +107,6 @@ class QwenTTSService(WebsocketTTSService):
     async def cancel(self, frame: CancelFrame):
         await super().cancel(frame)
         await self._disconnect()
-
-    async def _update_settings(self, delta: TTSSettings) -> dict[str, Any]:
-        # Settings go out with each new context's config message, so the next context uses them; nothing to
-        # reconnect.
-        return await super()._update_settings(delta)
 
     async def _connect(self):
         await super()._connect()
