@@ -13,7 +13,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     args+=(--official-site "$SITE")
 fi
 # GPU tests of the reference-side code (the megakernel's own run in scripts/gpu_check.sh).
-python3 -m pytest -q -m gpu tests/test_graphed.py tests/test_codec.py 2>&1 | tail -3
+python3 -m pytest -q -m gpu tests/test_graphed.py tests/test_codec.py 2>&1 | tail -15 || true
 touch /tmp/bench_start
 status=0
 python3 -m qwen_tts_megakernel.cli bench --all --output-dir benchmarks/results "${args[@]}" "$@" || status=$?
