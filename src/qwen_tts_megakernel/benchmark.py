@@ -47,6 +47,9 @@ def _stats(values: list[float]) -> dict:
 
 
 def _git_commit() -> str | None:
+    """The checkout's commit (QWEN_TTS_MK_COMMIT where the tree travelled without its .git)."""
+    if os.environ.get("QWEN_TTS_MK_COMMIT"):
+        return os.environ["QWEN_TTS_MK_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               timeout=10).stdout.strip() or None

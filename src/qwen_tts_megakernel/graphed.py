@@ -23,6 +23,11 @@ from .model import KVCache, Talker, rotate_half, rope_cos_sin
 from .sampling import RandomStream, SamplingParams
 
 
+def _row(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for a 0-d device index without a host sync (plain indexing would call .item())."""
+    return table.index_select(0, index.view(1))[0]
+
+
 def device_draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw from softmax(scores) [V] with uniform u (0-d float64): candidates by score descending, lower
     index first among equals (a stable sort). Returns a 0-d int64 token."""
@@ -30,7 +35,7 @@ def device_draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cum = torch.cumsum(torch.exp(s - s[0]), 0)
     pos = torch.searchsorted(cum, (u * cum[-1]).reshape(1), right=True)[0]
     pos = torch.minimum(pos, torch.isfinite(s).sum() - 1)
-    return order[pos]
+    return order.index_select(0, pos.view(1))[0]
 
 
 def device_choose(logits: torch.Tensor, u: torch.Tensor, do_sample: bool, temperature: float, top_k: int,
@@ -90,7 +95,7 @@ class StaticFrame:
         t = self.talker
         cfg = t.config.talker
         x = self.x.unsqueeze(0)
-        cos, sin = self.cos[self.pos].unsqueeze(0), self.sin[self.pos].unsqueeze(0)
+        cos, sin = self.cos.index_select(0, self.pos.view(1)), self.sin.index_select(0, self.pos.view(1))
         visible = (self.positions <= self.pos).unsqueeze(0)  # [1, capacity]
         for i, layer in enumerate(t.model.layers):
             attn = layer.self_attn
@@ -133,30 +138,30 @@ class StaticFrame:
         cp = t.code_predictor
         p = self.params
         self.cp_cache.reset()
-        rows = torch.stack([self.hidden, t.model.codec_embedding.weight[g0]])
+        rows = torch.stack([self.hidden, _row(t.model.codec_embedding.weight, g0)])
         for j in range(1, 16):
             h = cp.model(cp.small_to_mtp_projection(rows), self.cp_cache)[-1]
             logits = F.linear(h, self.lm_heads[j - 1]).float()
             code = device_choose(logits, self.u[j], p.subtalker_dosample, p.subtalker_temperature,
                                  p.subtalker_top_k, p.subtalker_top_p)
-            self.codes[j] = code
+            self.codes[j:j + 1].copy_(code.view(1))
             if j < 15:
-                rows = cp.model.codec_embedding[j - 1].weight[code].unsqueeze(0)
+                rows = _row(cp.model.codec_embedding[j - 1].weight, code).unsqueeze(0)
 
     def frame(self) -> None:
         """One whole frame; afterwards `codes` holds it (codes[0] == EOS: the stream ended, nothing else moved)."""
         self.talker_step()
         g0 = self.sample_g0()
         self.codes.zero_()
-        self.codes[0] = g0
+        self.codes[0:1].copy_(g0.view(1))
         self.code_predictor(g0)
         # Next input: F(frame) + text row (tts_pad past the end). After EOS none of this is used.
         t = self.talker
-        parts = [t.model.codec_embedding.weight[self.codes[0]]]
-        parts += [t.code_predictor.model.codec_embedding[j - 1].weight[self.codes[j]] for j in range(1, 16)]
-        row = self.text_rows[torch.minimum(self.step, self.num_text_rows)]
+        parts = [_row(t.model.codec_embedding.weight, self.codes[0])]
+        parts += [_row(t.code_predictor.model.codec_embedding[j - 1].weight, self.codes[j]) for j in range(1, 16)]
+        row = _row(self.text_rows, torch.minimum(self.step, self.num_text_rows))
         self.x.copy_(torch.stack(parts).sum(0) + row)
-        self.seen[g0] = True
+        self.seen.index_fill_(0, g0.view(1), True)
         self.pos += 1
         self.step += 1
 
