@@ -53,6 +53,11 @@ def table(r: dict, source: str) -> str:
                   + " |", "|---" * (len(srv["results"]) + 1) + "|",
                   "| first chunk, median ms | " + " | ".join(fmt(v["ttfc_ms_median"]) for v in srv["results"])
                   + " |", ""]
+    pc = s.get("pipecat")
+    if pc:
+        lines += ["| Pipecat TTFB (its own metrics), median ms | " + " | ".join(
+            f"{v['service']}: {fmt(v['ttfb_ms_median'])}" for k, v in pc.items() if isinstance(v, dict)) + " |",
+            "|---|---|---|", ""]
     if r.get("errors"):
         lines += ["Sections that failed in that run: " + "; ".join(f"{k} ({v})" for k, v in r["errors"].items()),
                   ""]

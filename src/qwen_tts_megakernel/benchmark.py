@@ -226,6 +226,22 @@ def run_all(args) -> int:
         return result
 
     section("server", server)
+
+    def pipecat():
+        from loguru import logger
+
+        from .pipecat.bench import measure_ttfb
+        from .pipecat.testing import TTSServerProcess
+
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING")
+        extra = ["--backend", "megakernel", "--device", str(device)]
+        with TTSServerProcess(f"random:{size}", extra_args=extra, startup_timeout_s=300) as srv:
+            result = measure_ttfb(srv.base_url, runs=runs, max_new_tokens=TEXTS["short"][1])
+        result["server"] = "qwen-tts-mk serve --backend megakernel (random weights), loopback"
+        return result
+
+    section("pipecat", pipecat)
     report["elapsed_s"] = time.perf_counter() - started
     (out_dir / f"{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / f"{slug}.md").write_text(format_markdown(report))
@@ -279,6 +295,16 @@ def format_markdown(r: dict) -> str:
         for v in srv["results"]:
             lines.append(f"| {v['protocol']} | {v['clients']} | {_ms({'m': v['ttfc_ms_median']}, 'm')} / "
                          f"{_ms({'m': v['ttfc_ms_p95']}, 'm')} | {v['rtf_median'] or float('nan'):.3f} |")
+        lines.append("")
+    pc = s.get("pipecat")
+    if pc:
+        lines += ["## Pipecat (TTFB from Pipecat's own metrics)", "", "| service | TTFB (ms) median / p95 | runs |",
+                  "|---|---|---|"]
+        for key in ("http", "websocket"):
+            v = pc.get(key)
+            if v:
+                lines.append(f"| {v['service']} | {_ms({'m': v['ttfb_ms_median']}, 'm')} / "
+                             f"{_ms({'m': v['ttfb_ms_p95']}, 'm')} | {v['with_metric']}/{v['runs']} |")
         lines.append("")
     if r.get("errors"):
         lines += ["## Sections that failed", ""] + [f"- {k}: {v}" for k, v in r["errors"].items()] + [""]
