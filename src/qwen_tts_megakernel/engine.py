@@ -208,8 +208,9 @@ class Synthesizer:
 
     @classmethod
     def from_pretrained(cls, model: str, *, backend: str = "reference", device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None) -> "Synthesizer":
-        """`model`: a local folder, a Hugging Face id, or "random:0.6b" / "random:1.7b" (random real-size weights)."""
+                        dtype: torch.dtype | str | None = None, max_streams: int = 4) -> "Synthesizer":
+        """`model`: a local folder, a Hugging Face id, or "random:0.6b" / "random:1.7b" (random real-size weights).
+        `max_streams`: streams open at once (the megakernel reserves a KV-cache slot for each)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         device = torch.device(device) if device is not None else torch.device(
@@ -225,12 +226,12 @@ class Synthesizer:
             checkpoint = random_checkpoint(str(model)[len(RANDOM_MODEL_PREFIX):], device=device)
         else:
             checkpoint = load_checkpoint(model)
-        return cls.from_checkpoint(checkpoint, backend=backend, device=device, dtype=dtype)
+        return cls.from_checkpoint(checkpoint, backend=backend, device=device, dtype=dtype, max_streams=max_streams)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, *, backend: str = "reference",
                         device: torch.device = torch.device("cpu"),
-                        dtype: torch.dtype = torch.float32) -> "Synthesizer":
+                        dtype: torch.dtype = torch.float32, max_streams: int = 4) -> "Synthesizer":
         """From an already loaded checkpoint (e.g. tiny.random_checkpoint() for benchmarks)."""
         talker = Talker.from_state_dict(checkpoint.config, checkpoint.weights, device=device, dtype=dtype)
         codec = CodecDecoder.from_state_dict(checkpoint.config.codec, checkpoint.codec_weights, device=device,
@@ -242,7 +243,8 @@ class Synthesizer:
                 raise ValueError("the megakernel backend needs a CUDA device")
             from .megakernel.backend import MegakernelBackend
 
-            engine_backend = MegakernelBackend(checkpoint.config, checkpoint.weights, device=device)
+            engine_backend = MegakernelBackend(checkpoint.config, checkpoint.weights, device=device,
+                                               slots=max_streams)
         return cls(checkpoint, engine_backend, codec, talker)
 
     # Properties users ask for ----------------------------------------------------------------------------------

@@ -436,16 +436,16 @@ def run_serve(args) -> int:
     host, port = args.host, args.port
     if not _is_loopback(host) and not api_key:
         log.warning("binding %s without --api-key: anyone who can reach this port can use the server", host)
-    print(f"loading {args.model} ({args.backend} backend)...", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    synth = Synthesizer.from_pretrained(args.model, backend=args.backend, device=args.device,
-                                        dtype=getattr(args, "dtype", None))
-    print(f"loaded in {time.perf_counter() - start:.1f} s; serving on http://{host}:{port} "
-          f"(WebSocket ws://{host}:{port}{WS_PATH})", file=sys.stderr, flush=True)
     settings = ServerSettings()
     for name in ("max_active", "max_queue", "max_text_chars"):
         if getattr(args, name, None) is not None:
             setattr(settings, name, getattr(args, name))
+    print(f"loading {args.model} ({args.backend} backend)...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    synth = Synthesizer.from_pretrained(args.model, backend=args.backend, device=args.device,
+                                        dtype=getattr(args, "dtype", None), max_streams=settings.max_active)
+    print(f"loaded in {time.perf_counter() - start:.1f} s; serving on http://{host}:{port} "
+          f"(WebSocket ws://{host}:{port}{WS_PATH})", file=sys.stderr, flush=True)
     app = create_app(synth, model_name=args.model, api_key=api_key, settings=settings)
     uvicorn.run(app, host=host, port=port, log_level="info", ws="websockets-sansio")
     return 0
