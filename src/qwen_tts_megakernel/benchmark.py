@@ -99,6 +99,48 @@ def section_streaming(synths: dict, runs: int) -> dict:
     return out
 
 
+def section_ttfc_breakdown(synth, runs: int) -> dict:
+    """Where the time to first chunk goes, stage by stage (each stage synchronised), for each text length."""
+    from .codec import StreamingCodecDecoder
+    from .sampling import RandomStream
+
+    def once(text: str) -> dict:
+        marks = {}
+
+        def mark(name: str, t0: float) -> float:
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            marks[name] = 1000 * (now - t0)
+            return now
+
+        t = time.perf_counter()
+        prompt = synth.prompt(text)
+        t = mark("tokenize_and_layout_ms", t)
+        talker = synth.talker
+        with torch.inference_mode():
+            prefill = talker.embed_rows(prompt.text_ids, prompt.codec_ids)
+            pad = talker.text_rows([synth.config.ids.tts_pad])[0]
+            t = mark("embed_rows_ms", t)
+            stream = synth.backend.open_stream(prefill, prefill[:0], pad, synth.sampling_params(), RandomStream(1),
+                                               max_frames=8)
+            t = mark("open_stream_prefill_ms", t)
+            codes = stream.next_frame()
+            t = mark("first_frame_ms", t)
+            decoder = StreamingCodecDecoder(synth.codec)
+            decoder.push(torch.as_tensor(codes[None], device=synth.codec_device)).cpu()
+            mark("first_codec_decode_ms", t)
+            stream.close()
+        marks["prefill_rows"] = len(prefill)
+        return marks
+
+    once("Warm up.")
+    out = {}
+    for label, (text, _) in TEXTS.items():
+        samples = [once(text) for _ in range(runs)]
+        out[label] = {k: statistics.median([x[k] for x in samples]) for k in samples[0]}
+    return out
+
+
 def section_plot(synth, out_png: Path) -> dict:
     """Chunk arrival time against the audio time it completes, for one long utterance."""
     text, frames = TEXTS["long"]
@@ -200,6 +242,7 @@ def run_all(args) -> int:
 
     section("decode", decode)
     section("streaming", lambda: section_streaming(synths, runs))
+    section("ttfc_breakdown", lambda: section_ttfc_breakdown(synths["megakernel"], runs))
     section("streaming_plot", lambda: section_plot(synths["megakernel"], out_dir / f"{slug}-streaming.png"))
 
     def official():
@@ -277,6 +320,15 @@ def format_markdown(r: dict) -> str:
                 lines.append(f"| {backend} | {label} ({v['text_words']} words) | {v['fixed_frames']} | "
                              f"{_ms(v['ttfc_ms'])} / {_ms(v['ttfc_ms'], 'p95')} | "
                              f"{v['rtf']['median']:.4f} / {v['rtf']['p95']:.4f} |")
+        lines.append("")
+    br = s.get("ttfc_breakdown")
+    if br:
+        keys = [k for k in next(iter(br.values())) if k.endswith("_ms")]
+        lines += ["## Time to first chunk, stage by stage (megakernel, median ms)", "",
+                  "| text | prefill rows | " + " | ".join(k.removesuffix("_ms").replace("_", " ") for k in keys) + " |",
+                  "|---" * (len(keys) + 2) + "|"]
+        for label, v in br.items():
+            lines.append(f"| {label} | {v['prefill_rows']:.0f} | " + " | ".join(f"{v[k]:.2f}" for k in keys) + " |")
         lines.append("")
     off = s.get("official")
     if off:
