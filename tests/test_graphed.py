@@ -14,19 +14,26 @@ FRAMES = 30
 
 
 def run_both(synth, do_sample, layout, use_graph, seed=5):
+    """Codes of FRAMES frames from the reference backend and from the static frame, same prompt and seed."""
     params = synth.sampling_params(do_sample=do_sample)
     prompt = synth.prompt(TEXT, voice="ryan", language="english", text_layout=layout)
     ref = synth._open(prompt, params, RandomStream(seed), FRAMES)
     expected = np.stack([ref.next_frame() for _ in range(FRAMES)])
+    return expected, run_static(synth, do_sample, layout, use_graph, seed)
+
+
+def run_static(synth, do_sample, layout, use_graph, seed=5):
+    params = synth.sampling_params(do_sample=do_sample)
+    prompt = synth.prompt(TEXT, voice="ryan", language="english", text_layout=layout)
     talker = synth.talker
     prefill = talker.embed_rows(prompt.text_ids, prompt.codec_ids)
     text_rows = talker.text_rows(prompt.trailing_text_ids) if prompt.trailing_text_ids else prefill[:0]
     backend = GraphedBackend(talker, params, capacity=128, use_graph=use_graph)
     stream = backend.open_stream(prefill, text_rows, talker.text_rows([synth.config.ids.tts_pad])[0], params,
                                  RandomStream(seed))
-    got = np.stack([stream.next_frame() for _ in range(FRAMES)])
+    codes = np.stack([stream.next_frame() for _ in range(FRAMES)])
     stream.close()
-    return expected, got
+    return codes
 
 
 @pytest.fixture(scope="module")
@@ -53,20 +60,6 @@ def test_one_stream_at_a_time(tiny_dir):
         backend.open_stream(rows, rows[:0], pad, params, RandomStream(0))
     stream.close()
     backend.open_stream(rows, rows[:0], pad, params, RandomStream(0)).close()
-
-
-def run_static(synth, do_sample, layout, use_graph, seed=5):
-    params = synth.sampling_params(do_sample=do_sample)
-    prompt = synth.prompt(TEXT, voice="ryan", language="english", text_layout=layout)
-    talker = synth.talker
-    prefill = talker.embed_rows(prompt.text_ids, prompt.codec_ids)
-    text_rows = talker.text_rows(prompt.trailing_text_ids) if prompt.trailing_text_ids else prefill[:0]
-    backend = GraphedBackend(talker, params, capacity=128, use_graph=use_graph)
-    stream = backend.open_stream(prefill, text_rows, talker.text_rows([synth.config.ids.tts_pad])[0], params,
-                                 RandomStream(seed))
-    codes = np.stack([stream.next_frame() for _ in range(FRAMES)])
-    stream.close()
-    return codes
 
 
 @pytest.mark.gpu

@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import RMSNorm, apply_rope, rope_cos_sin
+
 # A per-stream decoder state: module name -> carried tensor(s) or counter. Owned by the caller.
 DecoderState = dict[str, Any]
 
@@ -320,34 +322,6 @@ class RVQDequantizer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Pre-transformer: sliding-window causal attention at the frame rate
 # ---------------------------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32. [..., C]."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [T, head_dim] for integer positions [T] (half-split layout, fp32 math)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, head_dim / 2]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, H, T, D] by the angles in cos/sin [T, D] (pairs are (i, i + D/2))."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class Attention(_Stateful):

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import KVCache, Talker, rotate_half, rope_cos_sin
+from .layers import apply_rope, rope_cos_sin
+from .model import KVCache, Talker
 from .sampling import RandomStream, SamplingParams
 
 
@@ -103,8 +104,7 @@ class StaticFrame:
             q = attn.q_norm(attn.q_proj(h).view(1, cfg.num_attention_heads, cfg.head_dim)).transpose(0, 1)
             k = attn.k_norm(attn.k_proj(h).view(1, cfg.num_key_value_heads, cfg.head_dim)).transpose(0, 1)
             v = attn.v_proj(h).view(1, cfg.num_key_value_heads, cfg.head_dim).transpose(0, 1)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.cache.k[i].index_copy_(1, self.pos.view(1), k)
             self.cache.v[i].index_copy_(1, self.pos.view(1), v)
             group = cfg.num_attention_heads // cfg.num_key_value_heads

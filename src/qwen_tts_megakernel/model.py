@@ -14,34 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, TransformerConfig
-
-
-class RMSNorm(nn.Module):
-    """weight * normalize(x), with the normalization in fp32 and the cast back before the weight (official order)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [L, D] for NeoX RoPE: frequency i pairs dims i and i + D/2, computed in fp32."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponent)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+from .layers import RMSNorm, apply_rope, rope_cos_sin
 
 
 class KVCache:
@@ -78,8 +51,7 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(n, cfg.num_attention_heads, cfg.head_dim)).transpose(0, 1)
         k = self.k_norm(self.k_proj(x).view(n, cfg.num_key_value_heads, cfg.head_dim)).transpose(0, 1)
         v = self.v_proj(x).view(n, cfg.num_key_value_heads, cfg.head_dim).transpose(0, 1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start, end = cache.length, cache.length + n
         cache.k[layer, :, start:end] = k
         cache.v[layer, :, start:end] = v
