@@ -48,7 +48,12 @@ struct GridBarrier {
       unsigned int sleep_ns = 0;
       unsigned long long t0 = 0;
       for (unsigned int it = 0;; ++it) {
+#if MK_BAR2
+        // relaxed polls; the acquire load below (same counter, value >= target) orders the block's later reads
+        if (ld_relaxed_u64(count) >= target) { (void)ld_acquire_u64(count); break; }
+#else
         if (ld_acquire_u64(count) >= target) break;
+#endif
         if (it >= 32) {
           __nanosleep(sleep_ns);
           sleep_ns = sleep_ns < 256 ? sleep_ns + 32 : 256;
@@ -64,7 +69,9 @@ struct GridBarrier {
           }
         }
       }
+#if !MK_BAR2
       __threadfence();  // acquire side: later reads see what other blocks wrote before arriving
+#endif
       *s_flag = abort;
     }
     __syncthreads();
@@ -139,6 +146,62 @@ struct WeightStream {
   int prod_tile;
   int nb, b;
 
+#if MK_SCHED
+  // Producer cursor of the current phase: next byte to copy, bytes left for this block, bytes per full tile.
+  const uint8_t* cur_src;
+  int cur_left;
+  int cur_tile;
+#if MK_TMA
+  uint64_t* mbar;       // shared [RING_TILES], one per slot
+#endif
+
+  // Issue the next tile of the schedule (or an empty group past the end) into ring slot issued % RING_TILES.
+  // The phase lookup runs only when the current phase's bytes are used up.
+  __device__ void issue_next(const MkParams& p) {
+    uint8_t* dst = ring + (issued % RING_TILES) * TILE_BYTES;
+    while (cur_left == 0 && prod_phase < num_phases<M>()) {
+      const PhaseW pw = phase_weights<M>(p, prod_phase++);
+      int u0, u1;
+      split_range(pw.n_units, nb, b, u0, u1);
+      const int ub = pw.unit_elems * 2;
+      cur_tile = units_per_tile(pw.unit_elems) * ub;
+      cur_src = reinterpret_cast<const uint8_t*>(pw.w) + (long long)u0 * ub;
+      cur_left = (u1 - u0) * ub;
+    }
+#if MK_TMA
+    // Thread 0 issues the whole tile as one bulk copy (after the acquire barrier: every thread is done with the
+    // slot); an empty tile just arrives, so every slot's mbarrier completes one phase per use.
+    if (threadIdx.x == 0) {
+      uint64_t* bar = mbar + (issued % RING_TILES);
+      if (cur_left > 0) {
+        const int bytes = min(cur_tile, cur_left);
+        fence_proxy_async_smem();
+        mbar_arrive_expect(bar, (uint32_t)bytes);
+        bulk_copy_g2s(dst, cur_src, (uint32_t)bytes, bar);
+      } else {
+        mbar_arrive(bar);
+      }
+    }
+    if (cur_left > 0) {
+      const int bytes = min(cur_tile, cur_left);
+      cur_src += bytes;
+      cur_left -= bytes;
+    }
+    ++issued;
+    return;
+#endif
+    if (cur_left > 0) {
+      const int bytes = min(cur_tile, cur_left);
+      const int chunks = bytes >> 4;
+#pragma unroll 4
+      for (int i = threadIdx.x; i < chunks; i += NTHREADS) cp_async16(dst + 16 * i, cur_src + 16 * i);
+      cur_src += bytes;
+      cur_left -= bytes;
+    }
+    cp_async_commit();
+    ++issued;
+  }
+#else
   // Issue the next tile of the schedule (or an empty group past the end) into ring slot issued % RING_TILES.
   __device__ void issue_next(const MkParams& p) {
     uint8_t* dst = ring + (issued % RING_TILES) * TILE_BYTES;
@@ -163,6 +226,7 @@ struct WeightStream {
     cp_async_commit();
     ++issued;
   }
+#endif
 
   __device__ void prime(const MkParams& p) {
     for (int i = 0; i < RING_TILES - 1; ++i) issue_next(p);
@@ -172,19 +236,41 @@ struct WeightStream {
   // committed groups = consumed + RING_TILES, so waiting until RING_TILES - 1 are pending completes tile
   // `consumed`; RING_TILES - 1 tiles stay in flight while this one is used.
   __device__ const bf16* acquire(const MkParams& p) {
+#if MK_TMA
+    mbar_wait(mbar + (consumed % RING_TILES), (uint32_t)((consumed / RING_TILES) & 1));
+    __syncthreads();
+    issue_next(p);
+#elif MK_ONESYNC
+    // One barrier per tile: wait for tile `consumed` (committed groups = consumed + RING_TILES - 1), then the
+    // barrier both publishes it and proves every thread is done with the previous tile, whose slot is refilled.
+    cp_async_wait<RING_TILES - 2>();
+    __syncthreads();
+    issue_next(p);
+#else
     issue_next(p);
     cp_async_wait<RING_TILES - 1>();
     __syncthreads();
+#endif
     return reinterpret_cast<const bf16*>(ring + (consumed % RING_TILES) * TILE_BYTES);
   }
 
   // Done with the current tile (every thread): its slot is refilled by the next acquire.
   __device__ void release() {
+#if !MK_ONESYNC
     __syncthreads();
+#endif
     ++consumed;
   }
 
+#if MK_TMA
+  // Wait for every bulk copy still in flight (a block must not exit while one writes its shared memory).
+  __device__ void drain() {
+    for (int k = consumed; k < issued; ++k) mbar_wait(mbar + (k % RING_TILES), (uint32_t)((k / RING_TILES) & 1));
+    consumed = issued;
+  }
+#else
   __device__ void drain() { cp_async_wait_all(); }
+#endif
 };
 
 // ------------------------------------------------------------------------------------------------------------
@@ -284,6 +370,9 @@ struct Ctx {
       tile_matvec<NR, HALVES>(tile, min(upt, u1 - u), K, a, act_stride, u, red, epi);
       ws.release();
     }
+#if MK_ONESYNC
+    __syncthreads();  // the activations and `red` may be overwritten by the caller next
+#endif
   }
 };
 
@@ -763,6 +852,19 @@ __global__ void __launch_bounds__(NTHREADS, 1)
   c.bar.s_flag = &s_flag;
   c.ws.ring = smem;
   c.ws.issued = c.ws.consumed = c.ws.prod_phase = c.ws.prod_tile = 0;
+#if MK_SCHED
+  c.ws.cur_src = nullptr;
+  c.ws.cur_left = c.ws.cur_tile = 0;
+#endif
+#if MK_TMA
+  __shared__ __align__(8) uint64_t s_mbar[RING_TILES];
+  c.ws.mbar = s_mbar;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < RING_TILES; ++i) mbar_init(&s_mbar[i], 1);
+    mbar_fence_init();
+  }
+  __syncthreads();
+#endif
   c.ws.nb = gridDim.x;
   c.ws.b = blockIdx.x;
   if (pos >= p.max_seq) {

@@ -24,7 +24,30 @@ constexpr int NWARPS = NTHREADS / 32;
 #define MK_TILE_KB 32
 #endif
 constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-memory ring
-constexpr int RING_TILES = 5;               // tiles in the ring; RING_TILES - 1 are in flight while one is used
+// Variant switches (compile-time; defaults = v4, the fastest measured; build.py passes QWEN_TTS_MK_DEFINES to
+// override): MK_RING ring depth, MK_SCHED cached
+// producer cursor (no phase lookup per tile), MK_ONESYNC one __syncthreads per tile, MK_BAR2 relaxed spin + one
+// acquire load (no SC fence) in the grid barrier.
+#ifndef MK_RING
+#define MK_RING 4
+#endif
+#ifndef MK_SCHED
+#define MK_SCHED 1
+#endif
+#ifndef MK_ONESYNC
+#define MK_ONESYNC 1
+#endif
+#ifndef MK_BAR2
+#define MK_BAR2 1
+#endif
+#ifndef MK_TMA  // Hopper bulk copy (cp.async.bulk, one instruction per tile) + mbarrier per ring slot; needs
+#define MK_TMA 1  // MK_SCHED and MK_ONESYNC
+#endif
+#if MK_TMA && (!MK_SCHED || !MK_ONESYNC || __CUDA_ARCH__ < 900)
+#undef MK_TMA
+#define MK_TMA 0
+#endif
+constexpr int RING_TILES = MK_RING;         // tiles in the ring; RING_TILES - 1 are in flight while one is used
 constexpr int ACT_FLOATS = 6144;            // activation scratch: max over phases of rows x input width
 constexpr int MISC_BYTES = 8192;            // reductions, sampling candidates
 constexpr int NC_MAX = 16;                  // max attention chunks (split-K over positions) per KV head
@@ -166,14 +189,20 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Rows [begin, end) of n rows owned by block b of nb (balanced split, deterministic).
 __device__ __forceinline__ void split_range(int n, int nb, int b, int& begin, int& end) {
-  begin = (int)(((long long)n * b) / nb);
-  end = (int)(((long long)n * (b + 1)) / nb);
+  // 32-bit unsigned arithmetic (n * nb < 2^32 for every phase): same result as 64-bit, far fewer instructions.
+  begin = (int)(((unsigned)n * (unsigned)b) / (unsigned)nb);
+  end = (int)(((unsigned)n * (unsigned)(b + 1)) / (unsigned)nb);
 }
 
 // Coherent loads/stores of data written by other blocks in the same launch (never the non-coherent path).
 __device__ __forceinline__ unsigned long long ld_acquire_u64(const unsigned long long* p) {
   unsigned long long v;
   asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ unsigned long long ld_relaxed_u64(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
 __device__ __forceinline__ int ld_relaxed_i32(const int* p) {
@@ -196,5 +225,34 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+#if MK_TMA
+// mbarrier + 1-D bulk copy (sm_90): completion counted in bytes on the slot's mbarrier.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"((uint32_t)__cvta_generic_to_shared(bar)), "r"(count)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_fence_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+__device__ __forceinline__ void mbar_arrive_expect(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"((uint32_t)__cvta_generic_to_shared(bar)),
+               "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"((uint32_t)__cvta_generic_to_shared(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t a = (uint32_t)__cvta_generic_to_shared(bar);
+  asm volatile(
+      "{\n .reg .pred P;\n WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 P, [%0], %1;\n"
+      " @!P bra WAIT_%=;\n}" ::"r"(a), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src), "r"(bytes),
+               "r"((uint32_t)__cvta_generic_to_shared(bar)) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+#endif
 
 }  // namespace mk

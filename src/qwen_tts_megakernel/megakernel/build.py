@@ -19,7 +19,7 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("megakernel.cu", "mk_common.cuh", "mk_sampling.cuh")
 LIB_NAME = "libqwen_tts_mk.so"
 
-# Shared-memory tile size per architecture (KB): the ring holds 5 tiles + 32 KB of scratch per block.
+# Shared-memory tile size per architecture (KB): the ring holds MK_RING (4) tiles + 32 KB of scratch per block.
 TILE_KB = {"90a": 32, "100a": 32, "80": 24, "120a": 12, "86": 12, "89": 12}
 
 _lock = threading.Lock()
@@ -44,9 +44,16 @@ def arch_for_capability(major: int, minor: int) -> str:
     return cc + "a" if major in (9, 10, 12) else cc
 
 
+def variant_defines() -> list[str]:
+    """Extra -D switches from $QWEN_TTS_MK_DEFINES (e.g. "MK_RING=5 MK_SCHED=0"): side-by-side timing of kernel
+    variants; part of the cache key. Unset = the committed defaults in mk_common.cuh."""
+    return [f"-D{d}" for d in os.environ.get("QWEN_TTS_MK_DEFINES", "").split()]
+
+
 def nvcc_flags(arch: str) -> list[str]:
-    tile = TILE_KB.get(arch, 12)
-    return ["-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-DMK_TILE_KB={tile}",
+    extra = variant_defines()
+    tile = [] if any(d.startswith("-DMK_TILE_KB=") for d in extra) else [f"-DMK_TILE_KB={TILE_KB.get(arch, 12)}"]
+    return ["-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", *tile, *extra,
             "-Xcompiler", "-fPIC", "-shared", "-lineinfo"]
 
 
