@@ -51,7 +51,7 @@ def device_choose(logits: torch.Tensor, u: torch.Tensor, do_sample: bool, temper
     if top_p < 1.0:
         sorted_scores, sorted_idx = torch.sort(scores)
         remove_sorted = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_p)
-        remove_sorted[-1] = False
+        remove_sorted = torch.cat([remove_sorted[:-1], remove_sorted.new_zeros(1)])  # keep at least one
         scores = scores.masked_fill(torch.zeros_like(remove_sorted).scatter(0, sorted_idx, remove_sorted),
                                     float("-inf"))
     return device_draw(scores, u)
@@ -81,11 +81,13 @@ class StaticFrame:
         self.codes = torch.zeros(t.num_code_groups, dtype=torch.long, device=p.device)
         self.hidden = torch.zeros(t.hidden_size, device=p.device, dtype=p.dtype)
         self.logits = torch.zeros(t.vocab_size, device=p.device, dtype=torch.float32)
-        # Constant masks of the codebook-0 rules.
+        # Constant masks of the codebook-0 rules (no Python-scalar writes may happen under capture: each would be a
+        # host-to-device copy).
         self.suppress = torch.zeros(t.vocab_size, dtype=torch.bool, device=p.device)
         self.suppress[t.vocab_size - 1024:] = True
         self.suppress[cfg.ids.codec_eos] = False
-        self.eos = cfg.ids.codec_eos
+        self.eos_mask = torch.zeros_like(self.suppress)
+        self.eos_mask[cfg.ids.codec_eos] = True
         cp = talker.code_predictor
         self.lm_heads = torch.stack([h.weight for h in cp.lm_head])  # [15, 2048, cp_hidden]
 
@@ -125,9 +127,7 @@ class StaticFrame:
             penalised = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
             logits = torch.where(self.seen, penalised, logits)
         logits = logits.masked_fill(self.suppress, float("-inf"))
-        no_eos = torch.zeros_like(self.suppress)
-        no_eos[self.eos] = True
-        logits = logits.masked_fill(no_eos & (self.step < 2), float("-inf"))
+        logits = logits.masked_fill(self.eos_mask & (self.step < 2), float("-inf"))
         return device_choose(logits, self.u[0], p.do_sample, p.temperature, p.top_k, p.top_p)
 
     # Code predictor ------------------------------------------------------------------------------------------
