@@ -72,6 +72,9 @@ def tiny_config(size: str, model_type: str, text_vocab_size: int, special_ids: d
     return config
 
 
+PREPROCESSOR_CONFIG = {"feature_extractor_type": "EncodecFeatureExtractor", "feature_size": 1, "padding_side": "right",
+                       "padding_value": 0.0, "return_attention_mask": True, "sampling_rate": 24000}
+
 GENERATION_CONFIG = dict(do_sample=True, temperature=0.9, top_k=50, top_p=1.0, repetition_penalty=1.05,
                          subtalker_dosample=True, subtalker_temperature=0.9, subtalker_top_k=50, subtalker_top_p=1.0,
                          max_new_tokens=8192)
@@ -159,9 +162,7 @@ def write_tiny_model(out_dir: str | Path, size: str = "0.6b", model_type: str = 
     config = tiny_config(size, model_type, text_vocab_size, special_ids)
     (out / "config.json").write_text(json.dumps(config, indent=2), "utf-8")
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2), "utf-8")
-    (out / "preprocessor_config.json").write_text(json.dumps(
-        {"feature_extractor_type": "EncodecFeatureExtractor", "feature_size": 1, "padding_side": "right",
-         "padding_value": 0.0, "return_attention_mask": True, "sampling_rate": 24000}, indent=2), "utf-8")
+    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2), "utf-8")
     save_file(random_weights(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     write_tiny_speech_tokenizer(out / "speech_tokenizer", seed=seed + 1)
     return out
@@ -216,7 +217,7 @@ def random_model(size: str = "0.6b", model_type: str = "custom_voice", seed: int
 def write_random_model(out_dir: str | Path, size: str = "0.6b", model_type: str = "custom_voice", seed: int = 0,
                        device: str | torch.device | None = None) -> Path:
     """A full-size random checkpoint (bf16) in the official layout, with the tiny tokenizer. About 1.9 GB (0.6B)."""
-    from .codec import random_speech_tokenizer_weights
+    from .codec import TINY_PREPROCESSOR_CONFIG, random_speech_tokenizer_weights
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,6 +234,8 @@ def write_random_model(out_dir: str | Path, size: str = "0.6b", model_type: str 
     (codec_dir / "config.json").write_text(json.dumps(codec_config, indent=2), "utf-8")
     save_file(random_speech_tokenizer_weights(codec_config, seed + 1), str(codec_dir / "model.safetensors"),
               metadata={"format": "pt"})
+    (codec_dir / "preprocessor_config.json").write_text(json.dumps(TINY_PREPROCESSOR_CONFIG, indent=2), "utf-8")
+    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2), "utf-8")
     return out
 
 
