@@ -40,7 +40,7 @@ def table(r: dict, source: str) -> str:
                   "|---" * (len(backends) + 2) + "|"]
         for label in st[backends[0]]:
             cells = [f"{fmt(st[b][label]['ttfc_ms']['median'])} / {fmt(st[b][label]['rtf']['median'], 4)}"
-                     for b in backends]
+                     if label in st[b] else "not run" for b in backends]
             o = off.get(label)
             official = (f"{fmt(o['time_to_complete_audio_ms']['median'], 0)} / {fmt(o['rtf_median'], 3)}"
                         if o else "n/a")
