@@ -7,10 +7,11 @@ missing one is an error rather than a silent placeholder. The codec decoder's co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .codec import CodecDecoderConfig
+from .sampling import SamplingParams
 
 MODEL_TYPES = ("custom_voice", "voice_design", "base")
 MODEL_SIZES = ("0b6", "1b7")
@@ -127,23 +128,20 @@ class SpecialIds:
 
 @dataclass(frozen=True)
 class GenerationDefaults:
-    """Sampling defaults from generation_config.json, with the official wrapper's fallbacks."""
+    """generation_config.json: sampling defaults and the frame limit, with the official wrapper's fallbacks (the
+    SamplingParams defaults, and 2048 frames) for missing keys."""
 
-    do_sample: bool = True
-    temperature: float = 0.9
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.05
-    subtalker_dosample: bool = True
-    subtalker_temperature: float = 0.9
-    subtalker_top_k: int = 50
-    subtalker_top_p: float = 1.0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     max_new_tokens: int = 2048
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GenerationDefaults":
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        return cls(**known)
+        names = {f.name for f in fields(SamplingParams)}
+        try:
+            sampling = SamplingParams(**{k: d[k] for k in names if k in d})
+        except ValueError as exc:
+            raise ConfigError(f"generation_config.json: {exc}") from exc
+        return cls(sampling=sampling, max_new_tokens=int(d.get("max_new_tokens", 2048)))
 
 
 @dataclass(frozen=True)

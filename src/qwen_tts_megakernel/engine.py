@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterator
 
 import numpy as np
@@ -48,6 +48,21 @@ GUARD_BASE_FRAMES = 38
 
 def length_guard(num_text_tokens: int) -> int:
     return GUARD_BASE_FRAMES + GUARD_FRAMES_PER_TOKEN * num_text_tokens
+
+
+def frame_limit(max_new_tokens: int, num_text_tokens: int) -> tuple[int, str]:
+    """How many frames a stream may generate, and the stop reason when it reaches that many."""
+    guard = length_guard(num_text_tokens)
+    return (max_new_tokens, "max_new_tokens") if max_new_tokens <= guard else (guard, "length_guard")
+
+
+def check_max_new_tokens(value: int | None, default: int) -> int:
+    """The caller's frame limit (`default` when None), which must be a positive integer."""
+    if value is None:
+        return default
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {value!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,6 +156,16 @@ class GenerationResult:
     seed: int
     num_text_tokens: int
     elapsed_s: float
+
+
+@dataclass
+class Request:
+    """A validated request: its prompt rows, sampling parameters and frame limit (see Synthesizer.prepare)."""
+
+    prompt: Prompt
+    params: SamplingParams
+    limit: int  # frames: min(max_new_tokens, length guard)
+    limit_reason: str  # the stop reason when `limit` frames were generated
 
 
 @dataclass
@@ -260,16 +285,15 @@ class Synthesizer:
     # Generation ------------------------------------------------------------------------------------------------
 
     def sampling_params(self, do_sample: bool = True, **sampling) -> SamplingParams:
-        g = self.config.generation
-        defaults = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                        repetition_penalty=g.repetition_penalty, subtalker_dosample=do_sample and g.subtalker_dosample,
-                        subtalker_temperature=g.subtalker_temperature, subtalker_top_k=g.subtalker_top_k,
-                        subtalker_top_p=g.subtalker_top_p)
-        unknown = set(sampling) - set(defaults)
+        """The checkpoint's sampling defaults with the caller's overrides (None keeps the default). do_sample=False
+        makes both the talker and the code predictor greedy."""
+        defaults = self.config.generation.sampling
+        unknown = set(sampling) - {f.name for f in fields(SamplingParams)}
         if unknown:
             raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
-        defaults.update({k: v for k, v in sampling.items() if v is not None})
-        return SamplingParams(do_sample=do_sample, **defaults)
+        chosen = {"do_sample": do_sample, "subtalker_dosample": do_sample and defaults.subtalker_dosample}
+        chosen.update({k: v for k, v in sampling.items() if v is not None})
+        return replace(defaults, **chosen)
 
     def prompt(self, text: str, *, voice: str | None = None, language: str | None = "auto",
                instruct: str | None = None, text_layout: str = "prefill") -> Prompt:
@@ -285,22 +309,26 @@ class Synthesizer:
         pad_row = talker.text_rows([ids.tts_pad])[0]
         return self.backend.open_stream(prefill, text_rows, pad_row, params, rng, max_frames=max_frames)
 
-    def _frames(self, text: str, *, voice, language, instruct, seed, do_sample, max_new_tokens, text_layout,
-                cancel: threading.Event | None, random_table: np.ndarray | None, sampling: dict, report: dict):
-        """Generator of code frames; writes stop_reason and seed into `report` when it ends."""
+    def prepare(self, text: str, *, voice: str | None = None, language: str | None = "auto",
+                instruct: str | None = None, do_sample: bool = True, max_new_tokens: int | None = None,
+                text_layout: str = "prefill", **sampling) -> Request:
+        """Validate a request and build its prompt (PromptError, ValueError or TypeError name the problem)."""
         prompt = self.prompt(text, voice=voice, language=language, instruct=instruct, text_layout=text_layout)
-        if max_new_tokens is None:
-            max_new_tokens = self.config.generation.max_new_tokens
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        params = self.sampling_params(do_sample=do_sample, **sampling)
-        guard = length_guard(prompt.num_text_tokens)
-        limit = min(max_new_tokens, guard)
-        report["num_text_tokens"] = prompt.num_text_tokens
+        max_new_tokens = check_max_new_tokens(max_new_tokens, self.config.generation.max_new_tokens)
+        limit, reason = frame_limit(max_new_tokens, prompt.num_text_tokens)
+        return Request(prompt=prompt, params=self.sampling_params(do_sample=do_sample, **sampling), limit=limit,
+                       limit_reason=reason)
+
+    def frames(self, request: Request, *, seed: int, cancel: threading.Event | None = None,
+               random_table: np.ndarray | None = None, report: dict | None = None) -> Iterator[np.ndarray]:
+        """Generator of one request's code frames (np.int64 [16] each), one backend step per next(). When it ends
+        (or is closed) `report` holds "stop_reason" and "num_text_tokens"; the backend stream is freed."""
+        report = {} if report is None else report
+        report["num_text_tokens"] = request.prompt.num_text_tokens
         report["stop_reason"] = "cancelled"
-        stream = self._open(prompt, params, RandomStream(seed, random_table), limit)
+        stream = self._open(request.prompt, request.params, RandomStream(seed, random_table), request.limit)
         try:
-            for _ in range(limit):
+            for _ in range(request.limit):
                 if cancel is not None and cancel.is_set():
                     return
                 codes = stream.next_frame()
@@ -308,7 +336,7 @@ class Synthesizer:
                     report["stop_reason"] = "eos"
                     return
                 yield codes
-            report["stop_reason"] = "max_new_tokens" if max_new_tokens <= guard else "length_guard"
+            report["stop_reason"] = request.limit_reason
         finally:
             stream.close()
 
@@ -317,12 +345,12 @@ class Synthesizer:
                        max_new_tokens: int | None = None, text_layout: str = "prefill",
                        random_table: np.ndarray | None = None, **sampling) -> GenerationResult:
         """All codes of one utterance, [T, 16], and why generation stopped."""
-        seed = _pick_seed(seed)
+        seed = pick_seed(seed)
+        request = self.prepare(text, voice=voice, language=language, instruct=instruct, do_sample=do_sample,
+                               max_new_tokens=max_new_tokens, text_layout=text_layout, **sampling)
         report: dict = {}
         start = time.perf_counter()
-        frames = list(self._frames(text, voice=voice, language=language, instruct=instruct, seed=seed,
-                                   do_sample=do_sample, max_new_tokens=max_new_tokens, text_layout=text_layout,
-                                   cancel=None, random_table=random_table, sampling=sampling, report=report))
+        frames = list(self.frames(request, seed=seed, random_table=random_table, report=report))
         codes = np.stack(frames) if frames else np.zeros((0, self.config.talker.num_code_groups), dtype=np.int64)
         return GenerationResult(codes=codes, stop_reason=report["stop_reason"], seed=seed,
                                 num_text_tokens=report["num_text_tokens"], elapsed_s=time.perf_counter() - start)
@@ -337,15 +365,12 @@ class Synthesizer:
         first chunk."""
         if not chunk_schedule or any(int(n) < 1 for n in chunk_schedule):
             raise ValueError(f"chunk_schedule must be a non-empty list of positive frame counts, got {chunk_schedule}")
-        seed = _pick_seed(seed)
-        # Validate the request now (errors surface at the call, not at the first next()).
-        self.prompt(text, voice=voice, language=language, instruct=instruct, text_layout=text_layout)
-        self.sampling_params(do_sample=do_sample, **sampling)
+        seed = pick_seed(seed)
+        request = self.prepare(text, voice=voice, language=language, instruct=instruct, do_sample=do_sample,
+                               max_new_tokens=max_new_tokens, text_layout=text_layout, **sampling)
         report: dict = {}
         start = time.perf_counter()
-        frames = self._frames(text, voice=voice, language=language, instruct=instruct, seed=seed,
-                              do_sample=do_sample, max_new_tokens=max_new_tokens, text_layout=text_layout,
-                              cancel=cancel, random_table=None, sampling=sampling, report=report)
+        frames = self.frames(request, seed=seed, cancel=cancel, report=report)
         speech = SpeechStream(_chunks=iter(()), seed=seed)
         speech._chunks = self._chunks(frames, tuple(int(n) for n in chunk_schedule), start, speech, report)
         return speech
@@ -397,7 +422,8 @@ class Synthesizer:
         return audio.float().cpu().numpy()
 
 
-def _pick_seed(seed: int | None) -> int:
+def pick_seed(seed: int | None) -> int:
+    """The caller's seed (a non-negative integer), or a fresh random one."""
     if seed is None:
         return int.from_bytes(os.urandom(8), "little") >> 1
     if not isinstance(seed, (int, np.integer)) or seed < 0:

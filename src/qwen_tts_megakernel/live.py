@@ -25,7 +25,7 @@ import re
 import numpy as np
 import torch
 
-from .engine import Synthesizer, length_guard
+from .engine import Synthesizer, check_max_new_tokens, frame_limit
 from .prompt import PromptError, build_prompt
 from .sampling import RandomStream
 
@@ -49,11 +49,7 @@ class LiveUtterance:
         # Validate voice, language and instruct now, with a placeholder text.
         synth.prompt("a", voice=voice, language=language, instruct=instruct, text_layout="interleaved")
         self.params = synth.sampling_params(do_sample=do_sample, **sampling)
-        if max_new_tokens is None:
-            max_new_tokens = synth.config.generation.max_new_tokens
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = check_max_new_tokens(max_new_tokens, synth.config.generation.max_new_tokens)
         self.seed = seed
         self.rng = RandomStream(seed)
         self.text = ""  # everything received
@@ -149,12 +145,11 @@ class LiveUtterance:
         """Generate one frame: its 16 codes, or None when the utterance ended (see stop_reason)."""
         if self.done:
             return None
-        limit = self.max_new_tokens
-        if self.flushed:
-            guard = length_guard(len(self.tokens))
-            limit = min(self.max_new_tokens, guard)
+        # The length guard is known once the whole text is.
+        limit, reason = (frame_limit(self.max_new_tokens, len(self.tokens)) if self.flushed
+                         else (self.max_new_tokens, "max_new_tokens"))
         if self.frames >= limit:
-            self.stop_reason = "max_new_tokens" if self.max_new_tokens <= limit else "length_guard"
+            self.stop_reason = reason
             self.close()
             return None
         if self.stream is None:

@@ -25,7 +25,8 @@ from pathlib import Path
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..engine import Synthesizer, _pick_seed
+from ..engine import Request as EngineRequest
+from ..engine import Synthesizer, pick_seed
 from ..live import LiveUtterance
 from ..prompt import PromptError
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
@@ -97,11 +98,9 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadRequest(None, f"the request body is not valid JSON: {exc}") from exc
 
-    def submit_text_job(params: SpeechParams, endpoint: str) -> TextJob:
-        job = TextJob(synth, asyncio.get_running_loop(), text=params.text, voice=params.voice,
-                      language=params.language, instruct=params.instruct, seed=_pick_seed(params.seed),
-                      max_new_tokens=params.max_new_tokens, sampling=params.sampling, endpoint=endpoint,
-                      max_buffered_chunks=settings.max_buffered_chunks)
+    def submit_text_job(params: SpeechParams, request: EngineRequest, endpoint: str) -> TextJob:
+        job = TextJob(synth, asyncio.get_running_loop(), request=request, seed=pick_seed(params.seed),
+                      endpoint=endpoint, max_buffered_chunks=settings.max_buffered_chunks)
         worker.submit(job)
         return job
 
@@ -198,9 +197,9 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         if not authorized(request.headers):
             return unauthorized()
         params = validator.tts_stream(await read_json(request))
-        validator.check_prompt(params, "text")
+        engine_request = validator.prepare(params, "text")
         try:
-            job = submit_text_job(params, "tts_stream")
+            job = submit_text_job(params, engine_request, "tts_stream")
         except QueueFull:
             return busy()
         return StreamingResponse(pcm_body(job, False), media_type="application/octet-stream",
@@ -212,9 +211,9 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         if not authorized(request.headers):
             return unauthorized()
         params, response_format, stream_format = validator.openai_speech(await read_json(request))
-        validator.check_prompt(params, "input")
+        engine_request = validator.prepare(params, "input")
         try:
-            job = submit_text_job(params, "openai_speech")
+            job = submit_text_job(params, engine_request, "openai_speech")
         except QueueFull:
             return busy()
         wav = response_format == "wav"
@@ -353,7 +352,7 @@ class WsSession:
         try:
             params = self.validator.ws_config(msg)
             utterance = LiveUtterance(self.synth, voice=params.voice, language=params.language,
-                                      instruct=params.instruct, seed=_pick_seed(params.seed),
+                                      instruct=params.instruct, seed=pick_seed(params.seed),
                                       max_new_tokens=params.max_new_tokens, **params.sampling)
         except BadRequest as exc:
             await self.error(cid, exc.message)

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine import Synthesizer
+from ..engine import Request, Synthesizer
 
 RESPONSE_FORMATS = ("pcm", "wav")
 STREAM_FORMATS = ("audio", "sse")
@@ -243,13 +243,15 @@ class Validator:
                             instruct=self.instructions(msg), seed=self.seed(msg),
                             max_new_tokens=self.max_new_tokens(msg), sampling=self.sampling(msg))
 
-    def check_prompt(self, params: SpeechParams, text_field: str) -> None:
-        """Build the prompt once so that tokenizer-level problems are a 400, not a failed stream."""
+    def prepare(self, params: SpeechParams, text_field: str) -> Request:
+        """The engine request for a whole-text job, built here so that prompt problems are a 400, not a failed
+        stream; the worker generates from it without building the prompt again."""
         from ..prompt import PromptError
 
         try:
-            self.synth.prompt(params.text or "a", voice=params.voice, language=params.language,
-                              instruct=params.instruct)
+            return self.synth.prepare(params.text, voice=params.voice, language=params.language,
+                                      instruct=params.instruct, max_new_tokens=params.max_new_tokens,
+                                      **params.sampling)
         except PromptError as exc:
             raise BadRequest(text_field, str(exc)) from exc
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..codec import StreamingCodecDecoder
-from ..engine import DEFAULT_CHUNK_SCHEDULE, AudioChunk, Synthesizer, float_to_pcm16
+from ..engine import DEFAULT_CHUNK_SCHEDULE, AudioChunk, Request, Synthesizer, float_to_pcm16
 from ..live import LiveUtterance
 
 log = logging.getLogger("qwen_tts_megakernel.server")
@@ -201,14 +201,11 @@ class Job:
 class TextJob(Job):
     """Whole text known up front: drives the engine's own per-frame generator."""
 
-    def __init__(self, synth: Synthesizer, loop, *, text: str, voice, language, instruct, seed: int,
-                 max_new_tokens: int | None, sampling: dict, endpoint: str, **kw):
+    def __init__(self, synth: Synthesizer, loop, *, request: Request, seed: int, endpoint: str, **kw):
         super().__init__(synth, loop, endpoint=endpoint, **kw)
         self._seed = seed
         self._report: dict = {}
-        self._frames = synth._frames(text, voice=voice, language=language, instruct=instruct, seed=seed,
-                                     do_sample=True, max_new_tokens=max_new_tokens, text_layout="prefill",
-                                     cancel=None, random_table=None, sampling=sampling, report=self._report)
+        self._frames = synth.frames(request, seed=seed, report=self._report)
 
     def _next_codes(self):
         try:
