@@ -16,7 +16,8 @@ import pytest
 
 pytest.importorskip("pipecat")
 
-from qwen_tts_megakernel.pipecat.testing import StubLLMServer, TTSServerProcess  # noqa: E402
+from qwen_tts_megakernel.pipecat.testing import StubLLMServer  # noqa: E402
+from qwen_tts_megakernel.server.testing import TTSServerProcess  # noqa: E402
 from qwen_tts_megakernel.tiny import write_tiny_model  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "voice_agent.py"

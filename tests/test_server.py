@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import socket
 import struct
 import threading
@@ -21,7 +20,7 @@ ws_client = pytest.importorskip("websockets.sync.client")
 
 from qwen_tts_megakernel.engine import Synthesizer  # noqa: E402
 from qwen_tts_megakernel.server.protocol import ServerSettings  # noqa: E402
-from qwen_tts_megakernel.server.testing import running_server  # noqa: E402
+from qwen_tts_megakernel.server.testing import prometheus_sum, running_server  # noqa: E402
 from qwen_tts_megakernel.tiny import write_tiny_model  # noqa: E402
 
 TEXT = "Hello there, this is the streaming server speaking."
@@ -56,18 +55,7 @@ def reference_pcm(synth, text, *, voice="ryan", language="auto", seed, max_new_t
 
 
 def metric_value(url: str, name: str, **labels) -> float:
-    text = httpx.get(f"{url}/metrics").text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        m = re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})?\s+(\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
+    return prometheus_sum(httpx.get(f"{url}/metrics").text, name, **labels)
 
 
 def wait_until(predicate, timeout=10.0, interval=0.02):

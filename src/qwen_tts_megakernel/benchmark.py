@@ -27,7 +27,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
 TEXTS = {  # (text, fixed frame count ~ what real speech of that length takes at 12.5 frames/s)
@@ -40,7 +39,8 @@ TEXTS = {  # (text, fixed frame count ~ what real speech of that length takes at
 }
 
 
-def _stats(values: list[float]) -> dict:
+def summary(values: list[float]) -> dict:
+    """Median, p95 (nearest rank) and count of a list of measurements."""
     ordered = sorted(values)
     return {"median": statistics.median(ordered), "p95": ordered[max(0, round(0.95 * len(ordered)) - 1)],
             "runs": len(ordered)}
@@ -55,10 +55,6 @@ def _git_commit() -> str | None:
                               timeout=10).stdout.strip() or None
     except OSError:
         return None
-
-
-def gpu_slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-").replace("--", "-")
 
 
 # Sections -------------------------------------------------------------------------------------------------------
@@ -95,14 +91,14 @@ def section_streaming(synths: dict, runs: int) -> dict:
                 continue
             n = min(runs, SLOW_BACKENDS.get(backend, runs))
             samples = [measure_stream(synth, text, frames, seed=i + 1) for i in range(n)]
-            rtf = [s["total_s"] / (s["frames"] * 0.08) for s in samples]
+            rtf = [s["total_s"] / s["audio_end_s"][-1] for s in samples]
             per_text[label] = {
                 "text_words": len(text.split()), "fixed_frames": frames,
                 "frames_produced": [s["frames"] for s in samples],
                 "stop_reasons": sorted({s["stop_reason"] for s in samples}),
                 "ttfc_ms": {k: (v * 1000 if k != "runs" else v) for k, v in
-                            _stats([s["ttfc_s"] for s in samples]).items()},
-                "rtf": _stats(rtf),
+                            summary([s["ttfc_s"] for s in samples]).items()},
+                "rtf": summary(rtf),
             }
         out[backend] = per_text
     return out
@@ -198,6 +194,7 @@ def run_all(args) -> int:
         return 2
     from .engine import ReferenceBackend, Synthesizer
     from .graphed import GraphedBackend
+    from .megakernel.bench import gpu_slug
     from .tiny import random_checkpoint, write_random_model
 
     device = torch.device(args.device or "cuda")
@@ -283,12 +280,12 @@ def run_all(args) -> int:
         from loguru import logger
 
         from .pipecat.bench import measure_ttfb
-        from .pipecat.testing import TTSServerProcess
+        from .server.testing import TTSServerProcess
 
         logger.remove()
         logger.add(sys.stderr, level="WARNING")
-        extra = ["--backend", "megakernel", "--device", str(device)]
-        with TTSServerProcess(f"random:{size}", extra_args=extra, startup_timeout_s=300) as srv:
+        with TTSServerProcess(f"random:{size}", backend="megakernel", device=str(device),
+                              startup_timeout_s=300) as srv:
             result = measure_ttfb(srv.base_url, runs=runs, max_new_tokens=TEXTS["short"][1])
         result["server"] = "qwen-tts-mk serve --backend megakernel (random weights), loopback"
         return result

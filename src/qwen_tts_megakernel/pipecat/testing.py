@@ -1,130 +1,20 @@
-"""Helpers for tests and offline demos: a TTS server subprocess on a free loopback port, and a stub LLM.
+"""A stub LLM for tests and offline demos (the TTS server subprocess is server.testing.TTSServerProcess).
 
-    with TTSServerProcess(model_dir) as server:          # python -m qwen_tts_megakernel.cli serve ...
-        server.base_url                                   # http://127.0.0.1:<port>
     with StubLLMServer() as llm:                          # OpenAI-compatible streaming chat completions
         llm.base_url                                      # http://127.0.0.1:<port>/v1
 
-Neither needs a network, a GPU or a model download.
+It needs no network, GPU or model download.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 from typing import Callable
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class TTSServerProcess:
-    """``python -m qwen_tts_megakernel.cli serve --model DIR --port P --backend reference --device cpu``.
-
-    Started on enter (waits until GET /health answers), terminated on exit. ``extra_args`` are added to the
-    command line (e.g. ["--api-key", "k"]). Its output goes to ``log_path`` (a temporary file by default) and is
-    shown in the error if it fails to start.
-    """
-
-    def __init__(self, model_dir: str | Path, *, extra_args: list[str] | None = None, startup_timeout_s: float = 90.0,
-                 log_path: str | Path | None = None, env: dict[str, str] | None = None):
-        self.model_dir = str(model_dir)
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.extra_args = list(extra_args or [])
-        self.startup_timeout_s = startup_timeout_s
-        self.log_path = Path(log_path) if log_path else None
-        self.env = env
-        self.proc: subprocess.Popen | None = None
-        self._log = None
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "qwen_tts_megakernel.cli", "serve", "--model", self.model_dir,
-                "--host", "127.0.0.1", "--port", str(self.port), "--backend", "reference", "--device", "cpu",
-                *self.extra_args]
-
-    def start(self) -> "TTSServerProcess":
-        if self.log_path is None:
-            import tempfile
-
-            fd, name = tempfile.mkstemp(prefix="qwen-tts-server-", suffix=".log")
-            os.close(fd)
-            self.log_path = Path(name)
-        self._log = open(self.log_path, "wb")
-        env = dict(os.environ, **(self.env or {}))
-        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the TTS server exited with {self.proc.returncode}:\n{self.log_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"the TTS server did not answer /health in {self.startup_timeout_s} s:\n{self.log_text()}")
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:] if self.log_path else ""
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def metrics_text(self, headers: dict[str, str] | None = None) -> str:
-        req = urllib.request.Request(f"{self.base_url}/metrics", headers=headers or {})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.read().decode()
-
-    def __enter__(self) -> "TTSServerProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
-
-
-def prometheus_sum(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of metric ``name`` whose labels include ``labels`` (Prometheus text format)."""
-    total = 0.0
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if not m or m.group("name") != name:
-            continue
-        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group("labels") or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(m.group("value"))
-    return total
+from ..server.testing import free_port
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import DEFAULT_MODEL
-from .testing import free_port
+from .testing import TTSServerProcess
 
 DEFAULT_TEXT = ("Thanks for calling. I can help you change your booking, check the status of an order, or connect "
                 "you with someone from our team. What would you like to do today?")
@@ -118,35 +117,6 @@ async def _run_level(url: str, protocol: str, clients: int, requests_per_client:
             "stop_reasons": reasons}
 
 
-def _start_server(args, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "qwen_tts_megakernel.cli", "serve", "--model", args.model, "--backend",
-           args.backend, "--host", "127.0.0.1", "--port", str(port)]
-    if args.device:
-        cmd += ["--device", args.device]
-    env = dict(os.environ)
-    env.setdefault("QWEN_TTS_MK_MAX_ACTIVE", "16")
-    env.setdefault("QWEN_TTS_MK_MAX_QUEUE", "64")
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, timeout: float) -> dict:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise ValueError(f"the server exited ({proc.returncode}):\n{out[-2000:]}")
-        try:
-            r = httpx.get(f"{url}/health", timeout=1)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise ValueError("the server did not become ready in time")
-
-
 def _markdown(report: dict) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
@@ -184,12 +154,15 @@ def run_bench_server(args) -> int:
     text = getattr(args, "text", None) or DEFAULT_TEXT
     body = {"text": text, "language": "english", "max_new_tokens": max_new_tokens}
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    print(f"starting the server ({args.model}, {args.backend} backend) on {url} ...", file=sys.stderr, flush=True)
-    proc = _start_server(args, port)
-    try:
-        health = _wait_ready(proc, url, timeout=float(getattr(args, "start_timeout", None) or 600))
+    env = dict(os.environ)
+    env.setdefault("QWEN_TTS_MK_MAX_ACTIVE", "16")
+    env.setdefault("QWEN_TTS_MK_MAX_QUEUE", "64")
+    server = TTSServerProcess(args.model, backend=args.backend, device=args.device, env=env,
+                              startup_timeout_s=float(getattr(args, "start_timeout", None) or 600))
+    print(f"starting the server ({args.model}, {args.backend} backend) on {server.base_url} ...", file=sys.stderr,
+          flush=True)
+    with server:
+        url = server.base_url
         asyncio.run(_run_level(url, "http", 1, 1, body))  # warm-up
         results = []
         for protocol in protocols:
@@ -199,18 +172,12 @@ def run_bench_server(args) -> int:
                 print(f"{protocol:4s} x{clients:<3d} TTFC median {r['ttfc_ms_median'] or 0:8.1f} ms  p95 "
                       f"{r['ttfc_ms_p95'] or 0:8.1f} ms  RTF median {r['rtf_median'] or 0:.3f}  p95 "
                       f"{r['rtf_p95'] or 0:.3f}  ok {r['ok']}/{r['requests']}", file=sys.stderr, flush=True)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and torch.cuda.is_available():
         device = f"{device} ({torch.cuda.get_device_name(0)})"
     now = _dt.datetime.now(_dt.timezone.utc)
     report = {"benchmark": "server", "date": now.isoformat(timespec="seconds"), "model": args.model,
-              "model_type": health.get("model_type"), "backend": args.backend, "device": device,
+              "model_type": server.health.get("model_type"), "backend": args.backend, "device": device,
               "host": platform.node(), "max_new_tokens": max_new_tokens, "requests_per_client": per_client,
               "text": text, "results": results}
     out_dir = Path(args.output_dir or "benchmarks/results")
