@@ -812,7 +812,7 @@ def random_speech_tokenizer_weights(config: dict, seed: int) -> dict[str, torch.
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
-TINY_PREPROCESSOR_CONFIG = {
+PREPROCESSOR_CONFIG = {
     "chunk_length_s": None,
     "feature_extractor_type": "EncodecFeatureExtractor",
     "feature_size": 1,
@@ -824,15 +824,19 @@ TINY_PREPROCESSOR_CONFIG = {
 }
 
 
-def write_tiny_speech_tokenizer(dir: str | Path, seed: int = 0) -> Path:
-    """Write config.json, model.safetensors and preprocessor_config.json of the tiny model into `dir`
-    (a `speech_tokenizer/` folder). Returns the folder."""
+def write_speech_tokenizer(dir: str | Path, config: dict, seed: int = 0) -> Path:
+    """Write config.json, random model.safetensors and preprocessor_config.json of a speech tokenizer with
+    `config` into `dir` (a `speech_tokenizer/` folder). Returns the folder."""
     from safetensors.torch import save_file
 
     d = Path(dir)
     d.mkdir(parents=True, exist_ok=True)
-    config = tiny_speech_tokenizer_config()
     (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (d / "preprocessor_config.json").write_text(json.dumps(TINY_PREPROCESSOR_CONFIG, indent=2) + "\n")
+    (d / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
     save_file(random_speech_tokenizer_weights(config, seed), str(d / "model.safetensors"), metadata={"format": "pt"})
     return d
+
+
+def write_tiny_speech_tokenizer(dir: str | Path, seed: int = 0) -> Path:
+    """The tiny speech tokenizer (tiny_speech_tokenizer_config) with random weights, written into `dir`."""
+    return write_speech_tokenizer(dir, tiny_speech_tokenizer_config(), seed)

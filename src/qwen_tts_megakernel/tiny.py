@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .codec import write_tiny_speech_tokenizer
+from .codec import PREPROCESSOR_CONFIG, tiny_speech_tokenizer_config, write_speech_tokenizer
 from .tokenizer import build_tiny_tokenizer, write_tokenizer_files
 
 # Real control ids, speakers and languages (qwen3-tts-model.md section 1.3).
@@ -71,9 +71,6 @@ def tiny_config(size: str, model_type: str, text_vocab_size: int, special_ids: d
         config["speaker_encoder_config"] = dict(enc_dim=hidden, sample_rate=24000)
     return config
 
-
-PREPROCESSOR_CONFIG = {"feature_extractor_type": "EncodecFeatureExtractor", "feature_size": 1, "padding_side": "right",
-                       "padding_value": 0.0, "return_attention_mask": True, "sampling_rate": 24000}
 
 GENERATION_CONFIG = dict(do_sample=True, temperature=0.9, top_k=50, top_p=1.0, repetition_penalty=1.05,
                          subtalker_dosample=True, subtalker_temperature=0.9, subtalker_top_k=50, subtalker_top_p=1.0,
@@ -147,6 +144,19 @@ def random_weights(config: dict, seed: int, dtype: torch.dtype = torch.float32,
     return {k: v.contiguous() for k, v in w.items()}
 
 
+def _write_checkpoint(out: Path, config: dict, weights: dict[str, torch.Tensor], tokenizer, special_ids: dict,
+                      codec_config: dict, codec_seed: int) -> Path:
+    """Every file of the official layout: configs, weights, tokenizer files, speech_tokenizer/."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_tokenizer_files(tokenizer, special_ids, out)
+    (out / "config.json").write_text(json.dumps(config, indent=2), "utf-8")
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2), "utf-8")
+    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2), "utf-8")
+    save_file({k: v.cpu() for k, v in weights.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_speech_tokenizer(out / "speech_tokenizer", codec_config, seed=codec_seed)
+    return out
+
+
 def write_tiny_model(out_dir: str | Path, size: str = "0.6b", model_type: str = "custom_voice",
                      seed: int = 0) -> Path:
     """Write a tiny random checkpoint in the official layout into `out_dir` and return its path."""
@@ -154,18 +164,11 @@ def write_tiny_model(out_dir: str | Path, size: str = "0.6b", model_type: str = 
         raise ValueError(f"size must be one of {sorted(TINY_SIZES)}, got {size!r}")
     if model_type not in ("custom_voice", "voice_design", "base"):
         raise ValueError(f"model type must be custom_voice, voice_design or base, got {model_type!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer, special_ids = build_tiny_tokenizer()
-    write_tokenizer_files(tokenizer, special_ids, out)
     text_vocab_size = -(-tokenizer.get_vocab_size() // 64) * 64
     config = tiny_config(size, model_type, text_vocab_size, special_ids)
-    (out / "config.json").write_text(json.dumps(config, indent=2), "utf-8")
-    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2), "utf-8")
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2), "utf-8")
-    save_file(random_weights(config, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
-    write_tiny_speech_tokenizer(out / "speech_tokenizer", seed=seed + 1)
-    return out
+    return _write_checkpoint(Path(out_dir), config, random_weights(config, seed), tokenizer, special_ids,
+                             tiny_speech_tokenizer_config(), seed + 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,8 +196,6 @@ def real_config(size: str, model_type: str, special_ids: dict[str, int]) -> dict
 
 def real_speech_tokenizer_config() -> dict:
     """speech_tokenizer/config.json with the real decoder shapes (qwen3-tts-model.md section 5)."""
-    from .codec import tiny_speech_tokenizer_config
-
     config = tiny_speech_tokenizer_config()
     config["decoder_config"].update(
         codebook_dim=512, decoder_dim=1536, head_dim=64, hidden_size=512, intermediate_size=1024, latent_dim=1024,
@@ -203,53 +204,30 @@ def real_speech_tokenizer_config() -> dict:
     return config
 
 
-def random_model(size: str = "0.6b", model_type: str = "custom_voice", seed: int = 0,
-                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None):
-    """(ModelConfig, weights) of a full-size random model, in memory (for validation and benchmarks)."""
-    from .config import ModelConfig
-
-    _, special_ids = build_tiny_tokenizer()
-    config = real_config(size, model_type, special_ids)
-    model_config = ModelConfig.from_dicts(config, real_speech_tokenizer_config(), GENERATION_CONFIG)
-    return model_config, random_weights(config, seed, dtype=dtype, device=device)
-
-
 def write_random_model(out_dir: str | Path, size: str = "0.6b", model_type: str = "custom_voice", seed: int = 0,
                        device: str | torch.device | None = None) -> Path:
-    """A full-size random checkpoint (bf16) in the official layout, with the tiny tokenizer. About 1.9 GB (0.6B)."""
-    from .codec import TINY_PREPROCESSOR_CONFIG, random_speech_tokenizer_weights
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """A full-size random checkpoint (bf16) in the official layout, with the tiny tokenizer. About 2.3 GB (0.6B)."""
     tokenizer, special_ids = build_tiny_tokenizer()
-    write_tokenizer_files(tokenizer, special_ids, out)
     config = real_config(size, model_type, special_ids)
-    (out / "config.json").write_text(json.dumps(config, indent=2), "utf-8")
-    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2), "utf-8")
-    weights = {k: v.cpu() for k, v in random_weights(config, seed, torch.bfloat16, device).items()}
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    codec_dir = out / "speech_tokenizer"
-    codec_dir.mkdir(exist_ok=True)
-    codec_config = real_speech_tokenizer_config()
-    (codec_dir / "config.json").write_text(json.dumps(codec_config, indent=2), "utf-8")
-    save_file(random_speech_tokenizer_weights(codec_config, seed + 1), str(codec_dir / "model.safetensors"),
-              metadata={"format": "pt"})
-    (codec_dir / "preprocessor_config.json").write_text(json.dumps(TINY_PREPROCESSOR_CONFIG, indent=2), "utf-8")
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2), "utf-8")
-    return out
+    return _write_checkpoint(Path(out_dir), config, random_weights(config, seed, torch.bfloat16, device), tokenizer,
+                             special_ids, real_speech_tokenizer_config(), seed + 1)
 
 
 def random_checkpoint(size: str = "0.6b", model_type: str = "custom_voice", seed: int = 0,
                       device: str | torch.device | None = None):
-    """A full-size random model as an in-memory Checkpoint (talker weights in bf16, made on `device`)."""
+    """A full-size random model as an in-memory Checkpoint (talker weights in bf16, made on `device`): the same
+    weights write_random_model() writes for the same size, type, seed and device."""
     from .checkpoint import Checkpoint
     from .codec import random_speech_tokenizer_weights
+    from .config import ModelConfig
     from .tokenizer import TextTokenizer
 
     if size not in REAL_TALKER_WIDTHS:
         raise ValueError(f"random model size must be one of {sorted(REAL_TALKER_WIDTHS)}, got {size!r}")
-    config, weights = random_model(size, model_type, seed, torch.bfloat16, device)
-    tokenizer, _ = build_tiny_tokenizer()
-    codec_weights = random_speech_tokenizer_weights(real_speech_tokenizer_config(), seed + 1)
-    return Checkpoint(path=None, config=config, weights=weights, codec_weights=codec_weights,
+    tokenizer, special_ids = build_tiny_tokenizer()
+    config = real_config(size, model_type, special_ids)
+    codec_config = real_speech_tokenizer_config()
+    return Checkpoint(path=None, config=ModelConfig.from_dicts(config, codec_config, GENERATION_CONFIG),
+                      weights=random_weights(config, seed, torch.bfloat16, device),
+                      codec_weights=random_speech_tokenizer_weights(codec_config, seed + 1),
                       tokenizer=TextTokenizer(tokenizer))
