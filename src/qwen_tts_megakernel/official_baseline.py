@@ -21,6 +21,9 @@ import time
 import types
 
 
+FRAME_S = 0.08  # one 12.5 Hz frame of audio
+
+
 def stub_torchaudio_if_missing() -> None:
     """The official package imports torchaudio.compliance.kaldi for its 25 Hz tokenizer only, which the 12 Hz
     models never use; where no torchaudio is installed, a bare module with a spec stands in for that one import."""
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from qwen_tts import Qwen3TTSModel
 
+    from .benchmark import summary
+
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     model = Qwen3TTSModel.from_pretrained(args.model, device_map=args.device, dtype=dtype)
@@ -63,31 +68,29 @@ def main(argv: list[str] | None = None) -> int:
 
     speaker = next(iter(model.get_supported_speakers() or []), None)
 
-    def run(frames: int) -> tuple[float, int]:
+    def run(frames: int) -> tuple[float, float]:
+        """Seconds to the complete audio of `frames` frames, and that audio's duration in seconds."""
         sync()
         start = time.perf_counter()
         wavs, sr = model.generate_custom_voice(text=args.text, speaker=speaker, language="English",
                                                max_new_tokens=frames + 1)
         sync()
-        return time.perf_counter() - start, len(wavs[0]) // 1920
+        return time.perf_counter() - start, len(wavs[0]) / sr
 
     run(8)  # warm-up: kernels, caches, allocator
     results = []
     for frames in args.frames:
-        times, produced = [], []
-        for _ in range(args.runs):
-            elapsed, got = run(frames)
-            times.append(elapsed)
-            produced.append(got)
-        audio_s = statistics.median(produced) * 0.08
+        runs = [run(frames) for _ in range(args.runs)]
+        times = [t for t, _ in runs]
+        audio_s = statistics.median(a for _, a in runs)
+        elapsed = summary(times)
         results.append({
             "frames_requested": frames,
-            "frames_produced": produced,
-            "time_to_complete_audio_ms": {"median": 1000 * statistics.median(times),
-                                          "p95": 1000 * sorted(times)[max(0, round(0.95 * len(times)) - 1)],
-                                          "runs": [1000 * t for t in times]},
-            "rtf_median": statistics.median(times) / audio_s if audio_s else None,
-            "ms_per_frame_median": 1000 * statistics.median(times) / max(1, statistics.median(produced)),
+            "frames_produced": [round(a / FRAME_S) for _, a in runs],
+            "time_to_complete_audio_ms": {"median": 1000 * elapsed["median"], "p95": 1000 * elapsed["p95"],
+                                          "all": [1000 * t for t in times]},
+            "rtf_median": elapsed["median"] / audio_s if audio_s else None,
+            "ms_per_frame_median": 1000 * elapsed["median"] / max(1, round(audio_s / FRAME_S)),
         })
     print(json.dumps({"package": "qwen-tts 0.1.1", "transformers": transformers.__version__,
                       "torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu",

@@ -9,13 +9,13 @@ TTFB metric the service emitted (text handed to the service -> first audio frame
 from __future__ import annotations
 
 import asyncio
-import statistics
 
 from pipecat.frames.frames import MetricsFrame, TTSAudioRawFrame, TTSSpeakFrame
 from pipecat.metrics.metrics import TTFBMetricsData
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import SleepFrame, run_test
 
+from ..benchmark import summary
 from .http import QwenHttpTTSService
 from .websocket import QwenTTSService
 
@@ -42,11 +42,11 @@ def measure_ttfb(base_url: str, *, runs: int = 5, max_new_tokens: int = 25, voic
 
         asyncio.run(_one_run(make(), text))  # warm-up
         samples = [asyncio.run(_one_run(make(), text)) for _ in range(runs)]
-        ttfb = sorted(1000 * v for v, _ in samples if v is not None)
+        values = [1000 * v for v, _ in samples if v is not None]
+        ttfb = summary(values) if values else {}
         results[name] = {
-            "service": cls.__name__, "runs": runs, "with_metric": len(ttfb),
-            "ttfb_ms_median": statistics.median(ttfb) if ttfb else None,
-            "ttfb_ms_p95": ttfb[max(0, round(0.95 * len(ttfb)) - 1)] if ttfb else None,
+            "service": cls.__name__, "runs": runs, "with_metric": ttfb.get("runs", 0),
+            "ttfb_ms_median": ttfb.get("median"), "ttfb_ms_p95": ttfb.get("p95"),
             "audio_bytes": [b for _, b in samples],
         }
     return results
