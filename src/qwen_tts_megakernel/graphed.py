@@ -167,8 +167,9 @@ class StaticFrame:
 
 
 class GraphedStream:
-    def __init__(self, backend: "GraphedBackend", slot: StaticFrame, rng: RandomStream):
+    def __init__(self, backend: "GraphedBackend", slot: StaticFrame, rng: RandomStream, prefill_len: int):
         self.backend, self.slot, self.rng = backend, slot, rng
+        self.prefill_len = prefill_len
         self.frame_index = 0
         self.closed = False
 
@@ -177,7 +178,7 @@ class GraphedStream:
         if self.closed:
             raise RuntimeError("stream is closed")
         slot = self.slot
-        if self.frame_index + 1 + int(self.backend.prefill_len) > slot.capacity:
+        if self.prefill_len + self.frame_index + 1 > slot.capacity:
             raise RuntimeError(f"KV cache full at {slot.capacity} positions")
         slot.u.copy_(torch.from_numpy(self.rng.frame(self.frame_index)))
         self.backend.run_frame()
@@ -203,7 +204,6 @@ class GraphedBackend:
         self.use_graph = (device.type == "cuda") if use_graph is None else use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.busy = False
-        self.prefill_len = 0
 
     @torch.inference_mode()
     def open_stream(self, prefill: torch.Tensor, text_rows: torch.Tensor, pad_row: torch.Tensor,
@@ -228,9 +228,8 @@ class GraphedBackend:
         slot.text_rows[: len(text_rows)] = text_rows
         slot.text_rows[len(text_rows)] = pad_row
         slot.num_text_rows.fill_(len(text_rows))
-        self.prefill_len = len(prefill)
         self.busy = True
-        return GraphedStream(self, slot, rng)
+        return GraphedStream(self, slot, rng, len(prefill))
 
     def run_frame(self) -> None:
         if not self.use_graph:
