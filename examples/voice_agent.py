@@ -262,17 +262,13 @@ class WavSink(FrameProcessor):
         self._wav.close()
 
 
-class TextTurnSource(FrameProcessor):
-    """Plays the user's side of a conversation from text: for each turn, the frames a VAD + STT front end would
-    push (user started speaking, the transcript, VAD stop, user stopped speaking), then waits for the bot's turn
-    to end before the next one. Ends the pipeline after the last turn."""
+class TurnSource(FrameProcessor):
+    """Plays the user's side of a conversation once the pipeline starts (`_turns`, in a subclass), waits for the
+    bot's reply after each turn, and ends the pipeline after the last one."""
 
-    def __init__(self, turns: list[str], sink: WavSink, worker_ref: list, turn_timeout_s: float):
+    def __init__(self, sink: WavSink, worker_ref: list, turn_timeout_s: float):
         super().__init__()
-        self._turns = turns
-        self._sink = sink
-        self._worker_ref = worker_ref
-        self._timeout = turn_timeout_s
+        self._sink, self._worker_ref, self._timeout = sink, worker_ref, turn_timeout_s
         self._task: asyncio.Task | None = None
         self.error: str | None = None
 
@@ -284,45 +280,57 @@ class TextTurnSource(FrameProcessor):
 
     async def _play(self):
         try:
-            await asyncio.sleep(0.2)  # let every processor (and the TTS WebSocket) finish starting
-            for text in self._turns:
-                self._sink.turn_done.clear()
-                logger.info(f"user: {text}")
-                await self.push_frame(VADUserStartedSpeakingFrame())
-                await self.push_frame(UserStartedSpeakingFrame())
-                await asyncio.sleep(0.1)  # the user talking (the turn must be open before its transcript)
-                await self.push_frame(TranscriptionFrame(text, "user", time_now_iso8601(), finalized=True))
-                # The transcript is a data frame and the stop frames are system frames, which overtake queued data
-                # frames: let the transcript reach the user aggregator first, as a real STT's final result does.
-                await asyncio.sleep(0.05)
-                await self.push_frame(VADUserStoppedSpeakingFrame(stop_secs=0.0, timestamp=time.time()))
-                await self.push_frame(UserStoppedSpeakingFrame())
-                try:
-                    await asyncio.wait_for(self._sink.turn_done.wait(), self._timeout)
-                except TimeoutError:
-                    self.error = f"no bot reply within {self._timeout} s to: {text!r}"
-                    logger.error(self.error)
-                    break
+            await self._turns()
         finally:
             await self._worker_ref[0].queue_frame(EndFrame())
 
+    async def _bot_replied(self, what: str) -> bool:
+        """Wait for the bot's turn to end; False (and `error` set) after the timeout."""
+        try:
+            await asyncio.wait_for(self._sink.turn_done.wait(), self._timeout)
+            return True
+        except TimeoutError:
+            self.error = f"no bot reply within {self._timeout} s{what}"
+            logger.error(self.error)
+            return False
 
-class WavTurnSource(FrameProcessor):
+    async def _turns(self):
+        raise NotImplementedError
+
+
+class TextTurnSource(TurnSource):
+    """The user's turns from text: for each, the frames a VAD + STT front end would push (user started speaking,
+    the transcript, VAD stop, user stopped speaking)."""
+
+    def __init__(self, turns: list[str], sink: WavSink, worker_ref: list, turn_timeout_s: float):
+        super().__init__(sink, worker_ref, turn_timeout_s)
+        self._texts = turns
+
+    async def _turns(self):
+        await asyncio.sleep(0.2)  # let every processor (and the TTS WebSocket) finish starting
+        for text in self._texts:
+            self._sink.turn_done.clear()
+            logger.info(f"user: {text}")
+            await self.push_frame(VADUserStartedSpeakingFrame())
+            await self.push_frame(UserStartedSpeakingFrame())
+            await asyncio.sleep(0.1)  # the user talking (the turn must be open before its transcript)
+            await self.push_frame(TranscriptionFrame(text, "user", time_now_iso8601(), finalized=True))
+            # The transcript is a data frame and the stop frames are system frames, which overtake queued data
+            # frames: let the transcript reach the user aggregator first, as a real STT's final result does.
+            await asyncio.sleep(0.05)
+            await self.push_frame(VADUserStoppedSpeakingFrame(stop_secs=0.0, timestamp=time.time()))
+            await self.push_frame(UserStoppedSpeakingFrame())
+            if not await self._bot_replied(f" to: {text!r}"):
+                break
+
+
+class WavTurnSource(TurnSource):
     """Plays a WAV file as microphone input (20 ms chunks at real-time pace, then silence for the VAD to end the
-    turn), waits for the bot's reply, then ends the pipeline."""
+    turn) and waits for the bot's reply."""
 
     def __init__(self, path: str, sink: WavSink, worker_ref: list, turn_timeout_s: float, rate: int = 16000):
-        super().__init__()
-        self._path, self._sink, self._worker_ref = path, sink, worker_ref
-        self._timeout, self._rate = turn_timeout_s, rate
-        self._task: asyncio.Task | None = None
-        self.error: str | None = None
-
-    async def process_frame(self, frame: Frame, direction: FrameDirection):
-        await super().process_frame(frame, direction)
-        await self.push_frame(frame, direction)
-        if isinstance(frame, StartFrame) and self._task is None:
-            self._task = self.create_task(self._play())
+        super().__init__(sink, worker_ref, turn_timeout_s)
+        self._path, self._rate = path, rate
 
     def _read(self) -> bytes:
         import numpy as np
@@ -339,23 +347,16 @@ class WavTurnSource(FrameProcessor):
             mono = soxr.resample(mono, rate, self._rate)
         return np.clip(mono, -32768, 32767).astype("<i2").tobytes()
 
-    async def _play(self):
-        try:
-            pcm = await asyncio.to_thread(self._read)
-            pcm += b"\x00\x00" * int(1.5 * self._rate)  # trailing silence: the VAD ends the turn
-            step = int(0.02 * self._rate) * 2
-            self._sink.turn_done.clear()
-            start = time.monotonic()
-            for i, off in enumerate(range(0, len(pcm), step)):
-                await self.push_frame(InputAudioRawFrame(pcm[off:off + step], self._rate, 1))
-                await asyncio.sleep(max(0.0, start + (i + 1) * 0.02 - time.monotonic()))
-            try:
-                await asyncio.wait_for(self._sink.turn_done.wait(), self._timeout)
-            except TimeoutError:
-                self.error = f"no bot reply within {self._timeout} s"
-                logger.error(self.error)
-        finally:
-            await self._worker_ref[0].queue_frame(EndFrame())
+    async def _turns(self):
+        pcm = await asyncio.to_thread(self._read)
+        pcm += b"\x00\x00" * int(1.5 * self._rate)  # trailing silence: the VAD ends the turn
+        step = int(0.02 * self._rate) * 2
+        self._sink.turn_done.clear()
+        start = time.monotonic()
+        for i, off in enumerate(range(0, len(pcm), step)):
+            await self.push_frame(InputAudioRawFrame(pcm[off:off + step], self._rate, 1))
+            await asyncio.sleep(max(0.0, start + (i + 1) * 0.02 - time.monotonic()))
+        await self._bot_replied("")
 
 
 # ---------------------------------------------------------------------------------------------------------------
