@@ -24,6 +24,14 @@ calls. The state per stream is bounded (it does not grow with the utterance):
   * Attention:              keys (after RoPE) and values of the last sliding_window-1 frames
   * PreTransformer:         the absolute position of the next frame (RoPE keeps counting)
 
+The state comes in two forms with the same get/set interface, so the modules have one code path:
+`DecoderState`, a dict that starts empty and grows (the whole-utterance decode and the eager stream), and
+`StaticDecoderState`, every tensor preallocated at its final shape in one flat buffer and the position a device
+tensor, written in place. The static form is what a CUDA graph can capture: `CodecGraphs` holds one graph per
+chunk size (1, 2, 4, 8 frames) and replays them for every stream of a decoder, copying each stream's own static
+state in before and out after. Before the attention window fills, the static cache holds zero slots at negative
+positions, which the attention mask excludes, so both forms give the same samples.
+
 Checkpoint quirks worth knowing (all handled below):
   * each codebook vector has codebook_dim // 2 entries (256 for the real model) and is stored as
     `embedding_sum` / `cluster_usage` (EMA statistics); the row is their ratio, usage clamped at 1e-5;
@@ -48,9 +56,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +68,66 @@ from torch import nn
 
 from .layers import RMSNorm, apply_rope, rope_cos_sin
 
-# A per-stream decoder state: module name -> carried tensor(s) or counter. Owned by the caller.
-DecoderState = dict[str, Any]
+# ---------------------------------------------------------------------------------------------
+# Streaming state. Each stateful module reads `state.get(self.state_key)` and then writes
+# `state[self.state_key] = value`; the state object stores its own copy of the value.
+# ---------------------------------------------------------------------------------------------
+
+
+class DecoderState(dict):
+    """A stream's carried state by module name, grown as it goes: empty for a new utterance (conv tails and
+    overlaps then count as zeros, the attention cache holds the frames seen so far, up to window - 1, and the
+    position is a Python int). Stores a copy of each tensor written, so no chunk's activations stay alive."""
+
+    def __setitem__(self, key: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.clone()
+        elif isinstance(value, tuple):
+            value = tuple(v.clone() for v in value)
+        super().__setitem__(key, value)
+
+
+class StaticDecoderState:
+    """A stream's carried state at fixed shapes, for CUDA graphs: every tensor a view of one flat buffer
+    (`values`, zeros for a new utterance) and the position a 0-d long tensor (`position`); writes copy in place.
+    The attention cache always holds window - 1 frames (zero slots at negative positions until it fills).
+    Two static states of one decoder have the same layout, so `copy_` moves a whole state in two copies."""
+
+    def __init__(self, decoder: CodecDecoder):
+        like = decoder.quantizer.codebooks
+        shapes = {m.state_key: m.state_shapes() for m in decoder.modules() if isinstance(m, _Stateful)}
+        self.values = torch.zeros(sum(math.prod(s) for ss in shapes.values() for s in ss), dtype=like.dtype,
+                                  device=like.device)
+        self.position = torch.zeros((), dtype=torch.long, device=like.device)
+        self.slots: dict[str, torch.Tensor | tuple[torch.Tensor, ...]] = {
+            decoder.pre_transformer.state_key: self.position}
+        offset = 0
+        for key, module_shapes in shapes.items():
+            views = []
+            for shape in module_shapes:
+                views.append(self.values[offset : offset + math.prod(shape)].view(shape))
+                offset += math.prod(shape)
+            if views:  # one tensor, or a tuple when the module carries several (attention: keys, values)
+                self.slots[key] = views[0] if len(views) == 1 else tuple(views)
+
+    def get(self, key: str, default=None):
+        """The buffer itself (not a copy): a module reads its slot before it writes it."""
+        return self.slots.get(key, default)
+
+    def __setitem__(self, key: str, value) -> None:
+        slot = self.slots[key]
+        if isinstance(slot, tuple):
+            for buffer, v in zip(slot, value):
+                buffer.copy_(v)
+        else:
+            slot.copy_(value)
+
+    def copy_(self, other: StaticDecoderState) -> None:
+        self.values.copy_(other.values)
+        self.position.copy_(other.position)
+
+
+State = DecoderState | StaticDecoderState
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +228,10 @@ class _Stateful(nn.Module):
 
     state_key: str = ""
 
+    def state_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Shapes of the tensors it carries for one stream (batch 1) in a StaticDecoderState."""
+        return ()
+
 
 class CausalConv1d(_Stateful):
     """Conv1d (stride 1) left-padded so output t sees inputs t-(k-1)*dilation .. t. [B,Cin,T] -> [B,Cout,T].
@@ -175,14 +247,18 @@ class CausalConv1d(_Stateful):
         self.dilation, self.groups = dilation, groups
         self.context = (kernel_size - 1) * dilation  # input columns carried between chunks
 
-    def forward(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
+    def state_shapes(self) -> tuple[tuple[int, ...], ...]:
+        in_ch = self.weight.shape[1] * self.groups
+        return ((1, in_ch, self.context),) if self.context else ()
+
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
         if self.context == 0:
             return F.conv1d(x, self.weight, self.bias, groups=self.groups)
         tail = state.get(self.state_key)
         if tail is None:
             tail = x.new_zeros(x.shape[0], x.shape[1], self.context)
         x = torch.cat([tail, x], dim=-1)  # [B, Cin, context + T]
-        state[self.state_key] = x[..., -self.context :].clone()
+        state[self.state_key] = x[..., -self.context :]
         return F.conv1d(x, self.weight, self.bias, dilation=self.dilation, groups=self.groups)
 
 
@@ -201,14 +277,17 @@ class CausalConvTranspose1d(_Stateful):
         self.stride = stride
         self.overlap = kernel_size - stride
 
-    def forward(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
+    def state_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return ((1, self.weight.shape[1], self.overlap),) if self.overlap else ()
+
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
         y = F.conv_transpose1d(x, self.weight, stride=self.stride)  # [B, Cout, T*s + overlap], no bias
         n = x.shape[-1] * self.stride
         if self.overlap:
             tail = state.get(self.state_key)
             if tail is not None:
                 y[..., : self.overlap] += tail
-            state[self.state_key] = y[..., n:].clone()
+            state[self.state_key] = y[..., n:]
             y = y[..., :n]
         return y + self.bias[:, None]
 
@@ -238,7 +317,7 @@ class ConvNeXtBlock(nn.Module):
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.gamma = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
         h = self.dwconv(x, state).transpose(1, 2)  # [B, T, C]
         h = self.pwconv2(F.gelu(self.pwconv1(self.norm(h))))
         return x + (self.gamma * h).transpose(1, 2)
@@ -254,7 +333,7 @@ class ResidualUnit(nn.Module):
         self.act2 = SnakeBeta(dim)
         self.conv2 = CausalConv1d(dim, dim, kernel_size=1)
 
-    def forward(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
         h = self.conv1(self.act1(x), state)
         h = self.conv2(self.act2(h), state)
         return x + h
@@ -272,7 +351,7 @@ class DecoderBlock(nn.Module):
         self.upsample = CausalConvTranspose1d(in_dim, out_dim, kernel_size=2 * rate, stride=rate)
         self.res_units = nn.ModuleList([ResidualUnit(out_dim, d) for d in (1, 3, 9)])
 
-    def forward(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
         x = self.upsample(self.act(x), state)
         for unit in self.res_units:
             x = unit(x, state)
@@ -287,7 +366,7 @@ class Upsampler(nn.Module):
         self.conv = CausalConvTranspose1d(dim, dim, kernel_size=ratio, stride=ratio)
         self.convnext = ConvNeXtBlock(dim)
 
-    def forward(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
         return self.convnext(self.conv(x, state), state)
 
 
@@ -328,7 +407,8 @@ class Attention(_Stateful):
     """Causal self-attention over the last `window` frames, with RoPE and grouped K/V heads.
 
     x [B, T, C] at absolute positions pos0 .. pos0+T-1 -> [B, T, C]. The state holds keys (after RoPE)
-    and values of the previous window-1 frames: query t sees keys t-window+1 .. t.
+    and values of the previous window-1 frames: query t sees keys t-window+1 .. t. pos0 is an int, or a
+    0-d device tensor (StaticDecoderState), so no host value changes between CUDA graph replays.
     """
 
     def __init__(self, cfg: CodecDecoderConfig):
@@ -341,7 +421,12 @@ class Attention(_Stateful):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos0: int, state: DecoderState):
+    def state_shapes(self) -> tuple[tuple[int, ...], ...]:
+        keep = self.window - 1
+        return ((1, self.n_kv_head, keep, self.head_dim),) * 2 if keep > 0 else ()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos0: int | torch.Tensor,
+                state: State):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
@@ -355,15 +440,18 @@ class Attention(_Stateful):
             v = torch.cat([cached[1], v], dim=2)
         P = k.shape[2] - T
         keep = self.window - 1
-        state[self.state_key] = (k[:, :, -keep:].clone(), v[:, :, -keep:].clone()) if keep > 0 else None
+        if keep > 0:
+            state[self.state_key] = (k[:, :, -keep:], v[:, :, -keep:])
 
-        # Mask: key j is visible to query i iff i - window < j <= i (absolute positions).
-        q_pos = torch.arange(pos0, pos0 + T, device=x.device)[:, None]
-        k_pos = torch.arange(pos0 - P, pos0 + T, device=x.device)[None, :]
-        mask = (k_pos <= q_pos) & (k_pos > q_pos - self.window)  # [T, P + T]
+        # Mask: key j is visible to query i iff i - window < j <= i (absolute positions) and j >= 0 (a static
+        # state's cache starts as zero slots at negative positions).
+        q_pos = pos0 + torch.arange(T, device=x.device)[:, None]
+        k_pos = pos0 - P + torch.arange(P + T, device=x.device)[None, :]
+        mask = (k_pos <= q_pos) & (k_pos > q_pos - self.window) & (k_pos >= 0)  # [T, P + T]
 
         rep = self.n_head // self.n_kv_head  # each K/V head serves `rep` consecutive query heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -394,7 +482,7 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.mlp_scale = nn.Parameter(torch.full((cfg.hidden_size,), cfg.layer_scale_initial_scale))
 
-    def forward(self, x, cos, sin, pos0: int, state: DecoderState) -> torch.Tensor:
+    def forward(self, x, cos, sin, pos0: int | torch.Tensor, state: State) -> torch.Tensor:
         x = x + self.attn_scale * self.attn(self.attn_norm(x), cos, sin, pos0, state)
         return x + self.mlp_scale * self.mlp(self.mlp_norm(x))
 
@@ -402,8 +490,9 @@ class TransformerLayer(nn.Module):
 class PreTransformer(_Stateful):
     """input_proj (latent -> hidden), layers, RMSNorm, output_proj (hidden -> latent). [B,T,L] -> [B,T,L].
 
-    The state holds the absolute position of the next frame; RoPE only sees relative offsets inside
-    the window, but counting on keeps streaming bit-compatible with a whole-utterance pass.
+    The state holds the absolute position of the next frame (an int, or a 0-d device tensor in a
+    StaticDecoderState); RoPE only sees relative offsets inside the window, but counting on keeps
+    streaming bit-compatible with a whole-utterance pass.
     """
 
     def __init__(self, cfg: CodecDecoderConfig):
@@ -414,14 +503,14 @@ class PreTransformer(_Stateful):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.output_proj = nn.Linear(cfg.hidden_size, cfg.latent_dim)
 
-    def forward(self, x: torch.Tensor, state: DecoderState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
         pos0 = state.get(self.state_key, 0)
-        state[self.state_key] = pos0 + x.shape[1]
         h = self.input_proj(x)
-        positions = torch.arange(pos0, pos0 + x.shape[1], device=x.device)
+        positions = pos0 + torch.arange(x.shape[1], device=x.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, pos0, state)
+        state[self.state_key] = pos0 + x.shape[1]  # last: in a StaticDecoderState, pos0 is the counter itself
         return self.output_proj(self.norm(h))
 
 
@@ -455,6 +544,11 @@ class CodecDecoder(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, _Stateful):
                 module.state_key = name
+        self._streaming_graphs: CodecGraphs | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.quantizer.codebooks.device
 
     @property
     def samples_per_frame(self) -> int:
@@ -464,10 +558,11 @@ class CodecDecoder(nn.Module):
     def sample_rate(self) -> int:
         return self.cfg.sample_rate
 
-    def forward(self, codes: torch.Tensor, state: DecoderState) -> torch.Tensor:
+    def forward(self, codes: torch.Tensor, state: State) -> torch.Tensor:
         """codes [B, T, Q] (long, each in [0, codebook_size)) -> wav [B, T * samples_per_frame], fp32.
 
-        Continues the stream described by `state` (pass {} to start one) and updates it in place.
+        Continues the stream described by `state` (pass a new DecoderState or StaticDecoderState to start
+        one) and updates it in place.
         """
         x = self.quantizer(codes)  # [B, T, codebook_dim]
         x = self.pre_conv(x.transpose(1, 2), state)  # [B, latent, T]
@@ -479,6 +574,13 @@ class CodecDecoder(nn.Module):
             x = block(x, state)  # channels halve, time x rate
         wav = self.final_conv(self.final_act(x), state)  # [B, 1, T * samples_per_frame]
         return wav.squeeze(1).clamp(-1.0, 1.0).float()
+
+    def streaming_graphs(self) -> CodecGraphs:
+        """The CodecGraphs that every StreamingCodecDecoder of this decoder shares, made at the first call (so
+        after the decoder has moved to its device and dtype)."""
+        if self._streaming_graphs is None:
+            self._streaming_graphs = CodecGraphs(self)
+        return self._streaming_graphs
 
     def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
         if codes.dim() != 2 or codes.shape[1] != self.cfg.num_quantizers:
@@ -499,7 +601,7 @@ class CodecDecoder(nn.Module):
         lo, hi = int(codes.min()), int(codes.max())
         if lo < 0 or hi >= self.cfg.codebook_size:
             raise ValueError(f"codes must be in [0, {self.cfg.codebook_size}), got min {lo} max {hi}")
-        return self(codes[None], {})[0]
+        return self(codes[None], DecoderState())[0]
 
     # ----- loading ---------------------------------------------------------------------------
 
@@ -639,28 +741,129 @@ class CodecDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+GRAPH_SIZES = (8, 4, 2, 1)  # frames per captured graph; a chunk of any length is a sequence of these
+GRAPHS_ENV = "QWEN_TTS_MK_CODEC_GRAPHS"  # "0": streams decode eagerly even on CUDA (for debugging)
+
+
+def graph_sizes(frames: int) -> list[int]:
+    """A chunk of `frames` frames as graph sizes, largest first: 3 -> [2, 1], 13 -> [8, 4, 1]."""
+    sizes = []
+    for size in GRAPH_SIZES:
+        while frames >= size:
+            sizes.append(size)
+            frames -= size
+    return sizes
+
+
+def use_codec_graphs(decoder: CodecDecoder) -> bool:
+    """Whether streams of `decoder` replay CUDA graphs by default: on CUDA, unless QWEN_TTS_MK_CODEC_GRAPHS=0."""
+    return decoder.device.type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
+
+
+class CodecGraphs:
+    """`CodecDecoder.forward` on one static state, captured as a CUDA graph per chunk size in GRAPH_SIZES and
+    shared by every stream of the decoder.
+
+    A push of n frames copies the stream's own StaticDecoderState into the captured one, replays the sizes of
+    `graph_sizes(n)` in order (exact: streaming decode is exact for any chunking), and copies the state back.
+    A size is captured at its first use, or all of them by `warm_up()`. One push at a time (a lock), and every
+    caller on the same CUDA stream. Off CUDA the same steps run eagerly, which is how the CPU tests check them.
+    """
+
+    def __init__(self, decoder: CodecDecoder):
+        self.decoder = decoder
+        self.use_graphs = decoder.device.type == "cuda"
+        self.lock = threading.Lock()
+        self.state = StaticDecoderState(decoder)  # the captured state, scratch between pushes
+        self.codes = {n: torch.zeros(1, n, decoder.cfg.num_quantizers, dtype=torch.long, device=decoder.device)
+                      for n in GRAPH_SIZES}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # Graph outputs [1, n * samples_per_frame]. All sizes capture into one memory pool, so an output may lie
+        # in memory another size uses for its intermediates: each is copied out right after its replay.
+        self.wavs: dict[int, torch.Tensor] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Capture every size now, so that no stream pays the capture time (nothing to do off CUDA)."""
+        with self.lock:
+            self._capture_missing(GRAPH_SIZES)
+
+    @torch.inference_mode()
+    def push(self, state: StaticDecoderState, codes: torch.Tensor) -> torch.Tensor:
+        """codes [n, Q] (long, on the decoder's device) -> wav [n * samples_per_frame]; continues `state`."""
+        spf = self.decoder.samples_per_frame
+        wav = torch.empty(codes.shape[0] * spf, device=codes.device)
+        with self.lock:
+            sizes = graph_sizes(codes.shape[0])
+            self._capture_missing(sizes)  # before the copy in: capturing runs the decoder on self.state
+            self.state.copy_(state)
+            start = 0
+            for n in sizes:
+                self.codes[n].copy_(codes[start : start + n].unsqueeze(0))
+                wav[start * spf : (start + n) * spf].copy_(self._run(n)[0])
+                start += n
+            state.copy_(self.state)
+        return wav
+
+    def _run(self, n: int) -> torch.Tensor:
+        if not self.use_graphs:
+            return self.decoder(self.codes[n], self.state)
+        self.graphs[n].replay()
+        return self.wavs[n]
+
+    def _capture_missing(self, sizes) -> None:
+        for n in sizes:
+            if self.use_graphs and n not in self.graphs:
+                self._capture(n)
+
+    def _capture(self, n: int) -> None:
+        """Warm up on a side stream (lazy initialisation, kernel choice), then capture one n-frame forward.
+        Both run on self.state, which every push overwrites first."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.decoder(self.codes[n], self.state)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.wavs[n] = self.decoder(self.codes[n], self.state)
+        self.graphs[n] = graph
+
+
 class StreamingCodecDecoder:
     """Exact frame-by-frame decoding of one utterance: the concatenation of `push` outputs equals
     `decoder.decode(all_codes)` (up to float rounding) for any chunk schedule.
 
     The carried state is bounded: conv tails, transposed-conv overlaps, and per layer the K/V of the
     last sliding_window - 1 frames. Several streams may share one CodecDecoder.
+
+    `use_graphs` (default: `use_codec_graphs(decoder)`, i.e. on CUDA) pushes through the decoder's shared
+    CodecGraphs with a StaticDecoderState of this stream's own; otherwise the decoder runs eagerly on a
+    DecoderState. With use_graphs=True off CUDA, CodecGraphs runs its fixed-size steps eagerly.
     """
 
-    def __init__(self, decoder: CodecDecoder):
+    def __init__(self, decoder: CodecDecoder, use_graphs: bool | None = None):
         self.decoder = decoder
+        use_graphs = use_codec_graphs(decoder) if use_graphs is None else use_graphs
+        self.graphs = decoder.streaming_graphs() if use_graphs else None
         self.reset()
 
+    @torch.inference_mode()
     def reset(self) -> None:
         """Forget the utterance; the next push starts a new one."""
-        self.state: DecoderState = {}
+        self.state: State = DecoderState() if self.graphs is None else StaticDecoderState(self.decoder)
         self.frames_pushed = 0
 
     @torch.inference_mode()
     def push(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [n, Q] (n >= 1 new frames) -> wav [n * samples_per_frame] for exactly those frames."""
         codes = self.decoder._check_codes(codes)
-        wav = self.decoder(codes[None], self.state)[0]
+        if self.graphs is None:
+            wav = self.decoder(codes[None], self.state)[0]
+        else:
+            wav = self.graphs.push(self.state, codes)
         self.frames_pushed += codes.shape[0]
         return wav
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .codec import CodecDecoder, StreamingCodecDecoder
+from .codec import CodecDecoder, StreamingCodecDecoder, use_codec_graphs
 from .config import ModelConfig
 from .model import KVCache, Talker
 from .prompt import Prompt, build_prompt
@@ -261,6 +261,8 @@ class Synthesizer:
         talker = Talker.from_state_dict(checkpoint.config, checkpoint.weights, device=device, dtype=dtype)
         codec = CodecDecoder.from_state_dict(checkpoint.config.codec, checkpoint.codec_weights, device=device,
                                              dtype=torch.float32)
+        if use_codec_graphs(codec):
+            codec.streaming_graphs().warm_up()  # capture now, so that the first request does not pay for it
         if backend == "reference":
             engine_backend = ReferenceBackend(talker)
         else:
