@@ -37,6 +37,7 @@ struct GridBarrier {
   bool no_grid;             // timing experiment: block-local sync only (results are garbage)
 
   __device__ bool sync(int nblocks) {
+    trace(TR_BAR_BEGIN);
     __syncthreads();
     if (no_grid) return true;
     ++n;
@@ -75,6 +76,7 @@ struct GridBarrier {
       *s_flag = abort;
     }
     __syncthreads();
+    trace(TR_BAR_END);
     return *s_flag == 0;
   }
 };
@@ -132,8 +134,9 @@ __host__ __device__ constexpr int num_phases() {
   return 4 * M::T::L + 1 + 15 * (4 * M::C::L + 1 + (M::PROJ ? 1 : 0));
 }
 
+// Units (rows, or gate/up row pairs) per weight tile: as many as fit, at most one per warp (tile_matvec).
 __device__ __forceinline__ int units_per_tile(int unit_elems) {
-  const int u = TILE_BYTES / (unit_elems * 2);
+  const int u = min(NWARPS, TILE_BYTES / (unit_elems * 2));
   return u > 0 ? u : 1;
 }
 
@@ -365,14 +368,17 @@ struct Ctx {
     split_range(pw.n_units, nb, b, u0, u1);
     const int upt = units_per_tile(pw.unit_elems);
     const int K = pw.unit_elems / HALVES;
+    trace(TR_PHASE_BEGIN);
     for (int u = u0; u < u1; u += upt) {
       const bf16* tile = ws.acquire(p);
+      trace(TR_TILE_READY);
       tile_matvec<NR, HALVES>(tile, min(upt, u1 - u), K, a, act_stride, u, red, epi);
       ws.release();
     }
 #if MK_ONESYNC
     __syncthreads();  // the activations and `red` may be overwritten by the caller next
 #endif
+    trace(TR_PHASE_END);
   }
 };
 
@@ -393,6 +399,7 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 // x * rsqrt(mean(x^2) + eps) * weight, in fp32.
 __device__ void rmsnorm_rows(float* dst, const float* src, int nr, int n, int src_stride, int dst_stride,
                              const bf16* weight, float eps, float* red) {
+  trace(TR_NORM_BEGIN);
   for (int r = 0; r < nr; ++r) {
     float ss = 0.f;
     for (int i = threadIdx.x; i < n; i += NTHREADS) {
@@ -405,6 +412,7 @@ __device__ void rmsnorm_rows(float* dst, const float* src, int nr, int n, int sr
       dst[r * dst_stride + i] = dst[r * dst_stride + i] * inv * bf16_to_float(weight[i]);
   }
   __syncthreads();
+  trace(TR_NORM_END);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -615,10 +623,16 @@ __device__ bool decoder_layer(Ctx<M>& c, const float* x_src, int x_src_stride, f
   });
   MK_SYNC();
   // 2. attention partials (QK-norm + RoPE + KV append inside)
+  trace(TR_ATTN_BEGIN);
   attention_phase<S>(qkv, NR, p0, nc, kc, vc, cap, norms, rope, eps, p.attn_part, act);
+#if MK_TRACE
+  __syncthreads();
+  trace(TR_ATTN_END);
+#endif
   MK_SYNC();
   // 3. combine + o_proj + residual
   attention_combine<S>(act, p.attn_part, NR, nc);
+  trace(TR_COMBINE_END);
   c.template run_phase<NR, 1>(act, S::QD, [&](int u, float (&a)[NR][1]) {
 #pragma unroll
     for (int r = 0; r < NR; ++r) x_res[r * S::H + u] += a[r][0];
@@ -638,6 +652,7 @@ __device__ bool decoder_layer(Ctx<M>& c, const float* x_src, int x_src_stride, f
   // 5. down + residual
   for (int i = threadIdx.x; i < NR * S::F; i += NTHREADS) act[i] = mlp[i];
   __syncthreads();
+  trace(TR_COPY_END);
   c.template run_phase<NR, 1>(act, S::F, [&](int u, float (&a)[NR][1]) {
 #pragma unroll
     for (int r = 0; r < NR; ++r) x_res[r * S::H + u] += a[r][0];
@@ -682,6 +697,27 @@ __device__ __forceinline__ double draw_uniform(const MkSlot& s, int frame, int j
 // Launch flags (benchmarks): stop after codebook 0, to time the talker step alone.
 constexpr int FLAG_TALKER_ONLY = 1;
 constexpr int FLAG_NO_GRID_SYNC = 2;  // timing experiment only: skip grid barriers (results are garbage)
+constexpr int FLAG_STREAM_ONLY = 4;   // timing experiment only: stream the weight tiles, no math, no barriers
+
+// Timing experiment: every weight tile of the frame (or of the talker step, with FLAG_TALKER_ONLY) through the
+// shared-memory ring with no math and no grid barrier: the weight stream's own speed.
+template <class M>
+__device__ void stream_only(Ctx<M>& c, int flags) {
+  const int n_phases = (flags & FLAG_TALKER_ONLY) ? 4 * M::T::L + 1 : num_phases<M>();
+  float sink = 0.f;
+  for (int ph = 0; ph < n_phases; ++ph) {
+    const PhaseW pw = phase_weights<M>(c.p, ph);
+    int u0, u1;
+    split_range(pw.n_units, c.nb, c.b, u0, u1);
+    const int upt = units_per_tile(pw.unit_elems);
+    for (int u = u0; u < u1; u += upt) {
+      const bf16* tile = c.ws.acquire(c.p);
+      sink += bf16_to_float(tile[threadIdx.x]);
+      c.ws.release();
+    }
+  }
+  if (sink == 12345.f) c.p.dbg_hidden[0] = sink;  // keep the loads
+}
 
 template <class M>
 __device__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int flags, int* codes, int* used) {
@@ -727,6 +763,7 @@ __device__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int fla
   // ---- codebook 0 ----
   float* scores = act + 2048;  // after h (H <= 2048)
   {
+    trace(TR_SAMPLE_BEGIN);
     const float pen = (float)s.rep_penalty;
     for (int i = threadIdx.x; i < T::V; i += NTHREADS) {
       float v = p.t_logits[i];
@@ -742,6 +779,7 @@ __device__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int fla
                                 c.ss);
     codes[0] = g0;
     used[0] = g0;
+    trace(TR_SAMPLE_END);
     if (s.forced) {
       if (frame >= s.n_forced_frames) { if (threadIdx.x == 0) atomicCAS(p.error, 0, ERR_TABLE); return false; }
       used[0] = s.forced[(long long)frame * NCODES];
@@ -800,6 +838,7 @@ __device__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int fla
       c.template run_phase<1, 1>(act, C::H, [&](int u, float (&a)[1][1]) { logits[u] = a[0][0]; });
     }
     MK_SYNC();
+    trace(TR_SAMPLE_BEGIN);
     for (int i = threadIdx.x; i < C::V; i += NTHREADS) scores[i] = p.c_logits[i];
     __syncthreads();
     const double u = draw_uniform(s, frame, j);
@@ -808,6 +847,7 @@ __device__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int fla
                                s.cp_top_p, u, c.ss);
     codes[j] = g;
     used[j] = s.forced ? s.forced[(long long)frame * NCODES + j] : g;
+    trace(TR_SAMPLE_END);
   }
 
   // ---- next talker input: C(g0) + sum_j cp_emb[j-1][g_j] + text row (pad past the end) ----
@@ -876,7 +916,14 @@ __global__ void __launch_bounds__(NTHREADS, 1)
     return;  // every block returns before any barrier: the counters stay consistent
   }
   c.ws.prime(p);
+  if (flags & FLAG_STREAM_ONLY) {
+    stream_only<M>(c, flags);
+    c.ws.drain();
+    return;  // no barrier passed: the barrier base stays valid
+  }
+  trace(TR_FRAME_BEGIN);
   const bool ok = frame_body<M>(c, frame, pos, perturb, flags, s_codes, s_used);
+  trace(TR_FRAME_END);
   c.ws.drain();
   if (!ok) {
     // Aborted (timeout / peer error / short table): report once per block; the instance is now unusable.
@@ -1015,6 +1062,31 @@ int mk_host_free(void* host) { return (int)cudaFreeHost(host); }
 int mk_stream_query(void* stream) { return (int)cudaStreamQuery((cudaStream_t)stream); }
 
 const char* mk_error_string(int e) { return cudaGetErrorString((cudaError_t)e); }
+
+// Section trace (MK_TRACE=1 builds): reset the record counts; read block `which` (0 or 1) records into out
+// (at most max), returns the count through *n. Both return cudaErrorNotSupported in other builds.
+int mk_trace_reset() {
+#if MK_TRACE
+  const int zero[2] = {0, 0};
+  return (int)cudaMemcpyToSymbol(g_trace_n, zero, sizeof(zero));
+#else
+  return (int)cudaErrorNotSupported;
+#endif
+}
+
+int mk_trace_read(int which, unsigned long long* out, int max, int* n) {
+#if MK_TRACE
+  int counts[2];
+  cudaError_t e = cudaMemcpyFromSymbol(counts, g_trace_n, sizeof(counts));
+  if (e != cudaSuccess) return (int)e;
+  *n = counts[which] < max ? counts[which] : max;
+  return (int)cudaMemcpyFromSymbol(out, g_trace, sizeof(unsigned long long) * (size_t)*n,
+                                   sizeof(unsigned long long) * TRACE_MAX * (size_t)which);
+#else
+  (void)which; (void)out; (void)max; (void)n;
+  return (int)cudaErrorNotSupported;
+#endif
+}
 
 // Test entry: mode 0 argmax, 1 sample, 2 k-th largest value (as float bits) of `trials` rows of n logits.
 int mk_test_sample(const float* logits, int n, int mode, int do_sample, float temperature, int top_k, double top_p,

@@ -40,6 +40,9 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 #ifndef MK_BAR2
 #define MK_BAR2 1
 #endif
+#ifndef MK_TRACE  // timing experiment: clock64 stamps of section boundaries in two blocks (megakernel/trace.py)
+#define MK_TRACE 0
+#endif
 #ifndef MK_TMA  // Hopper bulk copy (cp.async.bulk, one instruction per tile) + mbarrier per ring slot; needs
 #define MK_TMA 1  // MK_SCHED and MK_ONESYNC
 #endif
@@ -254,5 +257,34 @@ __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32
 }
 __device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 #endif
+
+// ------------------------------------------------------------------------------------------------------------
+// Section trace (MK_TRACE=1 builds only): thread 0 of block 0 and of block gridDim.x / 2 append (tag, clock64)
+// records; the host resets and reads them with mk_trace_reset / mk_trace_read.
+
+constexpr int TRACE_MAX = 16384;  // records per traced block
+enum TraceTag {
+  TR_FRAME_BEGIN = 1, TR_FRAME_END, TR_BAR_BEGIN, TR_BAR_END, TR_PHASE_BEGIN, TR_TILE_READY, TR_PHASE_END,
+  TR_NORM_BEGIN, TR_NORM_END, TR_ATTN_BEGIN, TR_ATTN_END, TR_COMBINE_END, TR_SAMPLE_BEGIN, TR_SAMPLE_END,
+  TR_COPY_END
+};
+#if MK_TRACE
+__device__ unsigned long long g_trace[2][TRACE_MAX];
+__device__ int g_trace_n[2];
+#endif
+__device__ __forceinline__ void trace(int tag) {
+#if MK_TRACE
+  if (threadIdx.x != 0) return;
+  const int which = blockIdx.x == 0 ? 0 : (blockIdx.x == gridDim.x / 2 ? 1 : -1);
+  if (which < 0) return;
+  const int n = g_trace_n[which];
+  if (n < TRACE_MAX) {
+    g_trace[which][n] = ((unsigned long long)tag << 56) | ((unsigned long long)clock64() & ((1ULL << 56) - 1));
+    g_trace_n[which] = n + 1;
+  }
+#else
+  (void)tag;
+#endif
+}
 
 }  // namespace mk

@@ -60,8 +60,10 @@ def matvec_bandwidth(device, gbytes: float = 1.0, reps: int = 20) -> float:
 def bench_megakernel(backend, config, frames: int = 200, warmup: int = 20) -> dict:
     prefill, text, pad = random_prompt(config, n_prefill=12, n_text=200)
     out = {}
-    # flags: 1 = stop after codebook 0; 2 = no grid barriers (timing experiment: shows what the barriers cost).
-    for name, flags in (("talker_step", 1), ("frame", 0), ("talker_step_nosync", 3), ("frame_nosync", 2)):
+    # flags: 1 = stop after codebook 0; timing experiments: 2 = no grid barriers (what the barriers cost),
+    # 4 = only stream the weight tiles through the shared-memory ring (no math, no barriers).
+    for name, flags in (("talker_step", 1), ("frame", 0), ("talker_step_nosync", 3), ("frame_nosync", 2),
+                        ("talker_step_stream_only", 5), ("frame_stream_only", 4)):
         stream = backend.open_stream(prefill, text, pad, SamplingParams(), RandomStream(7), lookahead=0)
         stream.struct.min_new_tokens = 1 << 40  # timing runs never stop at EOS
         evs = []
@@ -319,7 +321,9 @@ def format_md(r: dict) -> str:
         f"| reference, eager (bf16) | {_f(e, 'talker_step_ms')} | {_f(e, 'frame_ms')} |",
         "",
         f"Timing experiment without grid barriers (garbage results): talker step "
-        f"{_f(mk, 'talker_step_nosync_ms')} ms, frame {_f(mk, 'frame_nosync_ms')} ms.",
+        f"{_f(mk, 'talker_step_nosync_ms')} ms, frame {_f(mk, 'frame_nosync_ms')} ms. Weight tiles streamed "
+        f"through the shared-memory ring alone (no math, no barriers): talker step "
+        f"{_f(mk, 'talker_step_stream_only_ms')} ms, frame {_f(mk, 'frame_stream_only_ms')} ms.",
         "",
         f"Megakernel wall time per frame through the stream protocol (host loop, pinned-memory results): "
         f"{_f(mk, 'frame_wall_ms_protocol')} ms.",
