@@ -1,7 +1,10 @@
-"""GPU tests of the decode megakernel (marker `gpu`; skipped without CUDA).
+"""Tests of the decode megakernel. GPU tests (marker `gpu`) skip themselves without CUDA; the host-side logic (prefill
+buckets, text rows of a running stream, the live-text protocol against a CPU model of the kernel's read-ahead)
+runs on the CPU.
 
-Building blocks (reductions, sampling, Philox) against sampling.py; whole frames against the reference backend;
-10,000 consecutive launches; two instances in one process; a mis-sized launch that must error, not hang.
+GPU: building blocks (reductions, sampling, Philox) against sampling.py; whole frames against the reference backend;
+10,000 consecutive launches; two instances in one process; a mis-sized launch that must error, not hang; prefill
+graphs against the eager prefill; reused slots; text appended while a stream runs.
 """
 
 import ctypes
@@ -10,16 +13,40 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_tts_megakernel.sampling import RandomStream, SamplingParams, choose, philox_uniforms
+from qwen_tts_megakernel.engine import ReferenceStream, Synthesizer
+from qwen_tts_megakernel.live import LiveUtterance
+from qwen_tts_megakernel.megakernel.backend import (
+    PAD,
+    LaunchPlan,
+    MegakernelBackend,
+    MegakernelError,
+    TextTrack,
+    default_prefill_buckets,
+    pick_bucket,
+)
+from qwen_tts_megakernel.megakernel.build import load_library
+from qwen_tts_megakernel.megakernel.validate import (
+    kernel_run,
+    random_config,
+    random_prompt,
+    random_weights,
+    reference_run,
+    rel_err,
+    uniform_table,
+)
+from qwen_tts_megakernel.sampling import (
+    RandomStream,
+    SamplingParams,
+    choose,
+    philox_uniforms,
+)
 
-pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device", allow_module_level=True)
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-from qwen_tts_megakernel.megakernel.backend import MegakernelBackend, MegakernelError  # noqa: E402
-from qwen_tts_megakernel.megakernel.build import load_library  # noqa: E402
-from qwen_tts_megakernel.megakernel.validate import (  # noqa: E402
-    kernel_run, random_config, random_prompt, random_weights, reference_run, rel_err, uniform_table)
+
+def gpu(test):
+    """Marker `gpu`, skipped without CUDA."""
+    return pytest.mark.gpu(_needs_cuda(test))
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +67,7 @@ def _sample_gpu(lib, logits: torch.Tensor, mode: int, do_sample=True, temperatur
     return out.cpu().numpy()
 
 
+@gpu
 @pytest.mark.parametrize("n", [3072, 2048, 1000, 37])
 def test_argmax_winner_at_every_position(lib, n):
     g = torch.Generator().manual_seed(n)
@@ -48,6 +76,7 @@ def test_argmax_winner_at_every_position(lib, n):
     assert (_sample_gpu(lib, base, mode=0) == np.arange(n)).all()
 
 
+@gpu
 def test_argmax_ties_take_lowest_index(lib):
     n = 3072
     rows = []
@@ -63,6 +92,7 @@ def test_argmax_ties_take_lowest_index(lib):
     assert _sample_gpu(lib, allsame, mode=0)[0] == 0
 
 
+@gpu
 @pytest.mark.parametrize("n,top_k,top_p", [(3072, 50, 1.0), (2048, 50, 1.0), (2048, 1, 1.0), (3072, 50, 0.8),
                                            (2048, 200, 1.0)])
 def test_sampling_matches_python(lib, n, top_k, top_p):
@@ -81,6 +111,7 @@ def test_sampling_matches_python(lib, n, top_k, top_p):
     assert agree >= (0.99 if top_p < 1.0 else 1.0), (agree, np.nonzero(got != want)[0][:10])
 
 
+@gpu
 def test_philox_matches_python(lib):
     seed = 0x1234_5678_9ABC_DEF0
     frames = 5
@@ -108,6 +139,7 @@ def backend(model):
     return MegakernelBackend(config, weights, device="cuda", max_seq_len=2048)
 
 
+@gpu
 def test_frames_match_reference(model, backend):
     from qwen_tts_megakernel.model import Talker
 
@@ -126,6 +158,7 @@ def test_frames_match_reference(model, backend):
     assert (mk == ref).mean() >= 0.97, (mk, ref)
 
 
+@gpu
 def test_philox_mode_equals_table_mode(model, backend):
     config, _ = model
     prefill, text, pad = random_prompt(config, seed=6)
@@ -141,6 +174,7 @@ def test_philox_mode_equals_table_mode(model, backend):
     assert all(((0 <= c[1:]) & (c[1:] < 2048)).all() for c in ca)
 
 
+@gpu
 def test_perturbation_changes_codes(model, backend):
     config, _ = model
     prefill, text, pad = random_prompt(config, seed=7)
@@ -150,6 +184,7 @@ def test_perturbation_changes_codes(model, backend):
     assert not np.array_equal(base, pert)
 
 
+@gpu
 def test_ten_thousand_launches(model, backend):
     """10,000 consecutive launches (streams re-opened at EOS or every 1,000 frames) without a hang or error."""
     config, _ = model
@@ -168,6 +203,7 @@ def test_ten_thousand_launches(model, backend):
     assert backend.error_code() == 0
 
 
+@gpu
 def test_two_instances_in_one_process(model, backend):
     config, weights = model
     other = MegakernelBackend(config, weights, device="cuda", max_seq_len=256)
@@ -184,6 +220,7 @@ def test_two_instances_in_one_process(model, backend):
     assert np.array_equal(np.array(c1), np.array(c2))
 
 
+@gpu
 def test_mis_sized_launch_errors_instead_of_hanging(model):
     config, weights = model
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -197,3 +234,316 @@ def test_mis_sized_launch_errors_instead_of_hanging(model):
     with pytest.raises(MegakernelError):
         st.next_frame(timeout_s=20)
     torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Opening streams: prefill graphs, reused slots
+
+
+@gpu
+def test_prefill_graphs_match_eager_prefill(model, backend):
+    from qwen_tts_megakernel.megakernel.backend import _StackViews
+
+    config, _ = model
+    be = backend
+    stats = be.prefill_graph_stats
+    print("prefill graphs:", stats)
+    assert "error" not in stats and stats["buckets"] == [16, 32, 64, 128, 256, 512, 1024]
+    slot = be.n_slots - 1
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 15, 16, 17, 27, 64, 100, 263, 1024, 1030):  # bucket edges; 1030 has no bucket (eager both times)
+        rows = (0.05 * torch.randn(n, config.talker.hidden_size, generator=g)).cuda()
+        be.prefill_kv(slot, rows, graphs=False)
+        torch.cuda.synchronize()
+        want = be.t_kv[slot, :, :, :, :n].clone()
+        be.t_kv[slot].fill_(float("nan"))  # the graph path must write every position < n
+        be.prefill_kv(slot, rows)
+        torch.cuda.synchronize()
+        got = be.t_kv[slot, :, :, :, :n]
+        assert torch.isfinite(got).all(), n
+        for layer in range(config.talker.num_hidden_layers):
+            for kv in range(2):
+                err = rel_err(got[layer, kv], want[layer, kv])
+                assert err < 1e-5, (n, layer, kv, err)
+    # An fp32 copy of the weights (prefill_fp32_weights=True) changes nothing: bf16 -> fp32 is exact.
+    views = be.t_views
+    try:
+        be.t_views = _StackViews(be.t_blob.float(), be.t_norms, config.talker)
+        be.prefill_kv(slot, rows, graphs=False)
+        torch.cuda.synchronize()
+        assert rel_err(be.t_kv[slot, :, :, :, :len(rows)], want) < 1e-6
+    finally:
+        be.t_views = views
+    be.t_kv[slot].zero_()
+
+
+def _codes(be, prompt, seed, frames, **kw):
+    st = be.open_stream(*prompt, SamplingParams(), RandomStream(seed), **kw)
+    out = [st.next_frame() for _ in range(frames)]
+    st.close()
+    return np.array(out)
+
+
+@gpu
+def test_reused_slot_gives_the_codes_of_a_fresh_one(model, backend):
+    """One slot, streams opened and closed back to back (after EOS, closed early with a launch in flight, over a
+    cache full of NaN): every stream's codes equal those of the same stream on another backend."""
+    config, weights = model
+    one = MegakernelBackend(config, weights, device="cuda", max_seq_len=512, slots=1)
+    pa = random_prompt(config, n_prefill=40, n_text=10, seed=11)
+    pb = random_prompt(config, n_prefill=12, n_text=2, seed=12)
+    want_a, want_b = _codes(backend, pa, 1, 12), _codes(backend, pb, 2, 12)
+    assert np.array_equal(_codes(one, pa, 1, 12), want_a)
+    # EOS forced at frame 3: the slot's done flag is set and the launch queued behind it returns at once.
+    forced = np.zeros((6, 16), dtype=np.int64)
+    forced[3, 0] = config.ids.codec_eos
+    st = one.open_stream(*pb, SamplingParams(), RandomStream(2), forced=forced)
+    for _ in range(4):
+        st.next_frame()
+    st.close()
+    assert np.array_equal(_codes(one, pb, 2, 12), want_b)
+    st = one.open_stream(*pa, SamplingParams(), RandomStream(3))  # closed with frame 1 still running
+    st.next_frame()
+    st.close()
+    assert np.array_equal(_codes(one, pa, 1, 12), want_a)
+    torch.cuda.synchronize()
+    one.t_kv.fill_(float("nan"))  # cache positions past the prefill are written before they are read
+    assert np.array_equal(_codes(one, pb, 2, 12), want_b)
+    assert np.array_equal(_codes(one, pa, 1, 12), want_a)
+    assert one.error_code() == 0
+
+
+@gpu
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_appended_text_rows_give_the_codes_of_rows_given_at_open(model, backend, lookahead):
+    config, _ = model
+    prefill, text, pad = random_prompt(config, n_prefill=12, n_text=12, seed=13)
+    T, frames = len(text), 20
+
+    def run(n_open, final, before):
+        """`before[k]`: called with the stream before next_frame(k)."""
+        st = backend.open_stream(prefill, text[:n_open], pad, SamplingParams(), RandomStream(4),
+                                 lookahead=lookahead, text_final=final)
+        out = []
+        for k in range(frames):
+            if k in before:
+                before[k](st)
+            out.append(st.next_frame())
+        st.close()
+        return np.array(out)
+
+    want = run(T, True, {})
+    # Late: row k-1 arrives just before frame k (every launch first adds a zero row; the row is added after).
+    late = {k: (lambda st, k=k: st.append_text_rows(text[k - 1:k])) for k in range(1, T + 1)}
+    late[T + 1] = lambda st: st.end_text()
+
+    def too_early(st):  # frame 3 needs row 2, which is not there yet
+        with pytest.raises(RuntimeError):
+            st.next_frame()
+        st.append_text_rows(text[2:3])
+
+    late[3] = too_early
+    assert np.array_equal(run(0, False, late), want)
+    # Bursts, then the end of the text.
+    bursts = {2: lambda st: st.append_text_rows(text[3:8]),
+              6: lambda st: (st.append_text_rows(text[8:]), st.end_text())}
+    assert np.array_equal(run(3, False, bursts), want)
+    # The text ends after launches that did not know it yet: they get the pad row.
+    assert np.array_equal(run(5, False, {6: lambda st: st.end_text()}), run(5, True, {}))
+
+
+@gpu
+def test_live_text_on_the_megakernel_equals_whole_text_interleaved():
+    """Text streamed into a megakernel stream (live.py) gives the codes of the whole text given at once. Text rows
+    are embedded one at a time here: a bf16 GEMM over a batch of rows need not round each row as it would alone,
+    and live text embeds its rows in other batches than the whole text does."""
+    from qwen_tts_megakernel.tiny import random_checkpoint
+
+    synth = Synthesizer.from_checkpoint(random_checkpoint("0.6b", device="cuda"), backend="megakernel",
+                                        device=torch.device("cuda"), dtype=torch.bfloat16, max_streams=1)
+    batched = synth.talker.text_rows
+    synth.talker.text_rows = lambda ids: torch.cat([batched([i]) for i in ids]) if ids else batched(ids)
+    text = "Hello there, how are you doing today? I am fine."
+    want = synth.generate_codes(text, seed=7, max_new_tokens=24, text_layout="interleaved")
+    for pieces in ([text], list(text)):
+        u = LiveUtterance(synth, seed=7, max_new_tokens=24)
+        frames = _drive(u, pieces)
+        assert u.stop_reason == want.stop_reason
+        assert np.array_equal(np.stack(frames), want.codes), len(pieces)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host-side logic (CPU)
+
+
+def test_prefill_buckets():
+    assert default_prefill_buckets(4095) == [16, 32, 64, 128, 256, 512, 1024]
+    assert default_prefill_buckets(63) == [16, 32, 63]
+    assert default_prefill_buckets(10) == [10]
+    buckets = [16, 32, 63]
+    assert [pick_bucket(n, buckets) for n in (1, 16, 17, 32, 33, 63, 64)] == [16, 16, 32, 32, 63, 63, None]
+    assert pick_bucket(5, []) is None
+
+
+def test_text_track_never_reads_a_missing_row():
+    whole = TextTrack(3, final=True)
+    assert all(whole.plan(k) == LaunchPlan(None, False) for k in range(6))
+    tr = TextTrack(0, final=False)
+    steps = []
+
+    def launch(k):
+        plan = tr.plan(k)
+        if plan is not None:
+            tr.launched(k, plan)
+        steps.append(plan)
+
+    launch(0)                 # row 0 not here: zero text row, added before launch 1
+    launch(1)                 # launch 1 needs row 0: not yet
+    tr.append(1)
+    launch(1)                 # row 0 added; row 1 not here
+    tr.append(3)
+    launch(2)                 # row 1 added; row 2 here
+    launch(3)                 # row 3 here
+    launch(4)                 # past the rows, text still open: zero row
+    tr.end()
+    launch(5)                 # the text ended: the pad row is added; pad from now on
+    launch(6)
+    assert steps == [LaunchPlan(None, True), None, LaunchPlan(0, True), LaunchPlan(1, False),
+                     LaunchPlan(None, False), LaunchPlan(None, True), LaunchPlan(PAD, False),
+                     LaunchPlan(None, False)]
+    with pytest.raises(RuntimeError):
+        tr.append(1)
+
+
+def test_prefill_math_equals_the_reference_talker(tiny_synth):
+    """The prefill function (eager and captured alike) on the CPU: its K/V equal the reference talker's cache for the
+    same rows, and zero rows padded after the real ones (a graph bucket) leave the real rows' K/V unchanged."""
+    from types import SimpleNamespace
+
+    from qwen_tts_megakernel.megakernel.backend import (
+        _pack_stack,
+        _StackViews,
+        prefill_rope,
+        rope_table,
+    )
+    from qwen_tts_megakernel.model import Talker
+
+    config = tiny_synth.config
+    t = config.talker
+    weights = {k: v.to(torch.bfloat16).float() for k, v in tiny_synth.checkpoint.weights.items()}  # as packed
+    blob, norms = _pack_stack(weights, "talker.model", t, "cpu")
+    cos, sin = prefill_rope(rope_table(64, t.head_dim, t.rope_theta, "cpu"))
+    be = SimpleNamespace(config=config, t_views=_StackViews(blob, norms.float(), t), _rope_cos=cos, _rope_sin=sin)
+    talker = Talker.from_state_dict(config, weights, dtype=torch.float32)
+    n, bucket = 11, 16
+    rows = 0.05 * torch.randn(n, t.hidden_size, generator=torch.Generator().manual_seed(0))
+    kv = torch.full((t.num_hidden_layers, 2, t.num_key_value_heads, 20, t.head_dim), float("nan"))
+    MegakernelBackend._prefill_layers(be, rows, kv)
+    cache = talker.new_cache(20)
+    with torch.inference_mode():
+        talker.forward_rows(rows, cache)
+    assert rel_err(kv[:, 0, :, :n], cache.k[:, :, :n]) < 1e-5
+    assert rel_err(kv[:, 1, :, :n], cache.v[:, :, :n]) < 1e-5
+    assert torch.isnan(kv[:, :, :, n:]).all()  # nothing past the rows is written
+    padded = torch.zeros(t.num_hidden_layers, 2, t.num_key_value_heads, bucket, t.head_dim)
+    MegakernelBackend._prefill_layers(be, torch.cat([rows, torch.zeros(bucket - n, t.hidden_size)]), padded)
+    assert torch.isfinite(padded).all()
+    assert rel_err(padded[:, :, :, :n], kv[:, :, :, :n]) < 1e-6
+
+
+class _ReadAheadStream(ReferenceStream):
+    """A CPU model of MegakernelStream on the reference math: launch k computes frame k when it is queued (up to
+    `lookahead` frames ahead) and writes the next input F(frame k) + text row k as TextTrack plans it."""
+
+    def __init__(self, talker, prefill, text_rows, pad_row, params, rng, capacity, text_final, lookahead):
+        super().__init__(talker, prefill, text_rows, pad_row, params, rng, capacity)
+        self.track = TextTrack(len(text_rows), final=text_final)
+        self.lookahead = lookahead
+        self.queued: list[np.ndarray] = []
+        self.returned = 0
+        self.x_next = None
+
+    def talker_input(self):
+        return self.prefill if self.frame_index == 0 else self.x_next.unsqueeze(0)
+
+    def append_text_rows(self, rows):
+        self.track.append(len(rows))
+        super().append_text_rows(rows)
+
+    def end_text(self):
+        self.track.end()
+
+    def next_frame(self):
+        k = self.returned
+        eos = self.rules.eos_id
+        while len(self.queued) < k + 1 + self.lookahead and not (self.queued and self.queued[-1][0] == eos):
+            j = len(self.queued)
+            plan = self.track.plan(j)
+            if plan is None:
+                break
+            if plan.add_row is not None:
+                self.x_next = self.x_next + (self.pad_row if plan.add_row == PAD else self.text_rows[plan.add_row])
+            codes = ReferenceStream.next_frame(self)
+            text = (torch.zeros_like(self.pad_row) if plan.zero_text
+                    else self.text_rows[j] if j < self.track.n_rows else self.pad_row)
+            self.x_next = self.talker.frame_embedding(codes.tolist()) + text
+            self.track.launched(j, plan)
+            self.queued.append(codes)
+        if len(self.queued) <= k:
+            raise RuntimeError(f"frame {k} needs a text row that has not arrived")
+        self.returned += 1
+        return self.queued[k]
+
+
+class _ReadAheadBackend:
+    name = "read-ahead model"
+    supports_text_append = True
+    reads_text_ahead = True
+
+    def __init__(self, talker, lookahead):
+        self.talker, self.lookahead = talker, lookahead
+
+    def open_stream(self, prefill, text_rows, pad_row, params, rng, max_frames=None, text_final=True):
+        capacity = len(prefill) + (max_frames or 256) + 2
+        return _ReadAheadStream(self.talker, prefill, text_rows, pad_row, params, rng, capacity, text_final,
+                                self.lookahead)
+
+
+def _drive(u, pieces):
+    frames = []
+    for piece in pieces + [None]:
+        if piece is None:
+            u.flush()
+        else:
+            u.append(piece)
+        while u.ready():
+            codes = u.next_frame()
+            if codes is None:
+                break
+            frames.append(codes)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def tiny_synth(tmp_path_factory):
+    from qwen_tts_megakernel.tiny import write_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny_mk")
+    write_tiny_model(path, "0.6b", "custom_voice", seed=0)
+    return Synthesizer.from_pretrained(str(path), device="cpu")
+
+
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_live_text_protocol_of_a_read_ahead_backend(tiny_synth, lookahead):
+    """live.py with a backend that reads text rows a frame early (the megakernel's protocol, modelled on the CPU):
+    the same codes as the whole text in the interleaved layout, however the text arrives."""
+    synth = tiny_synth
+    text = "Hi there, you."
+    model = Synthesizer(synth.checkpoint, _ReadAheadBackend(synth.talker, lookahead), synth.codec, synth.talker)
+    want = synth.generate_codes(text, seed=7, max_new_tokens=18, text_layout="interleaved")
+    assert want.num_text_tokens + 3 < len(want.codes)  # the text ends (tts_eos, then pad rows) before the last frame
+    for pieces in ([text], [w + " " for w in text.split(" ")[:-1]] + [text.split(" ")[-1]], list(text)):
+        u = LiveUtterance(model, seed=7, max_new_tokens=18)
+        frames = _drive(u, pieces)
+        assert u.stop_reason == want.stop_reason
+        assert np.array_equal(np.stack(frames), want.codes), pieces[:2]

@@ -15,7 +15,10 @@ generated as soon as the token it reads exists. LiveUtterance keeps that invaria
     text_layout="interleaved")` with the same seed (when the two tokenize the same way).
 
 Backends whose streams cannot take appended text rows (no `append_text_rows`) fall back to waiting for flush and
-then speaking the whole text, still in the interleaved layout.
+then speaking the whole text, still in the interleaved layout. Backends whose streams read a text row before the
+frame that uses it (`reads_text_ahead`: the megakernel, whose launch k builds launch k+1's input) are told whether
+more text follows: `open_stream(..., text_final=False)` and `stream.end_text()` once tts_eos was appended; until
+then they never read past the rows they have (megakernel/backend.py, TextTrack), so the codes are the same.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ _BOUNDARY = re.compile(r"\s(?=\S)")
 def supports_text_append(backend) -> bool:
     """Whether the backend's streams take text rows after open (`stream.append_text_rows(rows)`)."""
     return getattr(backend, "name", None) == "reference" or bool(getattr(backend, "supports_text_append", False))
+
+
+def reads_text_ahead(backend) -> bool:
+    """Whether the backend's streams must be told the end of the text (`open_stream(text_final=...)`, `end_text()`)."""
+    return bool(getattr(backend, "reads_text_ahead", False))
 
 
 class LiveUtterance:
@@ -60,6 +68,8 @@ class LiveUtterance:
         self._tokens_fed = 0  # tokens 1.. handed to the backend stream as text rows
         self._eos_fed = False
         self._appendable = supports_text_append(synth.backend)
+        self._tell_text_end = self._appendable and reads_text_ahead(synth.backend)
+        self._text_ended = False  # the stream was told that no more text rows follow
         self.frames = 0
         self.stop_reason: str | None = None
 
@@ -123,8 +133,11 @@ class LiveUtterance:
         pad_row = talker.text_rows([synth.config.ids.tts_pad])[0]
         trailing = self._take_trailing_ids()
         text_rows = talker.text_rows(trailing) if trailing else prefill[:0]
+        extra = {}
+        if self._tell_text_end:
+            extra["text_final"] = self._text_ended = self._eos_fed
         self.stream = synth.backend.open_stream(prefill, text_rows, pad_row, self.params, self.rng,
-                                                max_frames=self.max_new_tokens)
+                                                max_frames=self.max_new_tokens, **extra)
 
     def _take_trailing_ids(self) -> list[int]:
         """Trailing text ids (tokens 1.., then tts_eos after flush) not yet handed to the backend."""
@@ -140,6 +153,9 @@ class LiveUtterance:
         ids = self._take_trailing_ids()
         if ids:
             self.stream.append_text_rows(self.synth.talker.text_rows(ids))
+        if self._tell_text_end and self._eos_fed and not self._text_ended:
+            self.stream.end_text()
+            self._text_ended = True
 
     def next_frame(self) -> np.ndarray | None:
         """Generate one frame: its 16 codes, or None when the utterance ended (see stop_reason)."""

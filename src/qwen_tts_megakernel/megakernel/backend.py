@@ -9,13 +9,33 @@ Weights are repacked once into the kernel's layout (csrc/mk_common.cuh: per-laye
 down], bf16). The talker prefill (rows 0..L-2) runs here in PyTorch (fp32 GEMMs on the same bf16 weights) and fills
 the same KV-cache layout the kernel reads; the last prefill row is launch 0's input. Launches are queued one frame
 ahead; codes are read from mapped pinned memory, so the host loop never waits on a device-wide sync.
+
+Opening a stream allocates nothing (teacher-forcing and random-number tables of test runs aside) and never
+synchronizes the device:
+  * the prefill is a CUDA-graph replay: one graph per row bucket (powers of two from 16 up to 1024 rows by
+    default, captured at construction into one shared memory pool; `prefill_graph_stats` holds the capture time
+    and memory). Rows are zero-padded at the end to the bucket: attention is causal, so padded rows never touch
+    the real rows' K/V. The graph writes a staging cache, copied into the slot's cache with one strided copy.
+    Longer prefills run the same function eagerly.
+  * every slot's buffers (next input, text rows up to max_seq_len, pad row, penalty bitmap, done flag, device
+    record ring) and all slots' pinned record rings (one cudaHostAlloc) are allocated once; opening resets them
+    with in-stream fills, and clears the slot's host records after the slot's previous stream finished (an event
+    recorded at close).
+
+Text can be appended while a stream runs (`append_text_rows`, `end_text`; live.py). Launch k builds launch k+1's
+input as F(frame k) + text row k, reading the row when it runs, one frame earlier than the reference stream reads
+it; TextTrack keeps that from ever reading a row that has not arrived (see there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import math
 import time
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +44,8 @@ import torch.nn.functional as F
 
 from ..sampling import NUM_DRAWS_PER_FRAME, RandomStream, SamplingParams
 from .build import load_library
+
+log = logging.getLogger(__name__)
 
 LAYOUT_FIELDS = ("t_H", "t_F", "t_L", "t_V", "t_NQ", "t_NKV", "t_HD", "t_LAYER_ELEMS", "t_NORM_ELEMS",
                  "c_H", "c_F", "c_L", "c_V", "c_NQ", "c_NKV", "c_HD", "c_LAYER_ELEMS", "c_NORM_ELEMS",
@@ -122,41 +144,164 @@ def _pack_stack(weights: dict, prefix: str, cfg, device) -> tuple[torch.Tensor, 
 
 @dataclass
 class _StackViews:
-    """Views into one packed stack for the PyTorch prefill: per layer (wq, wk, wv, wo, gate, up, down, norms)."""
+    """Views into one packed stack for the PyTorch prefill, per layer: the fused [q; k; v] rows, o, the interleaved
+    (gate_i, up_i) row pairs, down, and the four norms."""
 
     blob: torch.Tensor
     norm_blob: torch.Tensor
     cfg: object
 
-    def layer(self, i: int):
+    def fused(self, i: int):
         c = self.cfg
-        H, F_, QD, KVD = c.hidden_size, c.intermediate_size, c.q_dim, c.kv_dim
+        H, F_, QD, KVD, HD = c.hidden_size, c.intermediate_size, c.q_dim, c.kv_dim, c.head_dim
         b = self.blob[i]
-        o = 0
-        wq = b[o:o + QD * H].view(QD, H); o += QD * H
-        wk = b[o:o + KVD * H].view(KVD, H); o += KVD * H
-        wv = b[o:o + KVD * H].view(KVD, H); o += KVD * H
+        o = (QD + 2 * KVD) * H
+        wqkv = b[:o].view(QD + 2 * KVD, H)
         wo = b[o:o + H * QD].view(H, QD); o += H * QD
-        gu = b[o:o + 2 * F_ * H].view(F_, 2, H); o += 2 * F_ * H
+        wgu = b[o:o + 2 * F_ * H].view(2 * F_, H); o += 2 * F_ * H  # rows 2i = gate_i, 2i + 1 = up_i
         wd = b[o:o + H * F_].view(H, F_)
         n = self.norm_blob[i]
-        ln1, ln2 = n[:H], n[H:2 * H]
-        qn, kn = n[2 * H:2 * H + c.head_dim], n[2 * H + c.head_dim:]
-        return wq, wk, wv, wo, gu[:, 0], gu[:, 1], wd, ln1, ln2, qn, kn
+        return wqkv, wo, wgu, wd, n[:H], n[H:2 * H], n[2 * H:2 * H + HD], n[2 * H + HD:2 * H + 2 * HD]
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+    """x * rsqrt(mean(x^2) + eps) * w over the last dimension (fp32 x and w)."""
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmul():
+    """fp32 matmuls without TF32 inside (the default; only a caller who enabled TF32 sees a change, undone after)."""
+    m = torch.backends.cuda.matmul
+    try:
+        tf32, legacy = bool(m.allow_tf32), True
+    except RuntimeError:  # the caller mixed the legacy and the new precision API: use the new one
+        tf32, legacy = getattr(m, "fp32_precision", "ieee") == "tf32", False
+    if not tf32:
+        yield
+        return
+    if legacy:
+        prev = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+    else:
+        prev = m.fp32_precision
+        m.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        if legacy:
+            torch.set_float32_matmul_precision(prev)
+        else:
+            m.fp32_precision = prev
+
+
+def prefill_rope(rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_table [P, HD] -> the prefill's NeoX rotation tables (cos, signed sin), each [P, HD]:
+    rot(v) = v * cos + cat(v2, v1) * sin_signed == v * cos + cat(-v2, v1) * sin (IEEE: -a * b == a * -b)."""
+    half = rope.shape[-1] // 2
+    cos, sin = rope[:, :half], rope[:, half:]
+    return torch.cat([cos, cos], dim=-1).contiguous(), torch.cat([-sin, sin], dim=-1).contiguous()
+
+
+def _keep_until_used(t: torch.Tensor, stream: torch.cuda.Stream) -> None:
+    """`t` (made on the caller's stream) is read on `stream`: keep its memory from being reused before that."""
+    if t.is_cuda:
+        t.record_stream(stream)
+
+
+# ---- prefill row buckets (pure Python) ----
+
+PREFILL_BUCKET_SMALLEST, PREFILL_BUCKET_LARGEST = 16, 1024
+
+
+def default_prefill_buckets(max_rows: int, smallest: int = PREFILL_BUCKET_SMALLEST,
+                            largest: int = PREFILL_BUCKET_LARGEST) -> list[int]:
+    """Row counts to capture prefill graphs for: powers of two from `smallest`, then min(max_rows, largest)."""
+    top = min(int(max_rows), int(largest))
+    out, b = [], int(smallest)
+    while b < top:
+        out.append(b)
+        b *= 2
+    return out + [top] if top >= 1 else []
+
+
+def pick_bucket(n: int, buckets) -> int | None:
+    """The smallest bucket holding n rows, or None (then the prefill runs eagerly)."""
+    fits = [b for b in buckets if b >= n]
+    return min(fits) if fits else None
+
+
+# ---- text rows of a running stream (pure Python) ----
+
+PAD = -1  # LaunchPlan.add_row: the pad row
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    add_row: int | None  # add this text row (PAD: the pad row) to x_in before the launch; the previous one left it out
+    zero_text: bool      # the launch ends with a zero text row instead of row k (not appended yet)
+
+
+class TextTrack:
+    """Which text row each launch of a stream adds, when text arrives while the stream runs.
+
+    Launch k ends by writing launch k+1's input, F(frame k) + text row k (the pad row past the end of the text), and
+    reads that row when it runs; the reference stream reads it one frame later, when frame k+1 starts. With the text
+    still open, row k may not have arrived when launch k is queued (with lookahead, even before frame k is needed).
+    Then launch k adds a zero row (pad_row points at zeros for that launch: MkSlot is passed by value) and, before
+    launch k+1 is queued, row k - or the pad row, if the text ended before row k - is added to x_in in-stream. In
+    fp32, (F + 0) + r == F + r, so the input is bit-identical to a stream that had the row from the start. Launch
+    k+1 is only queued once row k is known, which is what the reference needs for frame k+1 too: frame k needs
+    rows < k only.
+    """
+
+    def __init__(self, n_rows: int = 0, final: bool = True):
+        self.n_rows = int(n_rows)
+        self.final = bool(final)
+        self.missing: int | None = None  # the text row the latest launch left out of x_in
+
+    def append(self, n: int) -> None:
+        if self.final:
+            raise RuntimeError("text rows after the end of the text (end_text)")
+        self.n_rows += int(n)
+
+    def end(self) -> None:
+        self.final = True
+
+    def plan(self, k: int) -> LaunchPlan | None:
+        """How to queue launch k, or None while its input still lacks text row k-1."""
+        add = None
+        if self.missing is not None:
+            if self.missing != k - 1:
+                raise AssertionError(f"launch {k} planned after a launch that left out row {self.missing}")
+            if self.missing < self.n_rows:
+                add = self.missing
+            elif self.final:
+                add = PAD
+            else:
+                return None
+        return LaunchPlan(add_row=add, zero_text=not self.final and k >= self.n_rows)
+
+    def launched(self, k: int, plan: LaunchPlan) -> None:
+        self.missing = k if plan.zero_text else None
 
 
 class MegakernelBackend:
-    """Frames of one or more streams on the decode megakernel (launches serialized on one CUDA stream)."""
+    """Frames of one or more streams on the decode megakernel (launches serialized on one CUDA stream).
+
+    `prefill_graphs`: capture the talker prefill as CUDA graphs at construction (`prefill_buckets`: their row
+    counts; default 16, 32, ... 1024, capped at max_seq_len - 1). `prefill_fp32_weights`: keep an fp32 copy of the
+    talker weights for the prefill GEMMs (same results, ~4 bytes per talker weight more memory, no per-call
+    bf16 -> fp32 conversion)."""
 
     name = "megakernel"
+    supports_text_append = True  # streams take append_text_rows() (live.py)
+    reads_text_ahead = True  # ... and need open_stream(text_final=False) + end_text() for that (TextTrack)
 
     def __init__(self, config, weights: dict[str, torch.Tensor], device: torch.device | str = "cuda",
                  max_seq_len: int = 4096, slots: int = 2, num_blocks: int | None = None,
-                 timeout_s: float = 2.0, cooperative: bool = True):
+                 timeout_s: float = 2.0, cooperative: bool = True, prefill_graphs: bool = True,
+                 prefill_buckets: Sequence[int] | None = None, prefill_fp32_weights: bool = False):
         self.config = config
         self.device = torch.device(device)
         if self.device.type != "cuda":
@@ -194,9 +339,12 @@ class MegakernelBackend:
             self.c_proj_b = weights["talker.code_predictor.small_to_mtp_projection.bias"].to(dev, bf).contiguous()
         else:
             self.c_proj_w = self.c_proj_b = None
-        self.t_views = _StackViews(self.t_blob, self.t_norms, t)
+        # The prefill's weights: fp32 ones make `w.float()` a no-op (same values: bf16 -> fp32 is exact).
+        self.t_views = _StackViews(self.t_blob.float() if prefill_fp32_weights else self.t_blob,
+                                   self.t_norms.float(), t)
         self.t_rope = rope_table(self.max_seq, t.head_dim, t.rope_theta, dev)
         self.c_rope = rope_table(16, c.head_dim, c.rope_theta, dev)
+        self._rope_cos, self._rope_sin = prefill_rope(self.t_rope)
 
         # Caches and scratch.
         f32 = torch.float32
@@ -241,9 +389,39 @@ class MegakernelBackend:
             t_logits=_ptr(self.t_logits), c_logits=_ptr(self.c_logits), dbg_hidden=_ptr(self.dbg_hidden),
             bar_count=sw, bar_base=sw + 8, error=sw + 16, max_seq=self.max_seq, slots=self.n_slots,
             timeout_ns=int(timeout_s * 1e9), t_eps=t.rms_norm_eps, c_eps=c.rms_norm_eps)
+
+        # Per-slot stream state, allocated once (open_stream only resets it).
+        S, H = self.n_slots, t.hidden_size
+        self.text_capacity = self.max_seq  # text row k is read by launch k < max_seq
+        self.slot_x_in = torch.zeros(S, H, device=dev, dtype=f32)
+        self.slot_pad = torch.zeros(S, H, device=dev, dtype=f32)
+        self.slot_text = torch.zeros(S, self.text_capacity, H, device=dev, dtype=f32)
+        self.zero_row = torch.zeros(H, device=dev, dtype=f32)
+        # int32 words per slot, zeroed by one fill at open: [seen bitmap | done (+3 spare) | device record ring].
+        ring = self.lay["OUT_RING"] * self.lay["REC_INTS"]
+        self._seen_words = (t.vocab_size + 31) // 32
+        self._done_at = (self._seen_words + 3) // 4 * 4
+        self._ring_at = self._done_at + 4
+        self.slot_state = torch.zeros(S, (self._ring_at + ring + 3) // 4 * 4, device=dev, dtype=torch.int32)
+        # Pinned mapped host record rings of all slots: one allocation (mk_host_alloc zeroes it), freed with the
+        # backend (cudaFreeHost synchronizes the device, so never per stream).
+        host, devp = ctypes.c_void_p(), ctypes.c_void_p()
+        _check(self.lib, self.lib.mk_host_alloc(S * ring * 4, ctypes.byref(host), ctypes.byref(devp)),
+               "mk_host_alloc")
+        self._host_finalizer = weakref.finalize(self, self.lib.mk_host_free, ctypes.c_void_p(host.value))
+        self._host_dev = devp.value or 0
+        self._ring_bytes = ring * 4
+        self.out_host = np.ctypeslib.as_array(ctypes.cast(host, ctypes.POINTER(ctypes.c_int32)),
+                                              shape=(S, self.lay["OUT_RING"], self.lay["REC_INTS"]))
+        self._slot_idle: list[torch.cuda.Event | None] = [None] * S  # recorded when a slot's stream closed
+
         self.free_slots = list(range(self.n_slots))
         self.broken: str | None = None
+        self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_graph_stats: dict = {"buckets": []}
         torch.cuda.synchronize(dev)
+        if prefill_graphs:
+            self.capture_prefill_graphs(prefill_buckets)
 
     def _check_layout(self, t, c) -> None:
         lay = self.lay
@@ -263,7 +441,9 @@ class MegakernelBackend:
 
     def open_stream(self, prefill: torch.Tensor, text_rows: torch.Tensor, pad_row: torch.Tensor,
                     params: SamplingParams, rng: RandomStream, max_frames: int | None = None, *,
-                    forced: np.ndarray | None = None, perturb: float = 0.0, lookahead: int = 1) -> "MegakernelStream":
+                    forced: np.ndarray | None = None, perturb: float = 0.0, lookahead: int = 1,
+                    text_final: bool = True) -> MegakernelStream:
+        """`text_final=False`: more text rows follow (stream.append_text_rows), until stream.end_text()."""
         if self.broken:
             raise MegakernelError(f"backend unusable after an earlier error: {self.broken}")
         if not self.free_slots:
@@ -271,44 +451,127 @@ class MegakernelBackend:
         slot = self.free_slots.pop(0)
         try:
             return MegakernelStream(self, slot, prefill, text_rows, pad_row, params, rng, max_frames, forced,
-                                    perturb, lookahead)
+                                    perturb, lookahead, text_final)
         except Exception:
-            self.free_slots.append(slot)
+            self.free_slots.insert(0, slot)
             raise
 
     # ---- batched talker prefill (PyTorch): rows at positions 0..n-1 -> K/V of every layer in slot's cache ----
+
+    def _prefill_layers(self, x: torch.Tensor, kv: torch.Tensor) -> None:
+        """K/V of every talker layer for rows x [n, H] (fp32) at positions 0..n-1 -> kv[l, 0 / 1, :, :n] (kv:
+        [L, 2, NKV, >= n, HD]). fp32 activations, the bf16 weights upcast, QK RMSNorm, NeoX RoPE, causal attention.
+        The eager prefill and the captured graphs run this same function."""
+        t = self.config.talker
+        n = x.shape[0]
+        nq, nkv, hd, eps = t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.rms_norm_eps
+        qd, kvd, ffn, group = nq * hd, nkv * hd, t.intermediate_size, nq // nkv
+        cos, sin = self._rope_cos[:n], self._rope_sin[:n]  # sin: signed (prefill_rope)
+        half = hd // 2
+
+        def rot(v):  # [heads, n, hd]
+            return v * cos + torch.cat([v[..., half:], v[..., :half]], dim=-1) * sin
+
+        for i in range(t.num_hidden_layers):
+            wqkv, wo, wgu, wd, ln1, ln2, qn, kn = self.t_views.fused(i)
+            h = _rms(x, ln1, eps)
+            qkv = h @ wqkv.float().T  # [n, QD + 2 KVD]
+            k = rot(_rms(qkv[:, qd:qd + kvd].view(n, nkv, hd), kn, eps).transpose(0, 1))
+            v = qkv[:, qd + kvd:].view(n, nkv, hd).transpose(0, 1)
+            kv[i, 0, :, :n] = k
+            kv[i, 1, :, :n] = v
+            if i == t.num_hidden_layers - 1:
+                break  # the last layer's output is never used, only its K/V
+            q = rot(_rms(qkv[:, :qd].view(n, nq, hd), qn, eps).transpose(0, 1))
+            keys = k[:, None].expand(nkv, group, n, hd).reshape(nq, n, hd)  # query head j uses kv head j // group
+            vals = v[:, None].expand(nkv, group, n, hd).reshape(nq, n, hd)
+            att = F.scaled_dot_product_attention(q, keys, vals, is_causal=True, scale=1.0 / math.sqrt(hd))
+            x = torch.addmm(x, att.transpose(0, 1).reshape(n, qd), wo.float().T)  # x + att @ wo^T
+            h = _rms(x, ln2, eps)
+            gu = (h @ wgu.float().T).view(n, ffn, 2)  # (gate_i, up_i) pairs
+            x = torch.addmm(x, F.silu(gu[..., 0]) * gu[..., 1], wd.float().T)
+
     @torch.inference_mode()
-    def prefill_kv(self, slot: int, rows: torch.Tensor) -> None:
-        n = rows.shape[0]
+    def capture_prefill_graphs(self, buckets: Sequence[int] | None = None) -> dict:
+        """Capture the prefill once per row bucket (largest first, one shared memory pool: the graphs only ever
+        replay one at a time, on self.stream). Sets and returns prefill_graph_stats; on a capture failure the
+        prefill stays eager and the stats hold the error."""
+        t = self.config.talker
+        dev = self.device
+        if buckets is None:
+            buckets = default_prefill_buckets(self.max_seq - 1)
+        buckets = sorted({int(b) for b in buckets if 1 <= int(b) <= self.max_seq})
+        self._prefill_graphs = {}
+        if not buckets:
+            self.prefill_graph_stats = {"buckets": []}
+            return self.prefill_graph_stats
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        reserved0 = torch.cuda.memory_reserved(dev)
+        t0 = time.perf_counter()
+        top = buckets[-1]
+        self._x_stage = torch.zeros(top, t.hidden_size, device=dev, dtype=torch.float32)
+        self._kv_stage = torch.zeros(t.num_hidden_layers, 2, t.num_key_value_heads, top, t.head_dim, device=dev,
+                                     dtype=torch.float32)
+        self._graph_pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        graphs = {}
+        try:
+            with _ieee_fp32_matmul():
+                for b in reversed(buckets):  # largest first: the smaller captures reuse its blocks of the pool
+                    x, kv = self._x_stage[:b], self._kv_stage[:, :, :, :b]
+                    with torch.cuda.stream(side):  # warm-up (cuBLAS handles, workspaces) on the capture stream
+                        for _ in range(2):
+                            self._prefill_layers(x, kv)
+                    side.synchronize()
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=self._graph_pool, stream=side):
+                        self._prefill_layers(x, kv)
+                    graphs[b] = g
+            torch.cuda.synchronize(dev)
+        except Exception as exc:  # noqa: BLE001 - keep the backend usable: the eager prefill computes the same thing
+            torch.cuda.synchronize(dev)
+            log.warning("prefill graph capture failed (%s: %s); the prefill runs eagerly", type(exc).__name__, exc)
+            self.prefill_graph_stats = {"buckets": [], "error": f"{type(exc).__name__}: {exc}"}
+            return self.prefill_graph_stats
+        self._prefill_graphs = graphs
+        staging = (self._x_stage.numel() + self._kv_stage.numel()) * 4
+        self.prefill_graph_stats = {
+            "buckets": buckets, "capture_s": time.perf_counter() - t0, "staging_bytes": staging,
+            "memory_bytes": torch.cuda.memory_reserved(dev) - reserved0}  # staging + the graphs' pool
+        log.info("prefill graphs for %s rows captured in %.2f s, %.0f MB (staging %.0f MB)", buckets,
+                 self.prefill_graph_stats["capture_s"], self.prefill_graph_stats["memory_bytes"] / 2**20,
+                 staging / 2**20)
+        return self.prefill_graph_stats
+
+    @torch.inference_mode()
+    def prefill_kv(self, slot: int, rows: torch.Tensor, *, graphs: bool = True) -> None:
+        """Talker K/V of prefill rows [n, H] at positions 0..n-1 into slot's cache, queued on self.stream after the
+        caller's stream: a graph replay when n fits a captured bucket (rows zero-padded at the end; positions
+        >= n are not copied), else the same math eagerly. Positions >= n of the cache keep stale values: launch k
+        appends position pos = n + k and reads positions <= pos only."""
+        n = int(rows.shape[0])
         if n == 0:
             return
-        t = self.config.talker
-        nq, nkv, hd, eps = t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.rms_norm_eps
-        rope = self.t_rope[:n]
-        cos = torch.cat([rope[:, :hd // 2]] * 2, dim=-1)
-        sin = torch.cat([rope[:, hd // 2:]] * 2, dim=-1)
-
-        def rot(x):  # [heads, n, hd]
-            x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
-            return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-        x = rows.to(self.device, torch.float32)
-        mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
-        for i in range(t.num_hidden_layers):
-            wq, wk, wv, wo, wg, wu, wd, ln1, ln2, qn, kn = self.t_views.layer(i)
-            h = _rms(x, ln1, eps)
-            q = _rms((h @ wq.float().T).view(n, nq, hd), qn, eps).transpose(0, 1)
-            k = _rms((h @ wk.float().T).view(n, nkv, hd), kn, eps).transpose(0, 1)
-            v = (h @ wv.float().T).view(n, nkv, hd).transpose(0, 1)
-            k = rot(k)
-            self.t_kv[slot, i, 0, :, :n] = k
-            self.t_kv[slot, i, 1, :, :n] = v
-            keys = k.repeat_interleave(nq // nkv, dim=0)
-            vals = v.repeat_interleave(nq // nkv, dim=0)
-            att = F.scaled_dot_product_attention(rot(q), keys, vals, attn_mask=mask, scale=1.0 / math.sqrt(hd))
-            x = x + att.transpose(0, 1).reshape(n, nq * hd) @ wo.float().T
-            h = _rms(x, ln2, eps)
-            x = x + (F.silu(h @ wg.float().T) * (h @ wu.float().T)) @ wd.float().T
+        if n > self.max_seq:
+            raise ValueError(f"{n} prefill rows exceed max_seq_len {self.max_seq}")
+        dev = self.device
+        bucket = pick_bucket(n, self._prefill_graphs) if graphs else None
+        caller = torch.cuda.current_stream(dev)
+        if caller != self.stream:
+            self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            if bucket is None:
+                with _ieee_fp32_matmul():
+                    self._prefill_layers(rows.to(dev, torch.float32), self.t_kv[slot])
+            else:
+                self._x_stage[:n].copy_(rows)
+                if bucket > n:
+                    self._x_stage[n:bucket].zero_()
+                self._prefill_graphs[bucket].replay()
+                self.t_kv[slot, :, :, :, :n].copy_(self._kv_stage[:, :, :, :n])
+        _keep_until_used(rows, self.stream)
 
     def launch(self, slot_struct: MkSlot, frame: int, pos: int, perturb: float = 0.0, flags: int = 0) -> None:
         """Queue one frame on self.stream (flags: 1 = talker step only, for benchmarks)."""
@@ -334,7 +597,7 @@ class MegakernelStream:
     """One utterance in one slot of a MegakernelBackend."""
 
     def __init__(self, be: MegakernelBackend, slot: int, prefill, text_rows, pad_row, params: SamplingParams,
-                 rng: RandomStream, max_frames, forced, perturb: float, lookahead: int):
+                 rng: RandomStream, max_frames, forced, perturb: float, lookahead: int, text_final: bool = True):
         cfg = be.config
         t = cfg.talker
         if params.do_sample and not (0 < params.top_k <= be.lay["CAND_MAX"]):
@@ -344,6 +607,8 @@ class MegakernelStream:
         L = prefill.shape[0]
         if L < 1:
             raise ValueError("prefill needs at least one row")
+        if L > be.max_seq:
+            raise ValueError(f"a prefill of {L} rows does not fit max_seq_len {be.max_seq}")
         self.be, self.slot, self.L = be, slot, L
         dev = be.device
         self.eos = cfg.ids.codec_eos
@@ -361,33 +626,50 @@ class MegakernelStream:
         if forced is not None:
             limit = min(limit, len(forced))
         self.limit = limit
-        f32 = torch.float32
+        n_text = len(text_rows)
+        self.track = TextTrack(n_text, final=text_final)
+
+        # The slot's preallocated state (views).
+        self.x_in = be.slot_x_in[slot]
+        self.text_rows = be.slot_text[slot]  # [text_capacity, H]; rows >= track.n_rows are stale
+        self.pad_row = be.slot_pad[slot]
+        state = be.slot_state[slot]
+        self.seen = state[:be._seen_words]
+        self.done = state[be._done_at:be._done_at + 1]
+        self.out_dev = state[be._ring_at:be._ring_at + be._ring_bytes // 4].view(be.lay["OUT_RING"],
+                                                                                 be.lay["REC_INTS"])
+        self.out_host = be.out_host[slot]
+        # The host polls record k % OUT_RING for sequence word k + 1: clear the slot's records, once the slot's
+        # previous stream (launches queued ahead included) has finished writing them.
+        idle = be._slot_idle[slot]
+        if idle is not None:
+            idle.synchronize()
+            be._slot_idle[slot] = None
+        self.out_host[...] = 0
+
+        caller = torch.cuda.current_stream(dev)
+        be.stream.wait_stream(caller)
         with torch.cuda.stream(be.stream):
-            be.stream.wait_stream(torch.cuda.current_stream(dev))
-            self.x_in = prefill[L - 1].to(dev, f32).contiguous().clone()
-            self.text_rows = text_rows.to(dev, f32).contiguous() if len(text_rows) else torch.zeros(1, t.hidden_size,
-                                                                                                   device=dev)
-            self.pad_row = pad_row.to(dev, f32).contiguous()
+            self.x_in.copy_(prefill[L - 1])
+            m = min(n_text, be.text_capacity)
+            if m:
+                self.text_rows[:m].copy_(text_rows[:m])
+            self.pad_row.copy_(pad_row)
+            state.zero_()  # penalty bitmap, done flag, device records
+            be.c_kv[slot].zero_()
             self.uniforms = None if rng.table is None else torch.as_tensor(
                 np.ascontiguousarray(rng.table, dtype=np.float64), device=dev)
             self.forced = None if forced is None else torch.as_tensor(
                 np.ascontiguousarray(forced, dtype=np.int32).reshape(-1, NUM_DRAWS_PER_FRAME), device=dev)
-            self.seen = torch.zeros((t.vocab_size + 31) // 32, device=dev, dtype=torch.int32)
-            self.done = torch.zeros(1, device=dev, dtype=torch.int32)
-            self.out_dev = torch.zeros(be.lay["OUT_RING"], be.lay["REC_INTS"], device=dev, dtype=torch.int32)
-            be.c_kv[slot].zero_()
-            be.prefill_kv(slot, prefill[: L - 1])
-        host, devp = ctypes.c_void_p(), ctypes.c_void_p()
-        _check(be.lib, be.lib.mk_host_alloc(be.lay["OUT_RING"] * be.lay["REC_INTS"] * 4, ctypes.byref(host),
-                                            ctypes.byref(devp)), "mk_host_alloc")
-        self._host = host
-        self.out_host = np.ctypeslib.as_array(ctypes.cast(host, ctypes.POINTER(ctypes.c_int32)),
-                                              shape=(be.lay["OUT_RING"], be.lay["REC_INTS"]))
+        for x in (prefill, text_rows, pad_row):
+            _keep_until_used(x, be.stream)
+        be.prefill_kv(slot, prefill[: L - 1])
+        self._pad_ptr = _ptr(self.pad_row)
         self.struct = MkSlot(
-            slot=slot, x_in=_ptr(self.x_in), text_rows=_ptr(self.text_rows), pad_row=_ptr(self.pad_row),
+            slot=slot, x_in=_ptr(self.x_in), text_rows=_ptr(self.text_rows), pad_row=self._pad_ptr,
             uniforms=_ptr(self.uniforms), forced=_ptr(self.forced), seen=_ptr(self.seen), done=_ptr(self.done),
-            out_dev=_ptr(self.out_dev), out_host=devp.value or 0, n_text=len(text_rows),
-            n_uniform_frames=0 if rng.table is None else len(rng.table),
+            out_dev=_ptr(self.out_dev), out_host=be._host_dev + slot * be._ring_bytes if be._host_dev else 0,
+            n_text=m, n_uniform_frames=0 if rng.table is None else len(rng.table),
             n_forced_frames=0 if forced is None else len(self.forced), seed=rng.seed & ((1 << 64) - 1),
             do_sample=int(params.do_sample), top_k=params.top_k, cp_do_sample=int(params.subtalker_dosample),
             cp_top_k=params.subtalker_top_k, eos_id=self.eos, suppress_start=t.vocab_size - 1024,
@@ -395,11 +677,47 @@ class MegakernelStream:
             rep_penalty=params.repetition_penalty, cp_temperature=params.subtalker_temperature,
             cp_top_p=params.subtalker_top_p)
 
+    # ---- streamed text ----
+
+    def append_text_rows(self, rows: torch.Tensor) -> None:
+        """Extend the text track while the stream runs (streamed text input, see live.py). Rows [n, H]."""
+        if self.closed:
+            raise RuntimeError("stream is closed")
+        be = self.be
+        rows = rows.reshape(-1, self.pad_row.shape[-1])
+        if rows.shape[0] == 0:
+            return
+        a = self.track.n_rows
+        self.track.append(rows.shape[0])
+        b = min(a + rows.shape[0], be.text_capacity)  # rows past the capacity are never read (launch k < max_seq)
+        if b > a:
+            be.stream.wait_stream(torch.cuda.current_stream(be.device))
+            with torch.cuda.stream(be.stream):
+                self.text_rows[a:b].copy_(rows[: b - a])
+            _keep_until_used(rows, be.stream)
+
+    def end_text(self) -> None:
+        """No more text rows: frames past the last one read the pad row."""
+        self.track.end()
+
+    # ---- frames ----
+
     def _launch_upto(self, n: int) -> None:
         n = min(n, self.limit)
+        be = self.be
         while self.launched < n:
             k = self.launched
-            self.be.launch(self.struct, k, self.L - 1 + k, self.perturb)
+            plan = self.track.plan(k)
+            if plan is None:
+                return  # launch k needs text row k-1, which has not arrived
+            if plan.add_row is not None:
+                row = self.pad_row if plan.add_row == PAD else self.text_rows[plan.add_row]
+                with torch.cuda.stream(be.stream):
+                    self.x_in.add_(row)
+            self.struct.n_text = min(self.track.n_rows, be.text_capacity)
+            self.struct.pad_row = _ptr(be.zero_row) if plan.zero_text else self._pad_ptr
+            be.launch(self.struct, k, self.L - 1 + k, self.perturb)
+            self.track.launched(k, plan)
             self.launched += 1
 
     def next_frame(self, timeout_s: float = 30.0) -> np.ndarray:
@@ -414,6 +732,9 @@ class MegakernelStream:
         if k >= self.limit:
             raise MegakernelError(f"frame {k} is past this stream's limit of {self.limit} frames (KV cache / tables)")
         self._launch_upto(k + 1 + self.lookahead)
+        if self.launched <= k:
+            raise RuntimeError(f"frame {k} needs text row {k - 1}: append it (append_text_rows) or end the text "
+                               "(end_text) first")
         rec = self.out_host[k % be.lay["OUT_RING"]]
         t0 = time.perf_counter()
         spins = 0
@@ -454,13 +775,11 @@ class MegakernelStream:
         return self.be.t_logits.clone()
 
     def close(self) -> None:
+        """Give the slot back without waiting: the next stream opened in it waits for this event first."""
         if self.closed:
             return
         self.closed = True
-        try:
-            self.be.stream.synchronize()
-        finally:
-            if self._host:
-                self.be.lib.mk_host_free(self._host)
-                self._host = None
-            self.be.free_slots.append(self.slot)
+        idle = torch.cuda.Event()
+        idle.record(self.be.stream)
+        self.be._slot_idle[self.slot] = idle
+        self.be.free_slots.append(self.slot)
