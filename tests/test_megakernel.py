@@ -265,13 +265,14 @@ def test_prefill_graphs_match_eager_prefill(model, backend):
             for kv in range(2):
                 err = rel_err(got[layer, kv], want[layer, kv])
                 assert err < 1e-5, (n, layer, kv, err)
-    # An fp32 copy of the weights (prefill_fp32_weights=True) changes nothing: bf16 -> fp32 is exact.
+    # An fp32 copy of the weights (prefill_fp32_weights=True) gives the same K/V up to float rounding: bf16 -> fp32
+    # is exact, but cuBLAS may pick another GEMM algorithm (measured 1.8e-6 on an H100).
     views = be.t_views
     try:
         be.t_views = _StackViews(be.t_blob.float(), be.t_norms, config.talker)
         be.prefill_kv(slot, rows, graphs=False)
         torch.cuda.synchronize()
-        assert rel_err(be.t_kv[slot, :, :, :, :len(rows)], want) < 1e-6
+        assert rel_err(be.t_kv[slot, :, :, :, :len(rows)], want) < 1e-5
     finally:
         be.t_views = views
     be.t_kv[slot].zero_()

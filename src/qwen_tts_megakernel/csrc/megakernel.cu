@@ -397,7 +397,7 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 
 // dst[r][0..n) = RMSNorm(src[r]) * weight for nr rows (src may be global or shared, may alias dst):
 // x * rsqrt(mean(x^2) + eps) * weight, in fp32.
-__device__ void rmsnorm_rows(float* dst, const float* src, int nr, int n, int src_stride, int dst_stride,
+MK_COLD_NORM __device__ void rmsnorm_rows(float* dst, const float* src, int nr, int n, int src_stride, int dst_stride,
                              const bf16* weight, float eps, float* red) {
   trace(TR_NORM_BEGIN);
   for (int r = 0; r < nr; ++r) {
@@ -442,7 +442,7 @@ __device__ __forceinline__ void head_norm_rope(float x[4], const bf16* w, const 
 // and V into the bf16 cache when they fall in this chunk, then for both q heads of the group and every row the
 // softmax partials over the chunk: part[r][qh][chunk] = (max score m, sum exp l, sum exp * v [128]).
 template <class S>
-__device__ void attention_phase(const float* qkv, int nr, int p0, int nc, kv_t* kc, kv_t* vc, int cap,
+MK_COLD_ATTN __device__ void attention_phase(const float* qkv, int nr, int p0, int nc, kv_t* kc, kv_t* vc, int cap,
                                 const bf16* norms, const float* rope, float eps, float* part, float* sm) {
   const int unit = blockIdx.x;
   if (unit >= S::NKV * nc) return;
@@ -577,7 +577,7 @@ __device__ void attention_phase(const float* qkv, int nr, int p0, int nc, kv_t* 
 
 // act[r][i] = attention output of q dim i for row r: the chunk partials combined (softmax-weighted).
 template <class S>
-__device__ void attention_combine(float* act, const float* part, int nr, int nc) {
+MK_COLD_ATTN __device__ void attention_combine(float* act, const float* part, int nr, int nc) {
   for (int t = threadIdx.x; t < nr * S::QD; t += NTHREADS) {
     const int r = t / S::QD, i = t % S::QD;
     const int qh = i / S::HD, d = i % S::HD;
@@ -625,7 +625,7 @@ __device__ bool decoder_layer(Ctx<M>& c, const float* x_src, int x_src_stride, f
   // 2. attention partials (QK-norm + RoPE + KV append inside)
   trace(TR_ATTN_BEGIN);
   attention_phase<S>(qkv, NR, p0, nc, kc, vc, cap, norms, rope, eps, p.attn_part, act);
-#if MK_TRACE
+#if MK_TRACE == 1 || MK_ATTN_SYNC
   __syncthreads();
   trace(TR_ATTN_END);
 #endif
@@ -667,7 +667,7 @@ __device__ __forceinline__ void load_row(float* dst, const bf16* table, int code
 }
 
 // Record a frame's result: device ring, then pinned host mirror with the sequence word written last.
-__device__ void write_record(const MkSlot& s, int frame, const int* codes, int eos, int error, int ncand) {
+MK_COLD __device__ void write_record(const MkSlot& s, int frame, const int* codes, int eos, int error, int ncand) {
   int* d = s.out_dev + (frame % OUT_RING) * REC_INTS;
   for (int j = 0; j < NCODES; ++j) d[j] = codes[j];
   d[REC_FRAME] = frame; d[REC_EOS] = eos; d[REC_ERROR] = error; d[REC_NCAND] = ncand;
@@ -1066,7 +1066,7 @@ const char* mk_error_string(int e) { return cudaGetErrorString((cudaError_t)e); 
 // Section trace (MK_TRACE=1 builds): reset the record counts; read block `which` (0 or 1) records into out
 // (at most max), returns the count through *n. Both return cudaErrorNotSupported in other builds.
 int mk_trace_reset() {
-#if MK_TRACE
+#if MK_TRACE == 1
   const int zero[2] = {0, 0};
   return (int)cudaMemcpyToSymbol(g_trace_n, zero, sizeof(zero));
 #else
@@ -1075,7 +1075,7 @@ int mk_trace_reset() {
 }
 
 int mk_trace_read(int which, unsigned long long* out, int max, int* n) {
-#if MK_TRACE
+#if MK_TRACE == 1
   int counts[2];
   cudaError_t e = cudaMemcpyFromSymbol(counts, g_trace_n, sizeof(counts));
   if (e != cudaSuccess) return (int)e;

@@ -40,6 +40,26 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 #ifndef MK_BAR2
 #define MK_BAR2 1
 #endif
+// Out-of-line switches (register allocation of the hot matvec loops): MK_NOINLINE bit 1 = sampling and the
+// output record, bit 2 = attention and its combine, bit 4 = RMSNorm.
+#ifndef MK_NOINLINE
+#define MK_NOINLINE 0
+#endif
+#if MK_NOINLINE & 1
+#define MK_COLD __noinline__
+#else
+#define MK_COLD
+#endif
+#if MK_NOINLINE & 2
+#define MK_COLD_ATTN __noinline__
+#else
+#define MK_COLD_ATTN
+#endif
+#if MK_NOINLINE & 4
+#define MK_COLD_NORM __noinline__
+#else
+#define MK_COLD_NORM
+#endif
 #ifndef MK_TRACE  // timing experiment: clock64 stamps of section boundaries in two blocks (megakernel/trace.py)
 #define MK_TRACE 0
 #endif
@@ -268,12 +288,19 @@ enum TraceTag {
   TR_NORM_BEGIN, TR_NORM_END, TR_ATTN_BEGIN, TR_ATTN_END, TR_COMBINE_END, TR_SAMPLE_BEGIN, TR_SAMPLE_END,
   TR_COPY_END
 };
-#if MK_TRACE
+#if MK_TRACE == 1
 __device__ unsigned long long g_trace[2][TRACE_MAX];
 __device__ int g_trace_n[2];
 #endif
 __device__ __forceinline__ void trace(int tag) {
-#if MK_TRACE
+#if MK_TRACE == 2
+  (void)tag;
+  asm volatile("" ::: "memory");
+#elif MK_TRACE == 3
+  (void)tag;
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%clock64;" : "=l"(t)::"memory");
+#elif MK_TRACE
   if (threadIdx.x != 0) return;
   const int which = blockIdx.x == 0 ? 0 : (blockIdx.x == gridDim.x / 2 ? 1 : -1);
   if (which < 0) return;

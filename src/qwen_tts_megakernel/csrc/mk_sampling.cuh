@@ -142,7 +142,7 @@ __device__ uint32_t block_kth_largest_key(const float* s, int n, int k, SampleSc
 // One token from scores s[0..n) (already penalized/suppressed logits), following sampling.choose():
 // greedy -> argmax; else divide by temperature, keep scores >= the k-th largest (ties kept), top-p, and draw
 // by inverse CDF with uniform u over candidates ordered by (score desc, index asc). s is modified.
-__device__ int block_sample(float* s, int n, bool do_sample, float temperature, int top_k, double top_p, double u,
+MK_COLD __device__ int block_sample(float* s, int n, bool do_sample, float temperature, int top_k, double top_p, double u,
                             SampleScratch* ss) {
   if (!do_sample) return block_argmax(s, n, ss);
   for (int i = threadIdx.x; i < n; i += NTHREADS) s[i] = s[i] / temperature;
