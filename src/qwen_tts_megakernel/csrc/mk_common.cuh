@@ -40,6 +40,12 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 #ifndef MK_BAR2
 #define MK_BAR2 1
 #endif
+#ifndef MK_BAR_SLEEP  // longest __nanosleep (ns) between grid-barrier polls, after 32 plain polls; 0 = spin only
+#define MK_BAR_SLEEP 256
+#endif
+#ifndef MK_CP_LOCAL_ATTN  // code predictor: every block computes the whole (<= 16 positions) attention itself,
+#define MK_CP_LOCAL_ATTN 0  // so a layer needs 4 grid barriers instead of 5 (local_attention in megakernel.cu)
+#endif
 // Out-of-line switches (register allocation of the hot matvec loops): MK_NOINLINE bit 1 = sampling and the
 // output record, bit 2 = attention and its combine, bit 4 = RMSNorm.
 #ifndef MK_NOINLINE
