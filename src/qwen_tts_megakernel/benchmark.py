@@ -216,6 +216,7 @@ def run_all(args) -> int:
         "benchmark": "all", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git_commit(), "device": name, "sm_count": torch.cuda.get_device_properties(device).multi_processor_count,
         "torch": torch.__version__, "host": platform.node(), "model": f"random weights, real {size} shapes",
+        "kernel_defines": os.environ.get("QWEN_TTS_MK_DEFINES", ""),  # compile-time kernel switches, "" = defaults
         "fixed_frame_count": "benchmark-only: random weights do not stop on EOS, so each run generates a fixed "
                              "number of frames (max_new_tokens)",
         "sections": {}, "errors": {},
@@ -313,7 +314,8 @@ def _ms(d: dict | None, key: str = "median") -> str:
 def format_markdown(r: dict) -> str:
     s = r["sections"]
     lines = [f"# {r['device']}: qwen-tts-megakernel vs alternatives ({r['model']})", "",
-             f"{r['date']}, commit {r['commit']}, torch {r['torch']}. {r['fixed_frame_count']}.", ""]
+             f"{r['date']}, commit {r['commit']}, torch {r['torch']}, kernel switches: "
+             f"{r.get('kernel_defines') or 'defaults'}. {r['fixed_frame_count']}.", ""]
     dec = s.get("decode")
     if dec:
         mk, g, e = dec["megakernel"], dec.get("reference_graphs", {}), dec.get("reference_eager", {})

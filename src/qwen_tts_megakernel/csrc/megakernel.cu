@@ -55,9 +55,9 @@ struct GridBarrier {
 #else
         if (ld_acquire_u64(count) >= target) break;
 #endif
-        if (MK_BAR_SLEEP > 0 && it >= 32) {
+        if (it >= 32) {
           __nanosleep(sleep_ns);
-          sleep_ns = sleep_ns < MK_BAR_SLEEP ? sleep_ns + 32 : MK_BAR_SLEEP;
+          sleep_ns = sleep_ns < 256 ? sleep_ns + 32 : 256;
         }
         if ((it & 255) == 255) {
           const unsigned long long now = globaltimer_ns();
@@ -157,6 +157,32 @@ struct WeightStream {
 #if MK_TMA
   uint64_t* mbar;       // shared [RING_TILES], one per slot
 #endif
+#if MK_L2_PREFETCH
+  // Prefetch cursor (thread 0 only), MK_L2_PREFETCH tiles ahead of the copy cursor over the same schedule.
+  int pf_phase;
+  const uint8_t* pf_src;
+  int pf_left;
+  int pf_tile;
+
+  // Prefetch the next tile of the schedule into L2 (nothing past the end).
+  __device__ void prefetch_next(const MkParams& p) {
+    while (pf_left == 0 && pf_phase < num_phases<M>()) {
+      const PhaseW pw = phase_weights<M>(p, pf_phase++);
+      int u0, u1;
+      split_range(pw.n_units, nb, b, u0, u1);
+      const int ub = pw.unit_elems * 2;
+      pf_tile = units_per_tile(pw.unit_elems) * ub;
+      pf_src = reinterpret_cast<const uint8_t*>(pw.w) + (long long)u0 * ub;
+      pf_left = (u1 - u0) * ub;
+    }
+    if (pf_left > 0) {
+      const int bytes = min(pf_tile, pf_left);
+      bulk_prefetch_l2(pf_src, (uint32_t)bytes);
+      pf_src += bytes;
+      pf_left -= bytes;
+    }
+  }
+#endif
 
   // Issue the next tile of the schedule (or an empty group past the end) into ring slot issued % RING_TILES.
   // The phase lookup runs only when the current phase's bytes are used up.
@@ -175,6 +201,9 @@ struct WeightStream {
     // Thread 0 issues the whole tile as one bulk copy (after the acquire barrier: every thread is done with the
     // slot); an empty tile just arrives, so every slot's mbarrier completes one phase per use.
     if (threadIdx.x == 0) {
+#if MK_L2_PREFETCH
+      prefetch_next(p);
+#endif
       uint64_t* bar = mbar + (issued % RING_TILES);
       if (cur_left > 0) {
         const int bytes = min(cur_tile, cur_left);
@@ -232,6 +261,13 @@ struct WeightStream {
 #endif
 
   __device__ void prime(const MkParams& p) {
+#if MK_L2_PREFETCH
+    pf_phase = 0;
+    pf_src = nullptr;
+    pf_left = pf_tile = 0;
+    if (threadIdx.x == 0)
+      for (int i = 0; i < MK_L2_PREFETCH; ++i) prefetch_next(p);
+#endif
     for (int i = 0; i < RING_TILES - 1; ++i) issue_next(p);
   }
 
@@ -597,97 +633,6 @@ MK_COLD_ATTN __device__ void attention_combine(float* act, const float* part, in
   __syncthreads();
 }
 
-// Code-predictor attention computed whole by one block (MK_CP_LOCAL_ATTN): every block runs it on the same
-// inputs, so the o_proj phase follows the QKV phase's grid barrier directly. out[r][qh * HD + d] (shared memory,
-// [NR][QD]) = softmax(q_r . K / sqrt(HD)) V for the NR new rows at positions p0.. over positions <= p0 + r.
-// Warp w = q head w, lane l = dims 4l..4l+3. The new rows' K (QK-normed, roped) and V come from qkv; positions
-// < p0 from the cache, written by earlier predictor steps of this launch (behind at least one grid barrier).
-// Block 0 appends the new rows to the cache (even warps: one per kv head); nobody reads them before the next step.
-template <class S, int NR>
-MK_COLD_ATTN __device__ void local_attention(float* out, const float* qkv, int p0, kv_t* kc, kv_t* vc, int cap,
-                                             const bf16* norms, const float* rope, float eps, bool write_cache) {
-  static_assert(S::NQ == NWARPS, "one warp per q head");
-  constexpr int GROUP = S::NQ / S::NKV;  // q heads per kv head
-  constexpr int BATCH = 8;               // positions whose K and V loads are in flight together
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int qh = warp, kh = qh / GROUP;
-  const bf16* qn = norms + 2 * S::H;
-  const bf16* kn = qn + S::HD;
-  kv_t* kcache = kc + (long long)kh * cap * S::HD;
-  kv_t* vcache = vc + (long long)kh * cap * S::HD;
-  const float scale = rsqrtf((float)S::HD);
-
-  float4 k_new[NR], v_new[NR];
-#pragma unroll
-  for (int r = 0; r < NR; ++r) {
-    const float* row = qkv + r * S::QKV;
-    float k[4], v[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      k[i] = row[S::QD + kh * S::HD + 4 * lane + i];
-      v[i] = row[S::QD + S::KVD + kh * S::HD + 4 * lane + i];
-    }
-    head_norm_rope(k, kn, rope + (long long)(p0 + r) * S::HD, eps, lane);
-    k_new[r] = make_float4(k[0], k[1], k[2], k[3]);
-    v_new[r] = make_float4(v[0], v[1], v[2], v[3]);
-    if (write_cache && qh % GROUP == 0) {
-      *reinterpret_cast<float4*>(kcache + (long long)(p0 + r) * S::HD + 4 * lane) = k_new[r];
-      *reinterpret_cast<float4*>(vcache + (long long)(p0 + r) * S::HD + 4 * lane) = v_new[r];
-    }
-  }
-
-#pragma unroll
-  for (int r = 0; r < NR; ++r) {
-    float q[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) q[i] = qkv[r * S::QKV + qh * S::HD + 4 * lane + i];
-    head_norm_rope(q, qn, rope + (long long)(p0 + r) * S::HD, eps, lane);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) q[i] *= scale;
-    const int n = p0 + r + 1;  // causal: positions 0..p0+r
-    float m = -INFINITY, l = 0.f, a[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int base = 0; base < n; base += BATCH) {
-      float4 kk[BATCH], vv[BATCH];
-#pragma unroll
-      for (int j = 0; j < BATCH; ++j) {
-        const int t = base + j;
-        if (t < p0) {
-          kk[j] = *reinterpret_cast<const float4*>(kcache + (long long)t * S::HD + 4 * lane);
-          vv[j] = *reinterpret_cast<const float4*>(vcache + (long long)t * S::HD + 4 * lane);
-        } else {
-          const bool second = NR > 1 && t > p0;  // new row t - p0 (0 or 1)
-          kk[j] = second ? k_new[NR - 1] : k_new[0];
-          vv[j] = second ? v_new[NR - 1] : v_new[0];
-        }
-      }
-      float sc[BATCH];
-#pragma unroll
-      for (int j = 0; j < BATCH; ++j) {
-        sc[j] = warp_sum(q[0] * kk[j].x + q[1] * kk[j].y + q[2] * kk[j].z + q[3] * kk[j].w);
-        if (base + j >= n) sc[j] = -INFINITY;
-      }
-      float mn = m;
-#pragma unroll
-      for (int j = 0; j < BATCH; ++j) mn = fmaxf(mn, sc[j]);
-      const float corr = __expf(m - mn);  // m = -inf -> 0 (mn finite: position `base` < n)
-      l *= corr;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] *= corr;
-#pragma unroll
-      for (int j = 0; j < BATCH; ++j) {
-        const float e = __expf(sc[j] - mn);
-        l += e;
-        a[0] += e * vv[j].x; a[1] += e * vv[j].y; a[2] += e * vv[j].z; a[3] += e * vv[j].w;
-      }
-      m = mn;
-    }
-    const float inv = 1.f / l;
-    *reinterpret_cast<float4*>(out + r * S::QD + qh * S::HD + 4 * lane) =
-        make_float4(a[0] * inv, a[1] * inv, a[2] * inv, a[3] * inv);
-  }
-  __syncthreads();
-}
-
 // ------------------------------------------------------------------------------------------------------------
 // One decoder layer (5 phases, 5 grid barriers) on nr rows at positions p0..; x_src = layer input for the QKV
 // norm (x_res, or the step input rows for layer 0), x_res holds the residual stream [nr][S::H].
@@ -700,7 +645,7 @@ MK_COLD_ATTN __device__ void local_attention(float* out, const float* qkv, int p
     }                                        \
   } while (0)
 
-template <class M, class S, int NR, bool LOCAL_ATTN = false>
+template <class M, class S, int NR>
 __device__ bool decoder_layer(Ctx<M>& c, const float* x_src, int x_src_stride, float* x_res, const bf16* norms,
                               kv_t* kc, kv_t* vc, int cap, const float* rope, float eps, int p0, int nc) {
   const MkParams& p = c.p;
@@ -713,24 +658,17 @@ __device__ bool decoder_layer(Ctx<M>& c, const float* x_src, int x_src_stride, f
     for (int r = 0; r < NR; ++r) qkv[r * S::QKV + u] = a[r][0];
   });
   MK_SYNC();
+  // 2. attention partials (QK-norm + RoPE + KV append inside)
   trace(TR_ATTN_BEGIN);
-  if constexpr (LOCAL_ATTN) {
-    // 2+3. the whole attention in this block (QK-norm + RoPE inside; block 0 appends K/V)
-    local_attention<S, NR>(act, qkv, p0, kc, vc, cap, norms, rope, eps, c.b == 0);
-    trace(TR_ATTN_END);
-  } else {
-    // 2. attention partials (QK-norm + RoPE + KV append inside)
-    attention_phase<S>(qkv, NR, p0, nc, kc, vc, cap, norms, rope, eps, p.attn_part, act);
+  attention_phase<S>(qkv, NR, p0, nc, kc, vc, cap, norms, rope, eps, p.attn_part, act);
 #if MK_TRACE == 1 || MK_ATTN_SYNC
-    __syncthreads();
-    trace(TR_ATTN_END);
+  __syncthreads();
+  trace(TR_ATTN_END);
 #endif
-    MK_SYNC();
-    // 3. combine
-    attention_combine<S>(act, p.attn_part, NR, nc);
-    trace(TR_COMBINE_END);
-  }
-  // 3. o_proj + residual
+  MK_SYNC();
+  // 3. combine + o_proj + residual
+  attention_combine<S>(act, p.attn_part, NR, nc);
+  trace(TR_COMBINE_END);
   c.template run_phase<NR, 1>(act, S::QD, [&](int u, float (&a)[NR][1]) {
 #pragma unroll
     for (int r = 0; r < NR; ++r) x_res[r * S::H + u] += a[r][0];
@@ -923,11 +861,10 @@ __device__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int fla
       const float* xs = l == 0 ? xsrc : p.x_res;
       const int xstride = (l == 0 && !M::PROJ) ? T::H : C::H;
       const bf16* norms = p.c_norms + (long long)l * C::NORM_ELEMS;
-      constexpr bool LOCAL = MK_CP_LOCAL_ATTN != 0;
-      const bool ok = nr == 2 ? decoder_layer<M, C, 2, LOCAL>(c, xs, xstride, p.x_res, norms, kc, vc, CP_POS,
-                                                              p.c_rope, (float)p.c_eps, p0, 1)
-                              : decoder_layer<M, C, 1, LOCAL>(c, xs, xstride, p.x_res, norms, kc, vc, CP_POS,
-                                                              p.c_rope, (float)p.c_eps, p0, 1);
+      const bool ok = nr == 2 ? decoder_layer<M, C, 2>(c, xs, xstride, p.x_res, norms, kc, vc, CP_POS, p.c_rope,
+                                                       (float)p.c_eps, p0, 1)
+                              : decoder_layer<M, C, 1>(c, xs, xstride, p.x_res, norms, kc, vc, CP_POS, p.c_rope,
+                                                       (float)p.c_eps, p0, 1);
       if (!ok) return false;
     }
     // final norm of the last row -> lm_head[j-1]

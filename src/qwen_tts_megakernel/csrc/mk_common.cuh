@@ -40,12 +40,6 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 #ifndef MK_BAR2
 #define MK_BAR2 1
 #endif
-#ifndef MK_BAR_SLEEP  // longest __nanosleep (ns) between grid-barrier polls, after 32 plain polls; 0 = spin only
-#define MK_BAR_SLEEP 256
-#endif
-#ifndef MK_CP_LOCAL_ATTN  // code predictor: every block computes the whole (<= 16 positions) attention itself,
-#define MK_CP_LOCAL_ATTN 0  // so a layer needs 4 grid barriers instead of 5 (local_attention in megakernel.cu)
-#endif
 // Out-of-line switches (register allocation of the hot matvec loops): MK_NOINLINE bit 1 = sampling and the
 // output record, bit 2 = attention and its combine, bit 4 = RMSNorm.
 #ifndef MK_NOINLINE
@@ -66,6 +60,9 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 #else
 #define MK_COLD_NORM
 #endif
+#ifndef MK_L2_PREFETCH  // Hopper: bulk-prefetch each block's weight tiles into L2 this many tiles ahead of the
+#define MK_L2_PREFETCH 0  // shared-memory copies (cp.async.bulk.prefetch.L2), so the ring refills from L2
+#endif
 #ifndef MK_TRACE  // timing experiment: clock64 stamps of section boundaries in two blocks (megakernel/trace.py)
 #define MK_TRACE 0
 #endif
@@ -75,6 +72,10 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 #if MK_TMA && (!MK_SCHED || !MK_ONESYNC || __CUDA_ARCH__ < 900)
 #undef MK_TMA
 #define MK_TMA 0
+#endif
+#if !MK_TMA
+#undef MK_L2_PREFETCH
+#define MK_L2_PREFETCH 0
 #endif
 constexpr int RING_TILES = MK_RING;         // tiles in the ring; RING_TILES - 1 are in flight while one is used
 constexpr int ACT_FLOATS = 6144;            // activation scratch: max over phases of rows x input width
@@ -280,6 +281,10 @@ __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src), "r"(bytes),
                "r"((uint32_t)__cvta_generic_to_shared(bar)) : "memory");
+}
+// Start loading [src, src + bytes) from HBM into L2 (no destination; bytes a multiple of 16).
+__device__ __forceinline__ void bulk_prefetch_l2(const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 #endif
