@@ -378,8 +378,9 @@ def test_live_text_on_the_megakernel_equals_whole_text_interleaved():
 
 
 def test_prefill_buckets():
-    assert default_prefill_buckets(4095) == [16, 32, 64, 128, 256, 512, 1024]
-    assert default_prefill_buckets(63) == [16, 32, 63]
+    assert default_prefill_buckets(4095) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+    assert default_prefill_buckets(63) == [16, 24, 32, 48, 63]
+    assert default_prefill_buckets(48) == [16, 24, 32, 48]
     assert default_prefill_buckets(10) == [10]
     buckets = [16, 32, 63]
     assert [pick_bucket(n, buckets) for n in (1, 16, 17, 32, 33, 63, 64)] == [16, 16, 32, 32, 63, 63, None]

@@ -39,6 +39,9 @@ TEXTS = {  # (text, fixed frame count ~ what real speech of that length takes at
 }
 
 
+SECTIONS = ("decode", "streaming", "ttfc_breakdown", "streaming_plot", "official", "server", "pipecat")
+
+
 def summary(values: list[float]) -> dict:
     """Median, p95 (nearest rank) and count of a list of measurements."""
     ordered = sorted(values)
@@ -223,7 +226,18 @@ def run_all(args) -> int:
     }
     started = time.perf_counter()
 
+    only = set(getattr(args, "only", None) or ())
+    unknown = only - set(SECTIONS)
+    if unknown:
+        print(f"bench --all --only: unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}",
+              file=sys.stderr)
+        return 2
+    if only:
+        report["only"] = sorted(only)
+
     def section(key: str, fn):
+        if only and key != "load" and key not in only:
+            return
         t0 = time.perf_counter()
         print(f"[bench --all] {key} ...", file=sys.stderr, flush=True)
         try:
@@ -301,8 +315,9 @@ def run_all(args) -> int:
 
     section("pipecat", pipecat)
     report["elapsed_s"] = time.perf_counter() - started
-    (out_dir / f"{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / f"{slug}.md").write_text(format_markdown(report))
+    stem = slug if not only else f"{slug}-only-{'-'.join(sorted(only))}"  # a partial run keeps the full file
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(format_markdown(report))
     print(format_markdown(report))
     return 1 if report["errors"] else 0
 

@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", action="store_true", help="server time to first chunk and RTF over loopback")
     p.add_argument("--all", action="store_true", help="everything vs the alternatives, one process (GPU)")
     p.add_argument("--runs", type=int, default=5, help="repetitions per measurement (--all)")
+    p.add_argument("--only", nargs="+", default=None, metavar="SECTION",
+                   help="--all: run just these sections (decode, streaming, ttfc_breakdown, streaming_plot, "
+                        "official, server, pipecat) into <gpu>-only-<sections>.json, leaving <gpu>.json alone")
     p.add_argument("--official-site", default=None,
                    help="a site directory holding the official qwen-tts and its pinned transformers (--all)")
     p.add_argument("--model", default=None)

@@ -216,11 +216,12 @@ PREFILL_BUCKET_SMALLEST, PREFILL_BUCKET_LARGEST = 16, 1024
 
 def default_prefill_buckets(max_rows: int, smallest: int = PREFILL_BUCKET_SMALLEST,
                             largest: int = PREFILL_BUCKET_LARGEST) -> list[int]:
-    """Row counts to capture prefill graphs for: powers of two from `smallest`, then min(max_rows, largest)."""
+    """Row counts to capture prefill graphs for: powers of two from `smallest` and the midpoints 1.5x between
+    them (a prompt pads to at most 1.5x its rows), then min(max_rows, largest)."""
     top = min(int(max_rows), int(largest))
     out, b = [], int(smallest)
     while b < top:
-        out.append(b)
+        out += [n for n in (b, b * 3 // 2) if n < top]
         b *= 2
     return out + [top] if top >= 1 else []
 
@@ -731,7 +732,9 @@ class MegakernelStream:
         k = self.frame
         if k >= self.limit:
             raise MegakernelError(f"frame {k} is past this stream's limit of {self.limit} frames (KV cache / tables)")
-        self._launch_upto(k + 1 + self.lookahead)
+        # Frame 0 is launched alone: a launch queued behind it would occupy every SM while the first chunk's codec
+        # decode waits, adding a whole frame to the time to first audio. Later frames run `lookahead` ahead.
+        self._launch_upto(k + 1 + (self.lookahead if k > 0 else 0))
         if self.launched <= k:
             raise RuntimeError(f"frame {k} needs text row {k - 1}: append it (append_text_rows) or end the text "
                                "(end_text) first")
