@@ -5,7 +5,7 @@
 #   -> section trace of one frame (MK_TRACE=1 build) -> codec push timing (eager vs graphs).
 # Results land in benchmarks/results/; with $OUT set (the device machine), logs and this run's result files are
 # packed into $OUT/gpu_check.tgz, because only a few files come back from there.
-#   run(command="bash scripts/gpu_check.sh base: local:MK_CP_LOCAL_ATTN=1", carry=[".mkcache"])
+#   run(command="bash scripts/gpu_check.sh base: ring5:MK_RING=5", carry=[".mkcache"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1

@@ -1,6 +1,6 @@
 """Build the megakernel library here (nvcc, no GPU needed) into a cache folder that travels to the GPU machine.
 
-    python scripts/mk_prebuild.py --arch 90a --cache .mkcache "" "MK_CP_LOCAL_ATTN=0" ...
+    python scripts/mk_prebuild.py --arch 90a --cache .mkcache "" "MK_RING=5" ...
 Each argument is one QWEN_TTS_MK_DEFINES string ("" = the committed defaults); the libraries land where
 build.load_library looks for them when QWEN_TTS_MK_CACHE points at the cache folder.
 """

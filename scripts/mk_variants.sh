@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Kernel variants side by side, one process each (validate on random 0.6B weights + decode timings), one JSON line
 # per variant in $OUT/variants.jsonl. Each argument is NAME:DEFINES (compile-time switches of mk_common.cuh):
-#   bash scripts/mk_variants.sh "base:" "no_local_attn:MK_CP_LOCAL_ATTN=0" "no_sleep:MK_BAR_SLEEP=0"
+#   bash scripts/mk_variants.sh "base:" "ring5:MK_RING=5" "no_tma:MK_TMA=0"
 # Prebuilt libraries travel in .mkcache (scripts/mk_prebuild.py) so the device spends no time in nvcc.
 set -uo pipefail
 cd "$(dirname "$0")/.."

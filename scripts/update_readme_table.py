@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Regenerate the README's performance table from a `qwen-tts-mk bench --all` result file.
+"""Regenerate the README's performance table from a `qwen-tts-mk bench --all` result file, and optionally from
+later partial runs (`bench --all --only ...`), each shown as its own table after the full one.
 
-    python scripts/update_readme_table.py benchmarks/results/nvidia-h100-80gb-hbm3.json
+    python scripts/update_readme_table.py benchmarks/results/nvidia-h200.json \
+        [benchmarks/results/nvidia-h200-only-streaming-ttfc_breakdown.json ...]
 
 Replaces the lines between <!-- bench:start --> and <!-- bench:end --> in README.md; never typed by hand.
 """
@@ -19,7 +21,9 @@ def fmt(value, digits=1):
 
 def table(r: dict, source: str) -> str:
     s = r["sections"]
-    lines = [f"Measured on {r['device']} ({r['date'][:10]}, commit {r['commit']}), {r['model']}, batch 1, "
+    what = (f"A later partial run (`bench --all --only {' '.join(r['only'])}`)" if r.get("only")
+            else "Measured")
+    lines = [f"{what} on {r['device']} ({r['date'][:10]}, commit {r['commit']}), {r['model']}, batch 1, "
              f"fixed frame counts (random weights never stop). Source: `{source}`, written by "
              "`qwen-tts-mk bench --all`.", ""]
     dec = s.get("decode")
@@ -65,11 +69,10 @@ def table(r: dict, source: str) -> str:
 
 
 def main(argv):
-    if len(argv) != 2:
+    if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
-    source = Path(argv[1])
-    report = json.loads(source.read_text())
+    sources = [Path(a) for a in argv[1:]]
     readme = Path(__file__).resolve().parent.parent / "README.md"
     text = readme.read_text()
     if START not in text or END not in text:
@@ -77,8 +80,9 @@ def main(argv):
         return 1
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(head + START + "\n" + table(report, source.as_posix()) + END + tail)
-    print(f"README.md table updated from {source}")
+    tables = [table(json.loads(src.read_text()), src.as_posix()) for src in sources]
+    readme.write_text(head + START + "\n" + "\n".join(tables) + END + tail)
+    print(f"README.md table updated from {', '.join(map(str, sources))}")
     return 0
 
 

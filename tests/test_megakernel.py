@@ -248,10 +248,11 @@ def test_prefill_graphs_match_eager_prefill(model, backend):
     be = backend
     stats = be.prefill_graph_stats
     print("prefill graphs:", stats)
-    assert "error" not in stats and stats["buckets"] == [16, 32, 64, 128, 256, 512, 1024]
+    assert "error" not in stats and stats["buckets"] == default_prefill_buckets(2047)
     slot = be.n_slots - 1
     g = torch.Generator().manual_seed(0)
-    for n in (1, 15, 16, 17, 27, 64, 100, 263, 1024, 1030):  # bucket edges; 1030 has no bucket (eager both times)
+    # bucket edges (16, 24, ..., 1024); 1030 has no bucket (eager both times)
+    for n in (1, 15, 16, 17, 24, 25, 27, 64, 100, 263, 1024, 1030):
         rows = (0.05 * torch.randn(n, config.talker.hidden_size, generator=g)).cuda()
         be.prefill_kv(slot, rows, graphs=False)
         torch.cuda.synchronize()

@@ -157,32 +157,6 @@ struct WeightStream {
 #if MK_TMA
   uint64_t* mbar;       // shared [RING_TILES], one per slot
 #endif
-#if MK_L2_PREFETCH
-  // Prefetch cursor (thread 0 only), MK_L2_PREFETCH tiles ahead of the copy cursor over the same schedule.
-  int pf_phase;
-  const uint8_t* pf_src;
-  int pf_left;
-  int pf_tile;
-
-  // Prefetch the next tile of the schedule into L2 (nothing past the end).
-  __device__ void prefetch_next(const MkParams& p) {
-    while (pf_left == 0 && pf_phase < num_phases<M>()) {
-      const PhaseW pw = phase_weights<M>(p, pf_phase++);
-      int u0, u1;
-      split_range(pw.n_units, nb, b, u0, u1);
-      const int ub = pw.unit_elems * 2;
-      pf_tile = units_per_tile(pw.unit_elems) * ub;
-      pf_src = reinterpret_cast<const uint8_t*>(pw.w) + (long long)u0 * ub;
-      pf_left = (u1 - u0) * ub;
-    }
-    if (pf_left > 0) {
-      const int bytes = min(pf_tile, pf_left);
-      bulk_prefetch_l2(pf_src, (uint32_t)bytes);
-      pf_src += bytes;
-      pf_left -= bytes;
-    }
-  }
-#endif
 
   // Issue the next tile of the schedule (or an empty group past the end) into ring slot issued % RING_TILES.
   // The phase lookup runs only when the current phase's bytes are used up.
@@ -201,9 +175,6 @@ struct WeightStream {
     // Thread 0 issues the whole tile as one bulk copy (after the acquire barrier: every thread is done with the
     // slot); an empty tile just arrives, so every slot's mbarrier completes one phase per use.
     if (threadIdx.x == 0) {
-#if MK_L2_PREFETCH
-      prefetch_next(p);
-#endif
       uint64_t* bar = mbar + (issued % RING_TILES);
       if (cur_left > 0) {
         const int bytes = min(cur_tile, cur_left);
@@ -261,13 +232,6 @@ struct WeightStream {
 #endif
 
   __device__ void prime(const MkParams& p) {
-#if MK_L2_PREFETCH
-    pf_phase = 0;
-    pf_src = nullptr;
-    pf_left = pf_tile = 0;
-    if (threadIdx.x == 0)
-      for (int i = 0; i < MK_L2_PREFETCH; ++i) prefetch_next(p);
-#endif
     for (int i = 0; i < RING_TILES - 1; ++i) issue_next(p);
   }
 

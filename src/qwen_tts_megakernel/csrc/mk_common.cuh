@@ -60,10 +60,12 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 #else
 #define MK_COLD_NORM
 #endif
-#ifndef MK_L2_PREFETCH  // Hopper: bulk-prefetch each block's weight tiles into L2 this many tiles ahead of the
-#define MK_L2_PREFETCH 0  // shared-memory copies (cp.async.bulk.prefetch.L2), so the ring refills from L2
+#ifndef MK_ATTN_SYNC  // timing experiment: the __syncthreads after the attention phase that MK_TRACE=1 adds, alone
+#define MK_ATTN_SYNC 0
 #endif
-#ifndef MK_TRACE  // timing experiment: clock64 stamps of section boundaries in two blocks (megakernel/trace.py)
+// Timing experiment: MK_TRACE=1 stamps clock64 at section boundaries in two blocks (megakernel/trace.py); 2 puts
+// only a compiler barrier at each stamp and 3 only the clock read, to measure what the instrumentation changes.
+#ifndef MK_TRACE
 #define MK_TRACE 0
 #endif
 #ifndef MK_TMA  // Hopper bulk copy (cp.async.bulk, one instruction per tile) + mbarrier per ring slot; needs
@@ -72,10 +74,6 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 #if MK_TMA && (!MK_SCHED || !MK_ONESYNC || __CUDA_ARCH__ < 900)
 #undef MK_TMA
 #define MK_TMA 0
-#endif
-#if !MK_TMA
-#undef MK_L2_PREFETCH
-#define MK_L2_PREFETCH 0
 #endif
 constexpr int RING_TILES = MK_RING;         // tiles in the ring; RING_TILES - 1 are in flight while one is used
 constexpr int ACT_FLOATS = 6144;            // activation scratch: max over phases of rows x input width
@@ -281,10 +279,6 @@ __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src), "r"(bytes),
                "r"((uint32_t)__cvta_generic_to_shared(bar)) : "memory");
-}
-// Start loading [src, src + bytes) from HBM into L2 (no destination; bytes a multiple of 16).
-__device__ __forceinline__ void bulk_prefetch_l2(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 #endif
