@@ -720,7 +720,7 @@ __device__ void stream_only(Ctx<M>& c, int flags) {
 }
 
 template <class M>
-__device__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int flags, int* codes, int* used) {
+__device__ __forceinline__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int flags, int* codes, int* used) {
   using T = typename M::T;
   using C = typename M::C;
   const MkParams& p = c.p;
