@@ -354,6 +354,9 @@ struct Ctx {
   GridBarrier bar;
   float* act;      // shared [ACT_FLOATS]
   float* red;      // shared [64] reduction scratch (inside MISC, after SampleScratch)
+  // shared [2][XOWN_ROWS]: this block's rows of the residual stream (the rows it owns in o_proj and down, the same
+  // split), kept so the residual adds need no read of x_res; every write of an owned row goes to both
+  float* xown;
   SampleScratch* ss;
   int phase;       // next phase index of the consumer
   int nb, b;
@@ -382,34 +385,56 @@ struct Ctx {
   }
 };
 
-// Block-wide sum of one value per thread (fixed order), result in every thread.
-__device__ __forceinline__ float block_sum(float v, float* red) {
+// Block-wide sums of NR values per thread (fixed order), results in every thread. Starts with __syncthreads, so
+// `red` [NWARPS * NR] may still be in use by the caller's previous step.
+template <int NR>
+__device__ __forceinline__ void block_sum_rows(float (&v)[NR], float* red) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  v = warp_sum(v);
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float t = 0.f;
 #pragma unroll
-  for (int w = 0; w < NWARPS; ++w) t += red[w];
-  return t;
+  for (int r = 0; r < NR; ++r) v[r] = warp_sum(v[r]);
+  __syncthreads();
+  if (lane == 0)
+#pragma unroll
+    for (int r = 0; r < NR; ++r) red[warp * NR + r] = v[r];
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) t += red[w * NR + r];
+    v[r] = t;
+  }
 }
 
-// dst[r][0..n) = RMSNorm(src[r]) * weight for nr rows (src may be global or shared, may alias dst):
-// x * rsqrt(mean(x^2) + eps) * weight, in fp32.
-MK_COLD_NORM __device__ void rmsnorm_rows(float* dst, const float* src, int nr, int n, int src_stride, int dst_stride,
-                             const bf16* weight, float eps, float* red) {
+// dst[r][0..N) = RMSNorm(src[r]) * weight for NR rows (src global or shared, may alias dst):
+// x * rsqrt(mean(x^2) + eps) * weight, in fp32. Thread t holds elements t, t + NTHREADS, ... of every row in
+// registers; the weight and all rows are loaded before the one block reduction, so the chain is one load latency
+// and one reduction.
+template <int N, int NR>
+MK_COLD_NORM __device__ void rmsnorm_rows(float* dst, const float* src, int src_stride, int dst_stride,
+                                          const bf16* weight, float eps, float* red) {
+  static_assert(N % NTHREADS == 0, "RMSNorm width must be a multiple of the block size");
+  constexpr int PER = N / NTHREADS;
   trace(TR_NORM_BEGIN);
-  for (int r = 0; r < nr; ++r) {
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < n; i += NTHREADS) {
-      const float x = src[r * src_stride + i];
-      dst[r * dst_stride + i] = x;
-      ss += x * x;
-    }
-    const float inv = rsqrtf(block_sum(ss, red) / (float)n + eps);
-    for (int i = threadIdx.x; i < n; i += NTHREADS)
-      dst[r * dst_stride + i] = dst[r * dst_stride + i] * inv * bf16_to_float(weight[i]);
+  float w[PER], x[NR][PER], ss[NR];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) w[j] = bf16_to_float(weight[threadIdx.x + j * NTHREADS]);
+#pragma unroll
+  for (int r = 0; r < NR; ++r)
+#pragma unroll
+    for (int j = 0; j < PER; ++j) x[r][j] = src[r * src_stride + threadIdx.x + j * NTHREADS];
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    ss[r] = 0.f;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) ss[r] += x[r][j] * x[r][j];
+  }
+  block_sum_rows<NR>(ss, red);
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    const float inv = rsqrtf(ss[r] / (float)N + eps);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) dst[r * dst_stride + threadIdx.x + j * NTHREADS] = x[r][j] * inv * w[j];
   }
   __syncthreads();
   trace(TR_NORM_END);
@@ -439,8 +464,10 @@ __device__ __forceinline__ void head_norm_rope(float x[4], const bf16* w, const 
 
 // Attention of nr new rows (positions p0..p0+nr-1) for one KV head and one chunk of cache positions.
 // Unit = blockIdx.x < NKV * nc: kv head = unit % NKV, chunk = unit / NKV. Writes the new rows' K (normed, roped)
-// and V into the bf16 cache when they fall in this chunk, then for both q heads of the group and every row the
+// and V into the cache when they fall in this chunk, then for both q heads of the group and every row the
 // softmax partials over the chunk: part[r][qh][chunk] = (max score m, sum exp l, sum exp * v [128]).
+// Latency: each warp's first four cached positions (< p0, final before this phase) are loaded before the queries
+// are computed, and the new rows' K/V are read back from shared memory, so one global round trip is on the path.
 template <class S>
 MK_COLD_ATTN __device__ void attention_phase(const float* qkv, int nr, int p0, int nc, kv_t* kc, kv_t* vc, int cap,
                                 const bf16* norms, const float* rope, float eps, float* part, float* sm) {
@@ -457,9 +484,25 @@ MK_COLD_ATTN __device__ void attention_phase(const float* qkv, int nr, int p0, i
   float* wm = sm + 2 * 2 * 128;     // [NWARPS][2] per-warp max
   float* wl = wm + NWARPS * 2;      // [NWARPS][2] per-warp sum
   float* wa = wl + NWARPS * 2;      // [NWARPS][2][128] per-warp accumulators
+  float* kvn = wa + NWARPS * 2 * 128;  // [nr][2][128] the new rows' K (normed, roped) and V
   kv_t* kcache = kc + (long long)kh * cap * S::HD;
   kv_t* vcache = vc + (long long)kh * cap * S::HD;
   const float scale = rsqrtf((float)S::HD);
+
+  // This warp's first four positions of the chunk that are already cached.
+  float4 pk[4], pv[4];
+  const int cached_end = min(c1, p0);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int pos = c0 + warp + j * NWARPS;
+    if (pos < cached_end) {
+      pk[j] = *reinterpret_cast<const float4*>(kcache + (long long)pos * S::HD + 4 * lane);
+      pv[j] = *reinterpret_cast<const float4*>(vcache + (long long)pos * S::HD + 4 * lane);
+    } else {
+      pk[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+      pv[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
 
   // New K/V (warps 0..nr-1) and queries (warps 4.. : row r, head h).
   if (warp < nr) {
@@ -477,6 +520,8 @@ MK_COLD_ATTN __device__ void attention_phase(const float* qkv, int nr, int p0, i
       for (int i = 0; i < 4; ++i) {
         kcache[(long long)pos * S::HD + 4 * lane + i] = k[i];
         vcache[(long long)pos * S::HD + 4 * lane + i] = v[i];
+        kvn[(warp * 2 + 0) * 128 + 4 * lane + i] = k[i];
+        kvn[(warp * 2 + 1) * 128 + 4 * lane + i] = v[i];
       }
     }
   } else if (warp >= 4 && warp < 4 + 2 * nr) {
@@ -507,7 +552,13 @@ MK_COLD_ATTN __device__ void attention_phase(const float* qkv, int nr, int p0, i
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int pos = base + j * NWARPS;
-        if (pos < end) {
+        if (pos < end && pos >= p0) {  // a new row: from shared memory
+          kv[j] = *reinterpret_cast<const float4*>(kvn + ((pos - p0) * 2 + 0) * 128 + 4 * lane);
+          vv[j] = *reinterpret_cast<const float4*>(kvn + ((pos - p0) * 2 + 1) * 128 + 4 * lane);
+        } else if (pos < end && base == c0 + warp) {  // first four: prefetched
+          kv[j] = pk[j];
+          vv[j] = pv[j];
+        } else if (pos < end) {
           kv[j] = *reinterpret_cast<const float4*>(kcache + (long long)pos * S::HD + 4 * lane);
           vv[j] = *reinterpret_cast<const float4*>(vcache + (long long)pos * S::HD + 4 * lane);
         } else {
@@ -575,22 +626,26 @@ MK_COLD_ATTN __device__ void attention_phase(const float* qkv, int nr, int p0, i
   }
 }
 
-// act[r][i] = attention output of q dim i for row r: the chunk partials combined (softmax-weighted).
+// act[r][i] = attention output of q dim i for row r: the chunk partials merged in one pass (running max), so
+// every chunk's (m, l, acc) loads are independent and issued together. Chunks that saw no position (m = -inf)
+// are skipped.
 template <class S>
 MK_COLD_ATTN __device__ void attention_combine(float* act, const float* part, int nr, int nc) {
   for (int t = threadIdx.x; t < nr * S::QD; t += NTHREADS) {
     const int r = t / S::QD, i = t % S::QD;
     const int qh = i / S::HD, d = i % S::HD;
     const float* base = part + (long long)(r * S::NQ + qh) * NC_MAX * (2 + S::HD);
-    float M = -INFINITY;
-    for (int c = 0; c < nc; ++c) M = fmaxf(M, base[c * (2 + S::HD)]);
-    float L = 0.f, A = 0.f;
+    float M = -INFINITY, L = 0.f, A = 0.f;
+#pragma unroll 4
     for (int c = 0; c < nc; ++c) {
       const float* pc = base + c * (2 + S::HD);
-      if (pc[0] == -INFINITY) continue;
-      const float f = __expf(pc[0] - M);
-      L += f * pc[1];
-      A += f * pc[2 + d];
+      const float m = pc[0], l = pc[1], a = pc[2 + d];
+      if (m == -INFINITY) continue;
+      const float nm = fmaxf(M, m);
+      const float fo = __expf(M - nm), fn = __expf(m - nm);  // M = -inf -> fo = 0
+      L = L * fo + l * fn;
+      A = A * fo + a * fn;
+      M = nm;
     }
     act[r * S::QD + i] = A / L;
   }
@@ -614,8 +669,11 @@ __device__ bool decoder_layer(Ctx<M>& c, const float* x_src, int x_src_stride, f
                               kv_t* kc, kv_t* vc, int cap, const float* rope, float eps, int p0, int nc) {
   const MkParams& p = c.p;
   float* act = c.act;
+  float* xown = c.xown;
+  int o0, o1;
+  split_range(S::H, c.nb, c.b, o0, o1);  // residual rows this block owns (o_proj and down units)
   // 1. input norm + fused QKV
-  rmsnorm_rows(act, x_src, NR, S::H, x_src_stride, S::H, norms, eps, c.red);
+  rmsnorm_rows<S::H, NR>(act, x_src, x_src_stride, S::H, norms, eps, c.red);
   float* qkv = p.qkv;
   c.template run_phase<NR, 1>(act, S::H, [&](int u, float (&a)[NR][1]) {
 #pragma unroll
@@ -635,11 +693,15 @@ __device__ bool decoder_layer(Ctx<M>& c, const float* x_src, int x_src_stride, f
   trace(TR_COMBINE_END);
   c.template run_phase<NR, 1>(act, S::QD, [&](int u, float (&a)[NR][1]) {
 #pragma unroll
-    for (int r = 0; r < NR; ++r) x_res[r * S::H + u] += a[r][0];
+    for (int r = 0; r < NR; ++r) {
+      const float v = xown[r * XOWN_ROWS + u - o0] + a[r][0];
+      xown[r * XOWN_ROWS + u - o0] = v;
+      x_res[r * S::H + u] = v;
+    }
   });
   MK_SYNC();
   // 4. post-attention norm + gate/up + SiLU
-  rmsnorm_rows(act, x_res, NR, S::H, S::H, S::H, norms + S::H, eps, c.red);
+  rmsnorm_rows<S::H, NR>(act, x_res, S::H, S::H, norms + S::H, eps, c.red);
   float* mlp = p.act;
   c.template run_phase<NR, 2>(act, S::H, [&](int u, float (&a)[NR][2]) {
 #pragma unroll
@@ -655,7 +717,11 @@ __device__ bool decoder_layer(Ctx<M>& c, const float* x_src, int x_src_stride, f
   trace(TR_COPY_END);
   c.template run_phase<NR, 1>(act, S::F, [&](int u, float (&a)[NR][1]) {
 #pragma unroll
-    for (int r = 0; r < NR; ++r) x_res[r * S::H + u] += a[r][0];
+    for (int r = 0; r < NR; ++r) {
+      const float v = xown[r * XOWN_ROWS + u - o0] + a[r][0];
+      xown[r * XOWN_ROWS + u - o0] = v;
+      x_res[r * S::H + u] = v;
+    }
   });
   MK_SYNC();
   return true;
@@ -698,6 +764,14 @@ __device__ __forceinline__ double draw_uniform(const MkSlot& s, int frame, int j
 constexpr int FLAG_TALKER_ONLY = 1;
 constexpr int FLAG_NO_GRID_SYNC = 2;  // timing experiment only: skip grid barriers (results are garbage)
 constexpr int FLAG_STREAM_ONLY = 4;   // timing experiment only: stream the weight tiles, no math, no barriers
+constexpr int FLAG_BARRIERS_ONLY = 8; // timing experiment only: the launch's grid barriers, no math
+
+// Grid barriers of one launch: 5 per decoder layer and one after each head; the projection adds one per
+// predictor step. With FLAG_TALKER_ONLY the launch ends after codebook 0.
+template <class M>
+__host__ __device__ constexpr int barriers_per_launch(bool talker_only) {
+  return 5 * M::T::L + 1 + (talker_only ? 0 : 15 * (5 * M::C::L + 1 + (M::PROJ ? 1 : 0)));
+}
 
 // Timing experiment: every weight tile of the frame (or of the talker step, with FLAG_TALKER_ONLY) through the
 // shared-memory ring with no math and no grid barrier: the weight stream's own speed.
@@ -719,6 +793,15 @@ __device__ void stream_only(Ctx<M>& c, int flags) {
   if (sink == 12345.f) c.p.dbg_hidden[0] = sink;  // keep the loads
 }
 
+// Timing experiment: the grid barriers of a launch with nothing between them, their cost without load imbalance.
+template <class M>
+__device__ bool barriers_only(Ctx<M>& c, int flags) {
+  const int n = barriers_per_launch<M>((flags & FLAG_TALKER_ONLY) != 0);
+  for (int k = 0; k < n; ++k)
+    if (!c.bar.sync(c.nb)) return false;
+  return true;
+}
+
 template <class M>
 __device__ __forceinline__ bool frame_body(Ctx<M>& c, int frame, int pos, float perturb, int flags, int* codes, int* used) {
   using T = typename M::T;
@@ -732,7 +815,11 @@ __device__ __forceinline__ bool frame_body(Ctx<M>& c, int frame, int pos, float 
   {
     int o0, o1;
     split_range(T::H, nb, b, o0, o1);  // rows this block owns in o_proj (same split as the phase)
-    for (int i = o0 + threadIdx.x; i < o1; i += NTHREADS) p.x_res[i] = s.x_in[i];
+    for (int i = o0 + threadIdx.x; i < o1; i += NTHREADS) {
+      const float v = s.x_in[i];
+      p.x_res[i] = v;
+      c.xown[i - o0] = v;
+    }
   }
   const int total = pos + 1;
   const int nc_cap = min(NC_MAX, nb / T::NKV);
@@ -747,7 +834,7 @@ __device__ __forceinline__ bool frame_body(Ctx<M>& c, int frame, int pos, float 
       return false;
   }
   // final norm -> post-norm hidden h (kept in act[0..H) through the predictor's first step) -> codec head
-  rmsnorm_rows(act, p.x_res, 1, T::H, T::H, T::H, p.t_final_norm, (float)p.t_eps, c.red);
+  rmsnorm_rows<T::H, 1>(act, p.x_res, T::H, T::H, p.t_final_norm, (float)p.t_eps, c.red);
   if (perturb != 0.f) {
     for (int i = threadIdx.x; i < T::H; i += NTHREADS) act[i] += perturb;
     __syncthreads();
@@ -799,15 +886,24 @@ __device__ __forceinline__ bool frame_body(Ctx<M>& c, int frame, int pos, float 
     const float* xsrc;
     if (M::PROJ) {
       float* xr = p.x_res;
+      float* xo = c.xown;
       const bf16* bias = p.c_proj_b;
+      int o0, o1;
+      split_range(C::H, nb, b, o0, o1);  // projection units = the predictor's residual rows, same split
       if (nr == 2)
         c.template run_phase<2, 1>(xin, T::H, [&](int u, float (&a)[2][1]) {
-          xr[u] = a[0][0] + bf16_to_float(bias[u]);
-          xr[C::H + u] = a[1][0] + bf16_to_float(bias[u]);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float v = a[r][0] + bf16_to_float(bias[u]);
+            xr[r * C::H + u] = v;
+            xo[r * XOWN_ROWS + u - o0] = v;
+          }
         });
       else
         c.template run_phase<1, 1>(xin, T::H, [&](int u, float (&a)[1][1]) {
-          xr[u] = a[0][0] + bf16_to_float(bias[u]);
+          const float v = a[0][0] + bf16_to_float(bias[u]);
+          xr[u] = v;
+          xo[u - o0] = v;
         });
       MK_SYNC();
       xsrc = p.x_res;
@@ -815,7 +911,11 @@ __device__ __forceinline__ bool frame_body(Ctx<M>& c, int frame, int pos, float 
       int o0, o1;
       split_range(C::H, nb, b, o0, o1);
       for (int r = 0; r < nr; ++r)
-        for (int i = o0 + threadIdx.x; i < o1; i += NTHREADS) p.x_res[r * C::H + i] = xin[r * T::H + i];
+        for (int i = o0 + threadIdx.x; i < o1; i += NTHREADS) {
+          const float v = xin[r * T::H + i];
+          p.x_res[r * C::H + i] = v;
+          c.xown[r * XOWN_ROWS + i - o0] = v;
+        }
       __syncthreads();
       xsrc = xin;  // every block has the rows in shared memory
     }
@@ -832,7 +932,8 @@ __device__ __forceinline__ bool frame_body(Ctx<M>& c, int frame, int pos, float 
       if (!ok) return false;
     }
     // final norm of the last row -> lm_head[j-1]
-    rmsnorm_rows(act, p.x_res + (nr - 1) * C::H, 1, C::H, C::H, C::H, p.c_final_norm, (float)p.c_eps, c.red);
+    rmsnorm_rows<C::H, 1>(act, p.x_res + (nr - 1) * C::H, C::H, C::H, p.c_final_norm, (float)p.c_eps,
+                           c.red);
     {
       float* logits = p.c_logits;
       c.template run_phase<1, 1>(act, C::H, [&](int u, float (&a)[1][1]) { logits[u] = a[0][0]; });
@@ -872,6 +973,7 @@ __global__ void __launch_bounds__(NTHREADS, 1)
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ int s_flag;
   __shared__ int s_codes[NCODES], s_used[NCODES];
+  __shared__ float s_xown[2 * XOWN_ROWS];
   if (*(volatile int*)s.done) return;  // the stream already ended (a launch queued past EOS)
   if (*(volatile int*)p.error) return;  // the instance hit an error before: do nothing
   if (threadIdx.x < NCODES) { s_codes[threadIdx.x] = 0; s_used[threadIdx.x] = 0; }
@@ -880,6 +982,7 @@ __global__ void __launch_bounds__(NTHREADS, 1)
   c.b = blockIdx.x;
   c.phase = 0;
   c.act = reinterpret_cast<float*>(smem + RING_TILES * TILE_BYTES);
+  c.xown = s_xown;
   uint8_t* misc = smem + RING_TILES * TILE_BYTES + ACT_FLOATS * 4;
   c.ss = reinterpret_cast<SampleScratch*>(misc);
   c.red = reinterpret_cast<float*>(misc + ((sizeof(SampleScratch) + 15) / 16) * 16);
@@ -922,7 +1025,8 @@ __global__ void __launch_bounds__(NTHREADS, 1)
     return;  // no barrier passed: the barrier base stays valid
   }
   trace(TR_FRAME_BEGIN);
-  const bool ok = frame_body<M>(c, frame, pos, perturb, flags, s_codes, s_used);
+  const bool ok = (flags & FLAG_BARRIERS_ONLY) ? barriers_only<M>(c, flags)
+                                                : frame_body<M>(c, frame, pos, perturb, flags, s_codes, s_used);
   trace(TR_FRAME_END);
   c.ws.drain();
   if (!ok) {
@@ -997,7 +1101,7 @@ static void layout(long long* o) {
   const long long v[] = {T::H, T::F, T::L, T::V, T::NQ, T::NKV, T::HD, T::LAYER_ELEMS, T::NORM_ELEMS,
                          C::H, C::F, C::L, C::V, C::NQ, C::NKV, C::HD, C::LAYER_ELEMS, C::NORM_ELEMS,
                          M::PROJ ? 1 : 0, NTHREADS, SMEM_BYTES, NC_MAX, CAND_MAX, OUT_RING, REC_INTS, CP_POS,
-                         (long long)sizeof(MkParams), (long long)sizeof(MkSlot), num_phases<M>()};
+                         (long long)sizeof(MkParams), (long long)sizeof(MkSlot), num_phases<M>(), XOWN_ROWS};
   for (unsigned i = 0; i < sizeof(v) / sizeof(v[0]); ++i) o[i] = v[i];
 }
 
@@ -1033,6 +1137,9 @@ int mk_launch(int variant, const MkParams* params, const MkSlot* slot, int frame
               int flags, int nblocks, int cooperative, void* stream) {
   MkParams p = *params;
   MkSlot s = *slot;
+  // every block owns at most XOWN_ROWS residual rows (its shared-memory mirror)
+  const int max_h = variant == 0 ? Shapes06::T::H : Shapes17::T::H;
+  if ((long long)nblocks * XOWN_ROWS < max_h) return (int)cudaErrorInvalidConfiguration;
   void* args[] = {&p, &s, &frame, &pos, &perturb, &flags};
   const void* fn;
   cudaError_t e;

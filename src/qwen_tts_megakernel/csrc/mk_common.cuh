@@ -85,6 +85,7 @@ constexpr int REC_INTS = 32;                // one output record: codes[16], fra
 constexpr int REC_FRAME = 16, REC_EOS = 17, REC_ERROR = 18, REC_NCAND = 19, REC_SEQ = 31;
 constexpr int NCODES = 16;                  // codebooks per frame
 constexpr int CP_POS = 16;                  // code predictor positions per frame (0..15)
+constexpr int XOWN_ROWS = 128;              // residual rows one block owns (H / blocks rounded up), at most
 constexpr int SMEM_BYTES = RING_TILES * TILE_BYTES + ACT_FLOATS * 4 + MISC_BYTES;
 
 // Error codes written to the error word / output record.

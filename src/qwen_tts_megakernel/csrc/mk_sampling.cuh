@@ -11,7 +11,7 @@ namespace mk {
 
 // Scratch for one block's sampling, carved from the MISC shared-memory region.
 struct SampleScratch {
-  unsigned int hist[256];       // radix-select histogram
+  unsigned int hist[2][256];    // radix-select histograms (one filled while the other is cleared)
   float cand_val[CAND_MAX];     // candidate scores (unsorted)
   int cand_idx[CAND_MAX];       // candidate token ids (unsorted)
   short order[CAND_MAX];        // order[rank] = candidate slot, sorted by (score desc, id asc)
@@ -93,22 +93,30 @@ __device__ int block_argmax(const float* s, int n, SampleScratch* ss) {
 }
 
 // Key of the k-th largest of s[0..n) (1 <= k <= n): 4 radix passes of 8 bits from the most significant digit.
+// Logits share few exponents, so most keys fall in one or two bins of the top digits: the lanes of a warp with the
+// same bin (__match_any_sync) add their count with one shared-memory atomic instead of one each. Histograms are
+// double-buffered: the next pass's is cleared while warp 0 scans this one, so a pass costs two __syncthreads.
 __device__ uint32_t block_kth_largest_key(const float* s, int n, int k, SampleScratch* ss) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   uint32_t prefix = 0, mask = 0, remaining = (uint32_t)k;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    if (threadIdx.x < 256) ss->hist[threadIdx.x] = 0;
-    __syncthreads();
-    for (int i = threadIdx.x; i < n; i += NTHREADS) {
-      const uint32_t key = float_key(s[i]);
-      if ((key & mask) == prefix) atomicAdd(&ss->hist[(key >> shift) & 255u], 1u);
+  ss->hist[threadIdx.x >> 8][threadIdx.x & 255] = 0;  // NTHREADS = 2 x 256: both buffers
+  static_assert(NTHREADS == 512, "one histogram entry per thread when clearing");
+  __syncthreads();
+  for (int pass = 0, shift = 24; shift >= 0; ++pass, shift -= 8) {
+    unsigned int* hist = ss->hist[pass & 1];
+    for (int i0 = 0; i0 < n; i0 += NTHREADS) {  // bounds uniform per warp: every lane takes part in the match
+      const int i = i0 + threadIdx.x;
+      const uint32_t key = i < n ? float_key(s[i]) : 0u;
+      const int bin = (i < n && (key & mask) == prefix) ? (int)((key >> shift) & 255u) : -1;
+      const unsigned int peers = __match_any_sync(0xffffffffu, bin);
+      if (bin >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned int)__popc(peers));
     }
     __syncthreads();
     if (warp == 0) {
       // lane L owns digits 255-8L down to 248-8L; counts are summed from the top digit down.
       uint32_t local = 0;
 #pragma unroll
-      for (int d = 0; d < 8; ++d) local += ss->hist[255 - 8 * lane - d];
+      for (int d = 0; d < 8; ++d) local += hist[255 - 8 * lane - d];
       uint32_t incl = local;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
@@ -122,19 +130,20 @@ __device__ uint32_t block_kth_largest_key(const float* s, int n, int k, SampleSc
         uint32_t above = excl;
         int digit = 255 - 8 * lane;
         for (int d = 0; d < 8; ++d) {
-          const uint32_t c = ss->hist[255 - 8 * lane - d];
+          const uint32_t c = hist[255 - 8 * lane - d];
           if (above + c >= remaining) { digit = 255 - 8 * lane - d; break; }
           above += c;
         }
         ss->sel_prefix = prefix | ((uint32_t)digit << shift);
         ss->sel_remaining = remaining - above;
       }
+    } else if (threadIdx.x >= 256) {
+      ss->hist[(pass + 1) & 1][threadIdx.x - 256] = 0;
     }
     __syncthreads();
     prefix = ss->sel_prefix;
     remaining = ss->sel_remaining;
     mask |= 255u << shift;
-    __syncthreads();
   }
   return prefix;
 }
@@ -150,11 +159,19 @@ MK_COLD __device__ int block_sample(float* s, int n, bool do_sample, float tempe
   __syncthreads();
   uint32_t kth = 0;  // key 0: keep everything
   if (top_k > 0 && top_k < n) kth = block_kth_largest_key(s, n, top_k, ss);
-  // Collect finite candidates with key >= kth.
-  for (int i = threadIdx.x; i < n; i += NTHREADS) {
-    const float v = s[i];
-    if (v > -INFINITY && float_key(v) >= kth) {
-      const int slot = atomicAdd(&ss->count, 1);
+  // Collect finite candidates with key >= kth (one atomic per warp; slot order does not matter, the rank sort
+  // below orders them).
+  const int lane = threadIdx.x & 31;
+  for (int i0 = 0; i0 < n; i0 += NTHREADS) {
+    const int i = i0 + threadIdx.x;
+    const float v = i < n ? s[i] : -INFINITY;
+    const bool take = v > -INFINITY && float_key(v) >= kth;
+    const unsigned int ballot = __ballot_sync(0xffffffffu, take);
+    int first = 0;
+    if (lane == 0 && ballot) first = atomicAdd(&ss->count, __popc(ballot));
+    first = __shfl_sync(0xffffffffu, first, 0);
+    if (take) {
+      const int slot = first + __popc(ballot & ((1u << lane) - 1u));
       if (slot < CAND_MAX) { ss->cand_val[slot] = v; ss->cand_idx[slot] = i; }
       else ss->overflow = 1;
     }
@@ -174,7 +191,7 @@ MK_COLD __device__ int block_sample(float* s, int n, bool do_sample, float tempe
     ss->order[rank] = (short)c;
   }
   __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   if (warp == 0) {
     const double top = (double)ss->cand_val[ss->order[0]];
     // Inclusive running sum of exp(score - top) in sorted order, 32 candidates at a time.

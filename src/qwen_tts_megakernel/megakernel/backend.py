@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 LAYOUT_FIELDS = ("t_H", "t_F", "t_L", "t_V", "t_NQ", "t_NKV", "t_HD", "t_LAYER_ELEMS", "t_NORM_ELEMS",
                  "c_H", "c_F", "c_L", "c_V", "c_NQ", "c_NKV", "c_HD", "c_LAYER_ELEMS", "c_NORM_ELEMS",
                  "PROJ", "NTHREADS", "SMEM_BYTES", "NC_MAX", "CAND_MAX", "OUT_RING", "REC_INTS", "CP_POS",
-                 "sizeof_params", "sizeof_slot", "num_phases")
+                 "sizeof_params", "sizeof_slot", "num_phases", "XOWN_ROWS")
 REC_FRAME, REC_EOS, REC_ERROR, REC_NCAND, REC_SEQ = 16, 17, 18, 19, 31
 ERRORS = {1: "grid barrier timeout (a block never arrived: grid larger than the GPU can hold, or a hang)",
           2: "another block reported an error", 3: "random-number or forced-code table too short",
@@ -375,6 +375,10 @@ class MegakernelBackend:
             raise MegakernelError(f"the frame kernel does not fit on one SM ({self.lay['SMEM_BYTES']} B of shared "
                                   f"memory, {self.lay['NTHREADS']} threads)")
         self.num_blocks = int(num_blocks) if num_blocks is not None else self.sm_count
+        widest = max(t.hidden_size, c.hidden_size)
+        if self.num_blocks * self.lay["XOWN_ROWS"] < widest:
+            raise MegakernelError(f"{self.num_blocks} blocks are too few: each block keeps at most "
+                                  f"{self.lay['XOWN_ROWS']} of the {widest} residual rows")
         if cooperative and self.num_blocks > self.sm_count * self.blocks_per_sm:
             raise MegakernelError(f"{self.num_blocks} blocks cannot be co-resident "
                                   f"({self.sm_count} SMs x {self.blocks_per_sm})")

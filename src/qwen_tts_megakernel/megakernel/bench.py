@@ -61,9 +61,11 @@ def bench_megakernel(backend, config, frames: int = 200, warmup: int = 20) -> di
     prefill, text, pad = random_prompt(config, n_prefill=12, n_text=200)
     out = {}
     # flags: 1 = stop after codebook 0; timing experiments: 2 = no grid barriers (what the barriers cost),
-    # 4 = only stream the weight tiles through the shared-memory ring (no math, no barriers).
+    # 4 = only stream the weight tiles through the shared-memory ring (no math, no barriers), 8 = only the grid
+    # barriers (nothing between them: their cost without load imbalance).
     for name, flags in (("talker_step", 1), ("frame", 0), ("talker_step_nosync", 3), ("frame_nosync", 2),
-                        ("talker_step_stream_only", 5), ("frame_stream_only", 4)):
+                        ("talker_step_stream_only", 5), ("frame_stream_only", 4),
+                        ("talker_step_barriers_only", 9), ("frame_barriers_only", 8)):
         stream = backend.open_stream(prefill, text, pad, SamplingParams(), RandomStream(7), lookahead=0)
         stream.struct.min_new_tokens = 1 << 40  # timing runs never stop at EOS
         evs = []
@@ -83,6 +85,11 @@ def bench_megakernel(backend, config, frames: int = 200, warmup: int = 20) -> di
         out[name + "_ms"] = _median_ms(evs)
         out[name + "_ms_p90"] = float(np.percentile([a.elapsed_time(b) for a, b in evs], 90))
         out[name + "_hit_eos"] = bool(eos)
+    # Grid barriers per launch (megakernel.cu barriers_per_launch): 5 per decoder layer, one per head, one per
+    # predictor step for the projection (1.7B).
+    proj = int(config.talker.hidden_size != config.code_predictor.hidden_size)
+    out["barriers_talker_step"] = 5 * config.talker.num_hidden_layers + 1
+    out["barriers_frame"] = out["barriers_talker_step"] + 15 * (5 * config.code_predictor.num_hidden_layers + 1 + proj)
     # Wall time per frame through the public protocol (host loop reading pinned memory, one launch queued ahead).
     stream = backend.open_stream(prefill, text, pad, SamplingParams(), RandomStream(7), lookahead=1)
     stream.struct.min_new_tokens = 1 << 40
@@ -323,7 +330,10 @@ def format_md(r: dict) -> str:
         f"Timing experiment without grid barriers (garbage results): talker step "
         f"{_f(mk, 'talker_step_nosync_ms')} ms, frame {_f(mk, 'frame_nosync_ms')} ms. Weight tiles streamed "
         f"through the shared-memory ring alone (no math, no barriers): talker step "
-        f"{_f(mk, 'talker_step_stream_only_ms')} ms, frame {_f(mk, 'frame_stream_only_ms')} ms.",
+        f"{_f(mk, 'talker_step_stream_only_ms')} ms, frame {_f(mk, 'frame_stream_only_ms')} ms. The grid barriers "
+        f"alone ({mk.get('barriers_talker_step')} per talker step, {mk.get('barriers_frame')} per frame, nothing "
+        f"between them): talker step "
+        f"{_f(mk, 'talker_step_barriers_only_ms')} ms, frame {_f(mk, 'frame_barriers_only_ms')} ms.",
         "",
         f"Megakernel wall time per frame through the stream protocol (host loop, pinned-memory results): "
         f"{_f(mk, 'frame_wall_ms_protocol')} ms.",
