@@ -28,8 +28,8 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 // override): MK_RING ring depth, MK_SCHED cached
 // producer cursor (no phase lookup per tile), MK_ONESYNC one __syncthreads per tile, MK_BAR2 relaxed spin + one
 // acquire load (no SC fence) in the grid barrier.
-#ifndef MK_RING
-#define MK_RING 4
+#ifndef MK_RING  // 3 (64 KB in flight per SM) beats 4, 2 and 16 KB tiles on an H200: weight traffic beyond what
+#define MK_RING 3  // the bandwidth needs only delays the latency-bound activation loads and barrier polls
 #endif
 #ifndef MK_SCHED
 #define MK_SCHED 1

@@ -19,7 +19,7 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("megakernel.cu", "mk_common.cuh", "mk_sampling.cuh")
 LIB_NAME = "libqwen_tts_mk.so"
 
-# Shared-memory tile size per architecture (KB): the ring holds MK_RING (4) tiles + 32 KB of scratch per block.
+# Shared-memory tile size per architecture (KB): the ring holds MK_RING (3) tiles + 32 KB of scratch per block.
 TILE_KB = {"90a": 32, "100a": 32, "80": 24, "120a": 12, "86": 12, "89": 12}
 
 _lock = threading.Lock()
