@@ -683,7 +683,7 @@ __device__ bool decoder_layer(Ctx<M>& c, const float* x_src, int x_src_stride, f
   // 2. attention partials (QK-norm + RoPE + KV append inside)
   trace(TR_ATTN_BEGIN);
   attention_phase<S>(qkv, NR, p0, nc, kc, vc, cap, norms, rope, eps, p.attn_part, act);
-#if MK_TRACE == 1 || MK_ATTN_SYNC
+#if MK_TRACE == 1
   __syncthreads();
   trace(TR_ATTN_END);
 #endif

@@ -60,11 +60,7 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 #else
 #define MK_COLD_NORM
 #endif
-#ifndef MK_ATTN_SYNC  // timing experiment: the __syncthreads after the attention phase that MK_TRACE=1 adds, alone
-#define MK_ATTN_SYNC 0
-#endif
-// Timing experiment: MK_TRACE=1 stamps clock64 at section boundaries in two blocks (megakernel/trace.py); 2 puts
-// only a compiler barrier at each stamp and 3 only the clock read, to measure what the instrumentation changes.
+// Timing experiment: MK_TRACE=1 stamps clock64 at section boundaries in two blocks (megakernel/trace.py).
 #ifndef MK_TRACE
 #define MK_TRACE 0
 #endif
@@ -299,14 +295,7 @@ __device__ unsigned long long g_trace[2][TRACE_MAX];
 __device__ int g_trace_n[2];
 #endif
 __device__ __forceinline__ void trace(int tag) {
-#if MK_TRACE == 2
-  (void)tag;
-  asm volatile("" ::: "memory");
-#elif MK_TRACE == 3
-  (void)tag;
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%clock64;" : "=l"(t)::"memory");
-#elif MK_TRACE == 1
+#if MK_TRACE == 1
   if (threadIdx.x != 0) return;
   const int which = blockIdx.x == 0 ? 0 : (blockIdx.x == gridDim.x / 2 ? 1 : -1);
   if (which < 0) return;
