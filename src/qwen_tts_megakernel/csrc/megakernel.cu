@@ -360,27 +360,8 @@ struct Ctx {
   SampleScratch* ss;
   int phase;       // next phase index of the consumer
   int nb, b;
-  Waiter wt;       // waiting for flagged values (error word, timeout, shared abort word)
-  uint32_t epoch;  // flag base of this launch: (barrier base / blocks) << 10
-  int step;        // phase boundaries passed in this launch
 
   __device__ Ctx(const MkParams& p_, const MkSlot& s_) : p(p_), s(s_) {}
-
-  // Flag of the values this phase writes, and of the previous phase's values that it reads.
-  __device__ uint32_t put_flag() const { return epoch + (uint32_t)step; }
-  __device__ uint32_t want_flag() const { return bar.no_grid ? FLAG_ANY : epoch + (uint32_t)step - 1u; }
-
-  // End of a phase: the block's own sync (MK_DATAFLOW) or a grid barrier; false when the launch must abort.
-  __device__ bool phase_boundary() {
-    ++step;
-#if MK_DATAFLOW
-    __syncthreads();
-    return *wt.s_abort == 0;
-#else
-    const bool ok = bar.sync(nb);
-    return ok && *wt.s_abort == 0;
-#endif
-  }
 
   // Stream every tile of the next phase through tile_matvec.
   template <int NR, int HALVES, class Epi>
@@ -425,37 +406,23 @@ __device__ __forceinline__ void block_sum_rows(float (&v)[NR], float* red) {
   }
 }
 
-// dst[r][0..N) = RMSNorm(src[r]) * weight for NR rows: x * rsqrt(mean(x^2) + eps) * weight, in fp32. The rows
-// come from floats (src: global or shared, may alias dst) or, when src is null, from the flagged residual stream
-// (xsrc, waiting for flag `want`). Thread t holds elements t, t + NTHREADS, ... of every row in registers; the
-// weight and all rows are loaded before the one block reduction, so the chain is one load latency and one reduction.
+// dst[r][0..N) = RMSNorm(src[r]) * weight for NR rows (src global or shared, may alias dst):
+// x * rsqrt(mean(x^2) + eps) * weight, in fp32. Thread t holds elements t, t + NTHREADS, ... of every row in
+// registers; the weight and all rows are loaded before the one block reduction, so the chain is one load latency
+// and one reduction.
 template <int N, int NR>
-MK_COLD_NORM __device__ void rmsnorm_rows(float* dst, const float* src, const pair_t* xsrc, int src_stride,
-                                          int dst_stride, const bf16* weight, float eps, float* red, uint32_t want,
-                                          const Waiter& wt) {
+MK_COLD_NORM __device__ void rmsnorm_rows(float* dst, const float* src, int src_stride, int dst_stride,
+                                          const bf16* weight, float eps, float* red) {
   static_assert(N % NTHREADS == 0, "RMSNorm width must be a multiple of the block size");
   constexpr int PER = N / NTHREADS;
   trace(TR_NORM_BEGIN);
   float w[PER], x[NR][PER], ss[NR];
 #pragma unroll
   for (int j = 0; j < PER; ++j) w[j] = bf16_to_float(weight[threadIdx.x + j * NTHREADS]);
-  if (src) {
 #pragma unroll
-    for (int r = 0; r < NR; ++r)
+  for (int r = 0; r < NR; ++r)
 #pragma unroll
-      for (int j = 0; j < PER; ++j) x[r][j] = src[r * src_stride + threadIdx.x + j * NTHREADS];
-  } else {
-    pair_t v[NR][PER];
-#pragma unroll
-    for (int r = 0; r < NR; ++r)
-#pragma unroll
-      for (int j = 0; j < PER; ++j) v[r][j] = ld_pair(xsrc + r * src_stride + threadIdx.x + j * NTHREADS);
-#pragma unroll
-    for (int r = 0; r < NR; ++r)
-#pragma unroll
-      for (int j = 0; j < PER; ++j)
-        x[r][j] = pair_get(xsrc + r * src_stride + threadIdx.x + j * NTHREADS, v[r][j], want, wt);
-  }
+    for (int j = 0; j < PER; ++j) x[r][j] = src[r * src_stride + threadIdx.x + j * NTHREADS];
 #pragma unroll
   for (int r = 0; r < NR; ++r) {
     ss[r] = 0.f;
@@ -502,9 +469,8 @@ __device__ __forceinline__ void head_norm_rope(float x[4], const bf16* w, const 
 // Latency: each warp's first four cached positions (< p0, final before this phase) are loaded before the queries
 // are computed, and the new rows' K/V are read back from shared memory, so one global round trip is on the path.
 template <class S>
-MK_COLD_ATTN __device__ void attention_phase(const pair_t* qkv, int nr, int p0, int nc, kv_t* kc, kv_t* vc, int cap,
-                                const bf16* norms, const float* rope, float eps, pair_t* part, float* sm,
-                                uint32_t want, uint32_t put, const Waiter& wt) {
+MK_COLD_ATTN __device__ void attention_phase(const float* qkv, int nr, int p0, int nc, kv_t* kc, kv_t* vc, int cap,
+                                const bf16* norms, const float* rope, float eps, float* part, float* sm) {
   const int unit = blockIdx.x;
   if (unit >= S::NKV * nc) return;
   const int kh = unit % S::NKV, chunk = unit / S::NKV;
@@ -542,16 +508,12 @@ MK_COLD_ATTN __device__ void attention_phase(const pair_t* qkv, int nr, int p0, 
   if (warp < nr) {
     const int pos = p0 + warp;
     if (pos >= c0 && pos < c1) {
-      const pair_t* kr = qkv + warp * S::QKV + S::QD + kh * S::HD + 4 * lane;
-      const pair_t* vr = kr + S::KVD;
-      pair_t kw[4], vw[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) { kw[i] = ld_pair(kr + i); vw[i] = ld_pair(vr + i); }
+      const float* row = qkv + warp * S::QKV;
       float k[4], v[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        k[i] = pair_get(kr + i, kw[i], want, wt);
-        v[i] = pair_get(vr + i, vw[i], want, wt);
+        k[i] = row[S::QD + kh * S::HD + 4 * lane + i];
+        v[i] = row[S::QD + S::KVD + kh * S::HD + 4 * lane + i];
       }
       head_norm_rope(k, kn, rope + (long long)pos * S::HD, eps, lane);
 #pragma unroll
@@ -565,13 +527,9 @@ MK_COLD_ATTN __device__ void attention_phase(const pair_t* qkv, int nr, int p0, 
   } else if (warp >= 4 && warp < 4 + 2 * nr) {
     const int r = (warp - 4) >> 1, h = (warp - 4) & 1;
     const int qh = kh * 2 + h;
-    const pair_t* qr = qkv + r * S::QKV + qh * S::HD + 4 * lane;
-    pair_t qw[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) qw[i] = ld_pair(qr + i);
     float q[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) q[i] = pair_get(qr + i, qw[i], want, wt);
+    for (int i = 0; i < 4; ++i) q[i] = qkv[r * S::QKV + qh * S::HD + 4 * lane + i];
     head_norm_rope(q, qn, rope + (long long)(p0 + r) * S::HD, eps, lane);
 #pragma unroll
     for (int i = 0; i < 4; ++i) qs[(r * 2 + h) * 128 + 4 * lane + i] = q[i] * scale;
@@ -660,148 +618,109 @@ MK_COLD_ATTN __device__ void attention_phase(const pair_t* qkv, int nr, int p0, 
         L += f * wl[w * 2 + h];
         A += f * wa[(w * 2 + h) * 128 + d];
       }
-      pair_t* dst = part + ((long long)(r * S::NQ + kh * 2 + h) * NC_MAX + chunk) * (2 + S::HD);
-      if (d == 0) { st_pair(dst, M, put); st_pair(dst + 1, L, put); }
-      st_pair(dst + 2 + d, A, put);
+      float* dst = part + ((long long)(r * S::NQ + kh * 2 + h) * NC_MAX + chunk) * (2 + S::HD);
+      if (d == 0) { dst[0] = M; dst[1] = L; }
+      dst[2 + d] = A;
     }
     __syncthreads();
   }
 }
 
-// act[r][i] = attention output of q dim i for row r: the chunk partials merged in one pass (running max). Each
-// thread owns E outputs; for every chunk all their (m, l, acc) words are loaded before any is used, so a chunk costs
-// one load latency. Chunks that saw no position (m = -inf) are skipped.
-template <class S, int NR>
-MK_COLD_ATTN __device__ void attention_combine(float* act, const pair_t* part, int nc, uint32_t want,
-                                               const Waiter& wt) {
-  constexpr int E = NR * S::QD / NTHREADS;
-  static_assert(NR * S::QD % NTHREADS == 0, "attention outputs per thread");
-  float M[E], L[E], A[E];
-  const pair_t* base[E];
-#pragma unroll
-  for (int e = 0; e < E; ++e) {
-    const int t = threadIdx.x + e * NTHREADS;
+// act[r][i] = attention output of q dim i for row r: the chunk partials merged in one pass (running max), so
+// every chunk's (m, l, acc) loads are independent and issued together. Chunks that saw no position (m = -inf)
+// are skipped.
+template <class S>
+MK_COLD_ATTN __device__ void attention_combine(float* act, const float* part, int nr, int nc) {
+  for (int t = threadIdx.x; t < nr * S::QD; t += NTHREADS) {
     const int r = t / S::QD, i = t % S::QD;
-    base[e] = part + (long long)(r * S::NQ + i / S::HD) * NC_MAX * (2 + S::HD);
-    M[e] = -INFINITY; L[e] = 0.f; A[e] = 0.f;
-  }
-  static_assert(NTHREADS % S::HD == 0, "the same head dim for every output of a thread");
-  const int d = threadIdx.x % S::HD;
-  for (int c = 0; c < nc; ++c) {
-    pair_t wm[E], wl[E], wa[E];
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const pair_t* pc = base[e] + c * (2 + S::HD);
-      wm[e] = ld_pair(pc); wl[e] = ld_pair(pc + 1); wa[e] = ld_pair(pc + 2 + d);
-    }
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const pair_t* pc = base[e] + c * (2 + S::HD);
-      const float m = pair_get(pc, wm[e], want, wt);
-      const float l = pair_get(pc + 1, wl[e], want, wt);
-      const float a = pair_get(pc + 2 + d, wa[e], want, wt);
+    const int qh = i / S::HD, d = i % S::HD;
+    const float* base = part + (long long)(r * S::NQ + qh) * NC_MAX * (2 + S::HD);
+    float M = -INFINITY, L = 0.f, A = 0.f;
+#pragma unroll 4
+    for (int c = 0; c < nc; ++c) {
+      const float* pc = base + c * (2 + S::HD);
+      const float m = pc[0], l = pc[1], a = pc[2 + d];
       if (m == -INFINITY) continue;
-      const float nm = fmaxf(M[e], m);
-      const float fo = __expf(M[e] - nm), fn = __expf(m - nm);  // M = -inf -> fo = 0
-      L[e] = L[e] * fo + l * fn;
-      A[e] = A[e] * fo + a * fn;
-      M[e] = nm;
+      const float nm = fmaxf(M, m);
+      const float fo = __expf(M - nm), fn = __expf(m - nm);  // M = -inf -> fo = 0
+      L = L * fo + l * fn;
+      A = A * fo + a * fn;
+      M = nm;
     }
+    act[r * S::QD + i] = A / L;
   }
-#pragma unroll
-  for (int e = 0; e < E; ++e) act[threadIdx.x + e * NTHREADS] = A[e] / L[e];
   __syncthreads();
 }
 
-// dst[0..N) = the values of N flagged words (all loads issued before the first wait); thread t writes t, t + NTHREADS..
-template <int N>
-__device__ __forceinline__ void load_flagged(float* dst, const pair_t* src, uint32_t want, const Waiter& wt) {
-  static_assert(N % NTHREADS == 0, "flagged vector length must be a multiple of the block size");
-  constexpr int E = N / NTHREADS;
-  pair_t w[E];
-#pragma unroll
-  for (int e = 0; e < E; ++e) w[e] = ld_pair(src + threadIdx.x + e * NTHREADS);
-#pragma unroll
-  for (int e = 0; e < E; ++e) dst[threadIdx.x + e * NTHREADS] = pair_get(src + threadIdx.x + e * NTHREADS, w[e], want, wt);
-}
-
 // ------------------------------------------------------------------------------------------------------------
-// One decoder layer
+// One decoder layer (5 phases, 5 grid barriers) on nr rows at positions p0..; x_src = layer input for the QKV
+// norm (x_res, or the step input rows for layer 0), x_res holds the residual stream [nr][S::H].
 
 #define MK_SYNC()                            \
   do {                                       \
-    if (!c.phase_boundary()) {               \
+    if (!c.bar.sync(c.nb)) {                 \
       c.ws.drain();                          \
       return false;                          \
     }                                        \
   } while (0)
 
-// One decoder layer (5 phases) on NR rows at positions p0..; the layer input for the QKV norm is x_src (floats: the
-// step's input rows, layer 0) or, when x_src is null, the flagged residual stream p.x_res [NR][S::H].
 template <class M, class S, int NR>
-__device__ bool decoder_layer(Ctx<M>& c, const float* x_src, int x_src_stride, const bf16* norms, kv_t* kc,
-                              kv_t* vc, int cap, const float* rope, float eps, int p0, int nc) {
+__device__ bool decoder_layer(Ctx<M>& c, const float* x_src, int x_src_stride, float* x_res, const bf16* norms,
+                              kv_t* kc, kv_t* vc, int cap, const float* rope, float eps, int p0, int nc) {
   const MkParams& p = c.p;
   float* act = c.act;
   float* xown = c.xown;
-  pair_t* x_res = p.x_res;
   int o0, o1;
   split_range(S::H, c.nb, c.b, o0, o1);  // residual rows this block owns (o_proj and down units)
   // 1. input norm + fused QKV
-  rmsnorm_rows<S::H, NR>(act, x_src, x_res, x_src ? x_src_stride : S::H, S::H, norms, eps, c.red, c.want_flag(),
-                         c.wt);
-  pair_t* qkv = p.qkv;
-  uint32_t put = c.put_flag();
+  rmsnorm_rows<S::H, NR>(act, x_src, x_src_stride, S::H, norms, eps, c.red);
+  float* qkv = p.qkv;
   c.template run_phase<NR, 1>(act, S::H, [&](int u, float (&a)[NR][1]) {
 #pragma unroll
-    for (int r = 0; r < NR; ++r) st_pair(qkv + r * S::QKV + u, a[r][0], put);
+    for (int r = 0; r < NR; ++r) qkv[r * S::QKV + u] = a[r][0];
   });
   MK_SYNC();
   // 2. attention partials (QK-norm + RoPE + KV append inside)
   trace(TR_ATTN_BEGIN);
-  attention_phase<S>(qkv, NR, p0, nc, kc, vc, cap, norms, rope, eps, p.attn_part, act, c.want_flag(),
-                     c.put_flag(), c.wt);
+  attention_phase<S>(qkv, NR, p0, nc, kc, vc, cap, norms, rope, eps, p.attn_part, act);
 #if MK_TRACE == 1
   __syncthreads();
   trace(TR_ATTN_END);
 #endif
   MK_SYNC();
   // 3. combine + o_proj + residual
-  attention_combine<S, NR>(act, p.attn_part, nc, c.want_flag(), c.wt);
+  attention_combine<S>(act, p.attn_part, NR, nc);
   trace(TR_COMBINE_END);
-  put = c.put_flag();
   c.template run_phase<NR, 1>(act, S::QD, [&](int u, float (&a)[NR][1]) {
 #pragma unroll
     for (int r = 0; r < NR; ++r) {
       const float v = xown[r * XOWN_ROWS + u - o0] + a[r][0];
       xown[r * XOWN_ROWS + u - o0] = v;
-      st_pair(x_res + r * S::H + u, v, put);
+      x_res[r * S::H + u] = v;
     }
   });
   MK_SYNC();
   // 4. post-attention norm + gate/up + SiLU
-  rmsnorm_rows<S::H, NR>(act, nullptr, x_res, S::H, S::H, norms + S::H, eps, c.red, c.want_flag(), c.wt);
-  pair_t* mlp = p.act;
-  put = c.put_flag();
+  rmsnorm_rows<S::H, NR>(act, x_res, S::H, S::H, norms + S::H, eps, c.red);
+  float* mlp = p.act;
   c.template run_phase<NR, 2>(act, S::H, [&](int u, float (&a)[NR][2]) {
 #pragma unroll
     for (int r = 0; r < NR; ++r) {
       const float g = a[r][0];
-      st_pair(mlp + r * S::F + u, g / (1.f + __expf(-g)) * a[r][1], put);
+      mlp[r * S::F + u] = g / (1.f + __expf(-g)) * a[r][1];
     }
   });
   MK_SYNC();
   // 5. down + residual
-  load_flagged<NR * S::F>(act, mlp, c.want_flag(), c.wt);
+  for (int i = threadIdx.x; i < NR * S::F; i += NTHREADS) act[i] = mlp[i];
   __syncthreads();
   trace(TR_COPY_END);
-  put = c.put_flag();
   c.template run_phase<NR, 1>(act, S::F, [&](int u, float (&a)[NR][1]) {
 #pragma unroll
     for (int r = 0; r < NR; ++r) {
       const float v = xown[r * XOWN_ROWS + u - o0] + a[r][0];
       xown[r * XOWN_ROWS + u - o0] = v;
-      st_pair(x_res + r * S::H + u, v, put);
+      x_res[r * S::H + u] = v;
     }
   });
   MK_SYNC();
@@ -853,9 +772,6 @@ template <class M>
 __host__ __device__ constexpr int barriers_per_launch(bool talker_only) {
   return 5 * M::T::L + 1 + (talker_only ? 0 : 15 * (5 * M::C::L + 1 + (M::PROJ ? 1 : 0)));
 }
-static_assert(barriers_per_launch<Shapes06>(false) < MAX_PHASE_BOUNDARIES &&
-                  barriers_per_launch<Shapes17>(false) < MAX_PHASE_BOUNDARIES,
-              "phase boundaries per launch must fit the flag's low 10 bits");
 
 // Timing experiment: every weight tile of the frame (or of the talker step, with FLAG_TALKER_ONLY) through the
 // shared-memory ring with no math and no grid barrier: the weight stream's own speed.
@@ -898,8 +814,12 @@ __device__ __forceinline__ bool frame_body(Ctx<M>& c, int frame, int pos, float 
   // ---- talker step ----
   {
     int o0, o1;
-    split_range(T::H, nb, b, o0, o1);  // residual rows this block owns (o_proj and down units)
-    for (int i = o0 + threadIdx.x; i < o1; i += NTHREADS) c.xown[i - o0] = s.x_in[i];
+    split_range(T::H, nb, b, o0, o1);  // rows this block owns in o_proj (same split as the phase)
+    for (int i = o0 + threadIdx.x; i < o1; i += NTHREADS) {
+      const float v = s.x_in[i];
+      p.x_res[i] = v;
+      c.xown[i - o0] = v;
+    }
   }
   const int total = pos + 1;
   const int nc_cap = min(NC_MAX, nb / T::NKV);
@@ -908,13 +828,13 @@ __device__ __forceinline__ bool frame_body(Ctx<M>& c, int frame, int pos, float 
   for (int l = 0; l < T::L; ++l) {
     kv_t* kc = t_kv + (long long)l * 2 * T::NKV * p.max_seq * T::HD;
     kv_t* vc = kc + (long long)T::NKV * p.max_seq * T::HD;
-    if (!decoder_layer<M, T, 1>(c, l == 0 ? s.x_in : nullptr, T::H, p.t_norms + (long long)l * T::NORM_ELEMS, kc,
-                                vc, (int)p.max_seq, p.t_rope, (float)p.t_eps, pos, nc))
+    const float* xs = l == 0 ? s.x_in : p.x_res;
+    if (!decoder_layer<M, T, 1>(c, xs, T::H, p.x_res, p.t_norms + (long long)l * T::NORM_ELEMS, kc, vc,
+                                (int)p.max_seq, p.t_rope, (float)p.t_eps, pos, nc))
       return false;
   }
   // final norm -> post-norm hidden h (kept in act[0..H) through the predictor's first step) -> codec head
-  rmsnorm_rows<T::H, 1>(act, nullptr, p.x_res, T::H, T::H, p.t_final_norm, (float)p.t_eps, c.red, c.want_flag(),
-                        c.wt);
+  rmsnorm_rows<T::H, 1>(act, p.x_res, T::H, T::H, p.t_final_norm, (float)p.t_eps, c.red);
   if (perturb != 0.f) {
     for (int i = threadIdx.x; i < T::H; i += NTHREADS) act[i] += perturb;
     __syncthreads();
@@ -922,9 +842,8 @@ __device__ __forceinline__ bool frame_body(Ctx<M>& c, int frame, int pos, float 
   if (b == 0)
     for (int i = threadIdx.x; i < T::H; i += NTHREADS) p.dbg_hidden[i] = act[i];
   {
-    pair_t* logits = p.t_logits;
-    const uint32_t put = c.put_flag();
-    c.template run_phase<1, 1>(act, T::H, [&](int u, float (&a)[1][1]) { st_pair(logits + u, a[0][0], put); });
+    float* logits = p.t_logits;
+    c.template run_phase<1, 1>(act, T::H, [&](int u, float (&a)[1][1]) { logits[u] = a[0][0]; });
   }
   MK_SYNC();
 
@@ -933,9 +852,8 @@ __device__ __forceinline__ bool frame_body(Ctx<M>& c, int frame, int pos, float 
   {
     trace(TR_SAMPLE_BEGIN);
     const float pen = (float)s.rep_penalty;
-    load_flagged<T::V>(scores, p.t_logits, c.want_flag(), c.wt);
-    for (int i = threadIdx.x; i < T::V; i += NTHREADS) {  // each thread its own elements: no sync needed
-      float v = scores[i];
+    for (int i = threadIdx.x; i < T::V; i += NTHREADS) {
+      float v = p.t_logits[i];
       if ((s.seen[i >> 5] >> (i & 31)) & 1u) v = v < 0.f ? v * pen : v / pen;
       if (i >= s.suppress_start && i != s.eos_id) v = -INFINITY;
       if (i == s.eos_id && frame < s.min_new_tokens) v = -INFINITY;
@@ -967,10 +885,9 @@ __device__ __forceinline__ bool frame_body(Ctx<M>& c, int frame, int pos, float 
     __syncthreads();
     const float* xsrc;
     if (M::PROJ) {
-      pair_t* xr = p.x_res;
+      float* xr = p.x_res;
       float* xo = c.xown;
       const bf16* bias = p.c_proj_b;
-      const uint32_t put = c.put_flag();
       int o0, o1;
       split_range(C::H, nb, b, o0, o1);  // projection units = the predictor's residual rows, same split
       if (nr == 2)
@@ -978,49 +895,52 @@ __device__ __forceinline__ bool frame_body(Ctx<M>& c, int frame, int pos, float 
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const float v = a[r][0] + bf16_to_float(bias[u]);
-            st_pair(xr + r * C::H + u, v, put);
+            xr[r * C::H + u] = v;
             xo[r * XOWN_ROWS + u - o0] = v;
           }
         });
       else
         c.template run_phase<1, 1>(xin, T::H, [&](int u, float (&a)[1][1]) {
           const float v = a[0][0] + bf16_to_float(bias[u]);
-          st_pair(xr + u, v, put);
+          xr[u] = v;
           xo[u - o0] = v;
         });
       MK_SYNC();
-      xsrc = nullptr;  // layer 0 reads the flagged residual stream
+      xsrc = p.x_res;
     } else {
       int o0, o1;
       split_range(C::H, nb, b, o0, o1);
       for (int r = 0; r < nr; ++r)
-        for (int i = o0 + threadIdx.x; i < o1; i += NTHREADS) c.xown[r * XOWN_ROWS + i - o0] = xin[r * T::H + i];
+        for (int i = o0 + threadIdx.x; i < o1; i += NTHREADS) {
+          const float v = xin[r * T::H + i];
+          p.x_res[r * C::H + i] = v;
+          c.xown[r * XOWN_ROWS + i - o0] = v;
+        }
       __syncthreads();
       xsrc = xin;  // every block has the rows in shared memory
     }
     for (int l = 0; l < C::L; ++l) {
       kv_t* kc = c_kv + (long long)l * 2 * C::NKV * CP_POS * C::HD;
       kv_t* vc = kc + (long long)C::NKV * CP_POS * C::HD;
-      const float* xs = l == 0 ? xsrc : nullptr;
-      const int xstride = T::H;  // of xin (float rows); the flagged residual stream has stride C::H
+      const float* xs = l == 0 ? xsrc : p.x_res;
+      const int xstride = (l == 0 && !M::PROJ) ? T::H : C::H;
       const bf16* norms = p.c_norms + (long long)l * C::NORM_ELEMS;
-      const bool ok = nr == 2 ? decoder_layer<M, C, 2>(c, xs, xstride, norms, kc, vc, CP_POS, p.c_rope,
+      const bool ok = nr == 2 ? decoder_layer<M, C, 2>(c, xs, xstride, p.x_res, norms, kc, vc, CP_POS, p.c_rope,
                                                        (float)p.c_eps, p0, 1)
-                              : decoder_layer<M, C, 1>(c, xs, xstride, norms, kc, vc, CP_POS, p.c_rope,
+                              : decoder_layer<M, C, 1>(c, xs, xstride, p.x_res, norms, kc, vc, CP_POS, p.c_rope,
                                                        (float)p.c_eps, p0, 1);
       if (!ok) return false;
     }
     // final norm of the last row -> lm_head[j-1]
-    rmsnorm_rows<C::H, 1>(act, nullptr, p.x_res + (nr - 1) * C::H, C::H, C::H, p.c_final_norm, (float)p.c_eps,
-                          c.red, c.want_flag(), c.wt);
+    rmsnorm_rows<C::H, 1>(act, p.x_res + (nr - 1) * C::H, C::H, C::H, p.c_final_norm, (float)p.c_eps,
+                           c.red);
     {
-      pair_t* logits = p.c_logits;
-      const uint32_t put = c.put_flag();
-      c.template run_phase<1, 1>(act, C::H, [&](int u, float (&a)[1][1]) { st_pair(logits + u, a[0][0], put); });
+      float* logits = p.c_logits;
+      c.template run_phase<1, 1>(act, C::H, [&](int u, float (&a)[1][1]) { logits[u] = a[0][0]; });
     }
     MK_SYNC();
     trace(TR_SAMPLE_BEGIN);
-    load_flagged<C::V>(scores, p.c_logits, c.want_flag(), c.wt);
+    for (int i = threadIdx.x; i < C::V; i += NTHREADS) scores[i] = p.c_logits[i];
     __syncthreads();
     const double u = draw_uniform(s, frame, j);
     if (u < 0.0) { if (threadIdx.x == 0) atomicCAS(p.error, 0, ERR_TABLE); return false; }
@@ -1051,7 +971,7 @@ __global__ void __launch_bounds__(NTHREADS, 1)
     frame_kernel(const __grid_constant__ MkParams p, const __grid_constant__ MkSlot s, int frame, int pos,
                  float perturb, int flags) {
   extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ int s_flag, s_abort;
+  __shared__ int s_flag;
   __shared__ int s_codes[NCODES], s_used[NCODES];
   __shared__ float s_xown[2 * XOWN_ROWS];
   if (*(volatile int*)s.done) return;  // the stream already ended (a launch queued past EOS)
@@ -1073,12 +993,6 @@ __global__ void __launch_bounds__(NTHREADS, 1)
   c.bar.n = 0;
   c.bar.no_grid = (flags & FLAG_NO_GRID_SYNC) != 0;
   c.bar.s_flag = &s_flag;
-  c.wt.error = p.error;
-  c.wt.timeout_ns = p.timeout_ns;
-  c.wt.s_abort = &s_abort;
-  c.epoch = (uint32_t)((c.bar.base / (unsigned long long)gridDim.x) << 10);
-  c.step = 0;
-  if (threadIdx.x == 0) s_abort = 0;  // published by the __syncthreads before the first use
   c.ws.ring = smem;
   c.ws.issued = c.ws.consumed = c.ws.prod_phase = c.ws.prod_tile = 0;
 #if MK_SCHED
@@ -1111,13 +1025,8 @@ __global__ void __launch_bounds__(NTHREADS, 1)
     return;  // no barrier passed: the barrier base stays valid
   }
   trace(TR_FRAME_BEGIN);
-  bool ok = (flags & FLAG_BARRIERS_ONLY) ? barriers_only<M>(c, flags)
-                                          : frame_body<M>(c, frame, pos, perturb, flags, s_codes, s_used);
-#if MK_DATAFLOW
-  // One grid barrier ends the launch: every block is done, so block 0 may publish the next launch's base (which
-  // also advances the flags' epoch).
-  if (ok && !(flags & FLAG_BARRIERS_ONLY)) ok = c.bar.sync(c.nb);
-#endif
+  const bool ok = (flags & FLAG_BARRIERS_ONLY) ? barriers_only<M>(c, flags)
+                                                : frame_body<M>(c, frame, pos, perturb, flags, s_codes, s_used);
   trace(TR_FRAME_END);
   c.ws.drain();
   if (!ok) {

@@ -64,12 +64,6 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 #ifndef MK_TRACE
 #define MK_TRACE 0
 #endif
-// Phase boundaries: MK_DATAFLOW=1 (default) lets each phase start when the values it reads carry this phase's
-// flag (every activation shared between blocks is a (value, flag) word, see pair_t) and keeps one grid barrier at
-// the end of the launch; 0 puts a grid barrier at every phase boundary.
-#ifndef MK_DATAFLOW
-#define MK_DATAFLOW 1
-#endif
 #ifndef MK_TMA  // Hopper bulk copy (cp.async.bulk, one instruction per tile) + mbarrier per ring slot; needs
 #define MK_TMA 1  // MK_SCHED and MK_ONESYNC
 #endif
@@ -91,7 +85,7 @@ constexpr int XOWN_ROWS = 128;              // residual rows one block owns (H /
 constexpr int SMEM_BYTES = RING_TILES * TILE_BYTES + ACT_FLOATS * 4 + MISC_BYTES;
 
 // Error codes written to the error word / output record.
-constexpr int ERR_TIMEOUT = 1;              // a grid barrier or a flagged-value wait timed out
+constexpr int ERR_TIMEOUT = 1;              // a grid barrier waited longer than the timeout
 constexpr int ERR_PEER = 2;                 // another block reported an error first
 constexpr int ERR_TABLE = 3;                // random-number table or forced-code table too short
 constexpr int ERR_POS = 4;                  // position beyond the KV cache
@@ -129,16 +123,6 @@ using Shapes06 = Shapes<Stack<1024, 3072, 28, 3072>, Stack<1024, 3072, 5, 2048>,
 using Shapes17 = Shapes<Stack<2048, 6144, 28, 3072>, Stack<1024, 3072, 5, 2048>, true>;   // 12Hz-1.7B
 
 // ------------------------------------------------------------------------------------------------------------
-// Flagged values: an activation that other blocks read in the same launch is one 64-bit word, the float in the low
-// half and the flag of the phase that wrote it in the high half, stored and loaded whole (a naturally aligned 64-bit
-// access is single-copy atomic), so a reader that sees the flag it expects also sees the value, with no fence.
-// Flags: (launch epoch << 10) + phase boundary index, unique within ~4M launches of an instance; the host fills
-// the buffers with 0xFF bytes, whose flag (low 10 bits 1023) no phase writes.
-typedef unsigned long long pair_t;
-constexpr uint32_t FLAG_ANY = 0xFFFFFFFFu;  // a reader's "take what is there" (timing experiments only)
-constexpr int MAX_PHASE_BOUNDARIES = 1023;  // phase boundaries per launch must stay below this
-
-// ------------------------------------------------------------------------------------------------------------
 // Parameters. Only 8-byte fields, so the ctypes mirror in megakernel/backend.py is a flat list.
 
 struct MkParams {
@@ -160,13 +144,13 @@ struct MkParams {
   // caches (all slots)
   kv_t* t_kv;                // [slots][L][2][NKV][max_seq][HD]
   kv_t* c_kv;                // [slots][L][2][NKV][CP_POS][HD]
-  // scratch shared by every slot (launches of one instance are serialized on one CUDA stream), flagged values
-  pair_t* x_res;             // [2][max(H, CH)] residual stream
-  pair_t* qkv;               // [2][QKV]
-  pair_t* attn_part;         // [2][NQ][NC_MAX][2 + HD] attention partials (m, l, acc)
-  pair_t* act;               // [2][max(F, CF)] MLP activations
-  pair_t* t_logits;          // [V] raw talker logits of the latest launch
-  pair_t* c_logits;          // [CV]
+  // scratch shared by every slot (launches of one instance are serialized on one CUDA stream)
+  float* x_res;              // [2][max(H, CH)] residual stream
+  float* qkv;                // [2][QKV]
+  float* attn_part;          // [2][NQ][NC_MAX][2 + HD] attention partials (m, l, acc)
+  float* act;                // [2][max(F, CF)] MLP activations
+  float* t_logits;           // [V] raw talker logits of the latest launch
+  float* c_logits;           // [CV]
   float* dbg_hidden;         // [H] talker post-norm hidden of the latest launch (after the perturbation)
   // synchronization (per instance)
   unsigned long long* bar_count;  // monotonic arrival counter
@@ -251,58 +235,10 @@ __device__ __forceinline__ int ld_relaxed_i32(const int* p) {
   asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
-__device__ __forceinline__ void st_pair(pair_t* p, float v, uint32_t flag) {
-  const pair_t w = ((pair_t)flag << 32) | (pair_t)__float_as_uint(v);
-  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
-}
-__device__ __forceinline__ pair_t ld_pair(const pair_t* p) {
-  pair_t w;
-  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(w) : "l"(p));
-  return w;
-}
-__device__ __forceinline__ bool pair_ready(pair_t w, uint32_t want) {
-  return want == FLAG_ANY || (uint32_t)(w >> 32) == want;
-}
-__device__ __forceinline__ float pair_value(pair_t w) { return __uint_as_float((uint32_t)w); }
 __device__ __forceinline__ unsigned long long globaltimer_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
-}
-
-// Waiting for a flagged value that was not ready at the first load: relaxed polls with a sleep that doubles from 32
-// to 256 ns (every thread of a block may be polling: the sleep keeps that traffic off the weight stream); gives up when
-// the instance's error word is set (another block failed) or after the timeout (then sets it), raising the block's
-// shared abort word so the block stops at its next phase boundary. The value returned then is garbage.
-struct Waiter {
-  int* error;
-  long long timeout_ns;
-  int* s_abort;  // shared
-};
-__device__ __noinline__ pair_t pair_spin(const pair_t* p, uint32_t want, Waiter w) {
-  unsigned long long t0 = 0;
-  unsigned int sleep_ns = 32;
-  for (unsigned int it = 1;; ++it) {
-    __nanosleep(sleep_ns);
-    sleep_ns = sleep_ns < 256 ? 2 * sleep_ns : 256;
-    const pair_t v = ld_pair(p);
-    if (pair_ready(v, want)) return v;
-    if ((it & 63) == 0) {
-      if (ld_relaxed_i32(w.error) != 0) { *w.s_abort = 1; return v; }
-      const unsigned long long now = globaltimer_ns();
-      if (t0 == 0) t0 = now;
-      else if ((long long)(now - t0) > w.timeout_ns) {
-        atomicCAS(w.error, 0, ERR_TIMEOUT);
-        *w.s_abort = 1;
-        return v;
-      }
-    }
-  }
-}
-// The value of *p once its flag is `want`, given a first load w already issued (loads are batched by the caller).
-__device__ __forceinline__ float pair_get(const pair_t* p, pair_t w, uint32_t want, const Waiter& wt) {
-  if (!pair_ready(w, want)) w = pair_spin(p, want, wt);
-  return pair_value(w);
 }
 
 // cp.async 16-byte global -> shared copy (L2 only), commit and wait.

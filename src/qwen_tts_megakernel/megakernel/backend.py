@@ -52,8 +52,7 @@ LAYOUT_FIELDS = ("t_H", "t_F", "t_L", "t_V", "t_NQ", "t_NKV", "t_HD", "t_LAYER_E
                  "PROJ", "NTHREADS", "SMEM_BYTES", "NC_MAX", "CAND_MAX", "OUT_RING", "REC_INTS", "CP_POS",
                  "sizeof_params", "sizeof_slot", "num_phases", "XOWN_ROWS")
 REC_FRAME, REC_EOS, REC_ERROR, REC_NCAND, REC_SEQ = 16, 17, 18, 19, 31
-ERRORS = {1: "timeout in a grid barrier or waiting for another block's values (a block never arrived: grid larger "
-             "than the GPU can hold, or a hang)",
+ERRORS = {1: "grid barrier timeout (a block never arrived: grid larger than the GPU can hold, or a hang)",
           2: "another block reported an error", 3: "random-number or forced-code table too short",
           4: "position beyond the KV cache (max_seq_len)"}
 CUDA_NOT_READY = 600
@@ -103,11 +102,6 @@ def variant_for(config) -> int:
     raise NotImplementedError(
         f"the megakernel is compiled for the 12Hz-0.6B and 12Hz-1.7B shapes; got talker hidden {t.hidden_size}, "
         f"ffn {t.intermediate_size}, layers {t.num_hidden_layers}")
-
-
-def flagged_values(words: torch.Tensor) -> torch.Tensor:
-    """The float halves of flagged words (int64 tensor written by the kernel; little-endian: value first)."""
-    return words.view(torch.int32).view(*words.shape, 2)[..., 0].view(torch.float32).clone()
 
 
 def layout(lib, variant: int) -> dict[str, int]:
@@ -363,16 +357,13 @@ class MegakernelBackend:
         hmax = max(t.hidden_size, c.hidden_size)
         fmax = max(t.intermediate_size, c.intermediate_size)
         qkv = t.q_dim + 2 * t.kv_dim
-        # Activations shared between blocks: flagged words (pair_t in mk_common.cuh: float in the low half, the
-        # writing phase's flag in the high half), filled with 0xFF bytes, a flag no phase writes.
-        flagged = lambda *shape: torch.full(shape, -1, device=dev, dtype=torch.int64)  # noqa: E731
-        self.x_res = flagged(2, hmax)
-        self.qkv = flagged(2, qkv)
-        self.attn_part = flagged(2, t.num_attention_heads, self.lay["NC_MAX"], 2 + t.head_dim)
-        self.act = flagged(2, fmax)
-        self.t_logits = flagged(t.vocab_size)
-        self.c_logits = flagged(c.vocab_size)
-        self.flagged_buffers = (self.x_res, self.qkv, self.attn_part, self.act, self.t_logits, self.c_logits)
+        self.x_res = torch.zeros(2, hmax, device=dev, dtype=f32)
+        self.qkv = torch.zeros(2, qkv, device=dev, dtype=f32)
+        self.attn_part = torch.zeros(2, t.num_attention_heads, self.lay["NC_MAX"], 2 + t.head_dim, device=dev,
+                                     dtype=f32)
+        self.act = torch.zeros(2, fmax, device=dev, dtype=f32)
+        self.t_logits = torch.zeros(t.vocab_size, device=dev, dtype=f32)
+        self.c_logits = torch.zeros(c.vocab_size, device=dev, dtype=f32)
         self.dbg_hidden = torch.zeros(t.hidden_size, device=dev, dtype=f32)
         self.sync_words = torch.zeros(4, device=dev, dtype=torch.int64)  # bar_count, bar_base, error
         self.stream = torch.cuda.Stream(device=dev)
@@ -603,8 +594,6 @@ class MegakernelBackend:
         """Stream-ordered reset of the barrier words (after an error; never needed in normal operation)."""
         torch.cuda.synchronize(self.device)
         self.sync_words.zero_()
-        for buf in self.flagged_buffers:  # the flag epoch restarts: no stale word may carry a valid flag
-            buf.fill_(-1)
         torch.cuda.synchronize(self.device)
         self.broken = None
 
@@ -790,7 +779,7 @@ class MegakernelStream:
 
     def last_logits(self) -> torch.Tensor:
         self.sync()
-        return flagged_values(self.be.t_logits)
+        return self.be.t_logits.clone()
 
     def close(self) -> None:
         """Give the slot back without waiting: the next stream opened in it waits for this event first."""
