@@ -626,12 +626,50 @@ MK_COLD_ATTN __device__ void attention_phase(const float* qkv, int nr, int p0, i
   }
 }
 
-// act[r][i] = attention output of q dim i for row r: the chunk partials merged in one pass (running max), so
-// every chunk's (m, l, acc) loads are independent and issued together. Chunks that saw no position (m = -inf)
-// are skipped.
-template <class S>
-MK_COLD_ATTN __device__ void attention_combine(float* act, const float* part, int nr, int nc) {
-  for (int t = threadIdx.x; t < nr * S::QD; t += NTHREADS) {
+// act[r][i] = attention output of q dim i for row r: the chunk partials merged in one pass (running max). Chunks that
+// saw no position (m = -inf) are skipped.
+#if MK_COMBINE_BATCH
+// Thread t owns the E outputs t, t + NTHREADS, ...; for each chunk all their (m, l, acc) loads are issued before any
+// is used, so a chunk costs one load latency (the outputs' offsets are compile-time: every output of a thread has the
+// same head dim, and its head advances by NTHREADS / HD per output).
+template <class S, int NR>
+MK_COLD_ATTN __device__ void attention_combine(float* act, const float* part, int nc) {
+  constexpr int PER_ROW = S::QD / NTHREADS;   // outputs per row and thread
+  constexpr int E = NR * PER_ROW;
+  constexpr int HEAD_STEP = NTHREADS / S::HD;  // heads between consecutive outputs of a thread
+  constexpr int CHUNK = 2 + S::HD;             // floats per (row, head, chunk) partial
+  static_assert(S::QD % NTHREADS == 0 && NTHREADS % S::HD == 0, "combine layout");
+  const int d = threadIdx.x % S::HD;
+  const float* base = part + (long long)(threadIdx.x / S::HD) * NC_MAX * CHUNK;
+  float M[E], L[E], A[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) { M[e] = -INFINITY; L[e] = 0.f; A[e] = 0.f; }
+  for (int c = 0; c < nc; ++c) {
+    float m[E], l[E], a[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const float* pc = base + ((e / PER_ROW) * S::NQ + (e % PER_ROW) * HEAD_STEP) * NC_MAX * CHUNK + c * CHUNK;
+      m[e] = pc[0]; l[e] = pc[1]; a[e] = pc[2 + d];
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) {  // selects, not branches, so no load is sunk into a branch
+      const bool live = m[e] != -INFINITY;
+      const float nm = live ? fmaxf(M[e], m[e]) : M[e];
+      const float fo = live ? __expf(M[e] - nm) : 1.f;  // M = -inf -> 0
+      const float fn = live ? __expf(m[e] - nm) : 0.f;
+      L[e] = L[e] * fo + l[e] * fn;
+      A[e] = A[e] * fo + a[e] * fn;
+      M[e] = nm;
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) act[threadIdx.x + e * NTHREADS] = A[e] / L[e];
+  __syncthreads();
+}
+#else
+template <class S, int NR>
+MK_COLD_ATTN __device__ void attention_combine(float* act, const float* part, int nc) {
+  for (int t = threadIdx.x; t < NR * S::QD; t += NTHREADS) {
     const int r = t / S::QD, i = t % S::QD;
     const int qh = i / S::HD, d = i % S::HD;
     const float* base = part + (long long)(r * S::NQ + qh) * NC_MAX * (2 + S::HD);
@@ -651,6 +689,7 @@ MK_COLD_ATTN __device__ void attention_combine(float* act, const float* part, in
   }
   __syncthreads();
 }
+#endif
 
 // ------------------------------------------------------------------------------------------------------------
 // One decoder layer (5 phases, 5 grid barriers) on nr rows at positions p0..; x_src = layer input for the QKV
@@ -689,7 +728,7 @@ __device__ bool decoder_layer(Ctx<M>& c, const float* x_src, int x_src_stride, f
 #endif
   MK_SYNC();
   // 3. combine + o_proj + residual
-  attention_combine<S>(act, p.attn_part, NR, nc);
+  attention_combine<S, NR>(act, p.attn_part, nc);
   trace(TR_COMBINE_END);
   c.template run_phase<NR, 1>(act, S::QD, [&](int u, float (&a)[NR][1]) {
 #pragma unroll
