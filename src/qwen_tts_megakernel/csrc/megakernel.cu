@@ -628,7 +628,6 @@ MK_COLD_ATTN __device__ void attention_phase(const float* qkv, int nr, int p0, i
 
 // act[r][i] = attention output of q dim i for row r: the chunk partials merged in one pass (running max). Chunks that
 // saw no position (m = -inf) are skipped.
-#if MK_COMBINE_BATCH
 // Thread t owns the E outputs t, t + NTHREADS, ...; for each chunk all their (m, l, acc) loads are issued before any
 // is used, so a chunk costs one load latency (the outputs' offsets are compile-time: every output of a thread has the
 // same head dim, and its head advances by NTHREADS / HD per output).
@@ -666,30 +665,6 @@ MK_COLD_ATTN __device__ void attention_combine(float* act, const float* part, in
   for (int e = 0; e < E; ++e) act[threadIdx.x + e * NTHREADS] = A[e] / L[e];
   __syncthreads();
 }
-#else
-template <class S, int NR>
-MK_COLD_ATTN __device__ void attention_combine(float* act, const float* part, int nc) {
-  for (int t = threadIdx.x; t < NR * S::QD; t += NTHREADS) {
-    const int r = t / S::QD, i = t % S::QD;
-    const int qh = i / S::HD, d = i % S::HD;
-    const float* base = part + (long long)(r * S::NQ + qh) * NC_MAX * (2 + S::HD);
-    float M = -INFINITY, L = 0.f, A = 0.f;
-#pragma unroll 4
-    for (int c = 0; c < nc; ++c) {
-      const float* pc = base + c * (2 + S::HD);
-      const float m = pc[0], l = pc[1], a = pc[2 + d];
-      if (m == -INFINITY) continue;
-      const float nm = fmaxf(M, m);
-      const float fo = __expf(M - nm), fn = __expf(m - nm);  // M = -inf -> fo = 0
-      L = L * fo + l * fn;
-      A = A * fo + a * fn;
-      M = nm;
-    }
-    act[r * S::QD + i] = A / L;
-  }
-  __syncthreads();
-}
-#endif
 
 // ------------------------------------------------------------------------------------------------------------
 // One decoder layer (5 phases, 5 grid barriers) on nr rows at positions p0..; x_src = layer input for the QKV

@@ -60,9 +60,6 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 #else
 #define MK_COLD_NORM
 #endif
-#ifndef MK_COMBINE_BATCH  // attention combine with every chunk's loads issued together (0: one output at a time)
-#define MK_COMBINE_BATCH 1
-#endif
 // Timing experiment: MK_TRACE=1 stamps clock64 at section boundaries in two blocks (megakernel/trace.py).
 #ifndef MK_TRACE
 #define MK_TRACE 0
