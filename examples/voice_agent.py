@@ -371,7 +371,7 @@ async def run_headless(args) -> int:
     stub = None
     base_url = args.llm_base_url
     if args.llm == "stub":
-        from qwen_tts_megakernel.pipecat.testing import StubLLMServer
+        from qwen_tts_megakernel.testing.stub_llm import StubLLMServer
 
         stub = StubLLMServer().start()
         base_url = stub.base_url

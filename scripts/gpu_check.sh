@@ -26,15 +26,15 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $LOG/NAME.lo
   [ "$st" -eq 0 ] || rc=1
 }
 step tests 240 $PY -m pytest -q -m gpu tests/test_megakernel.py tests/test_codec_graph.py --maxfail=6 ${PYTEST_ARGS:-}
-step validate 150 $PY -m qwen_tts_megakernel.megakernel.validate --random-weights 0.6b --frames 64 \
+step validate 150 $PY -m qwen_tts_megakernel.tools.validate --random-weights 0.6b --frames 64 \
   --output benchmarks/results/validate-random-0.6b.json
-step bench 150 $PY -m qwen_tts_megakernel.megakernel.bench --decode --random-weights 0.6b \
+step bench 150 $PY -m qwen_tts_megakernel.tools.mk_bench --decode --random-weights 0.6b \
   --output-dir benchmarks/results
 if [ $# -gt 0 ]; then
   OUT="$LOG" step variants 400 bash scripts/mk_variants.sh "$@"
 fi
-step trace 120 $PY -m qwen_tts_megakernel.megakernel.trace --output benchmarks/results/trace-random-0.6b.json
-step codec_timing 120 $PY -m qwen_tts_megakernel.codec_timing --out benchmarks/results/codec-timing.json
+step trace 120 $PY -m qwen_tts_megakernel.tools.mk_trace --output benchmarks/results/trace-random-0.6b.json
+step codec_timing 120 $PY -m qwen_tts_megakernel.tools.codec_timing --out benchmarks/results/codec-timing.json
 echo "gpu_check rc=$rc"
 if [ -n "${OUT:-}" ]; then
   find benchmarks/results -maxdepth 1 -type f -newer /tmp/gpu_check_start > /tmp/gpu_check_files

@@ -10,6 +10,6 @@ if [ -d .mkcache ]; then export QWEN_TTS_MK_CACHE="$PWD/.mkcache"; fi
 OUT="${OUT:-/tmp/mk_out}"; mkdir -p "$OUT"
 for spec in "$@"; do
   name="${spec%%:*}"; defs="${spec#*:}"
-  QWEN_TTS_MK_DEFINES="$defs" timeout 240 python3 -m qwen_tts_megakernel.megakernel.variants --name "$name" \
+  QWEN_TTS_MK_DEFINES="$defs" timeout 240 python3 -m qwen_tts_megakernel.tools.mk_variants --name "$name" \
     --out "$OUT/variants.jsonl" 2>&1 | grep -E "VARIANT|Error|error" || echo "variant $name failed"
 done

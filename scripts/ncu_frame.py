@@ -7,7 +7,7 @@ launches and profiles one.
 import torch
 
 from qwen_tts_megakernel.megakernel.backend import MegakernelBackend
-from qwen_tts_megakernel.megakernel.validate import random_config, random_prompt, random_weights
+from qwen_tts_megakernel.tools.validate import random_config, random_prompt, random_weights
 from qwen_tts_megakernel.sampling import RandomStream, SamplingParams
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from qwen_tts_megakernel.official_baseline import stub_torchaudio_if_missing
+from qwen_tts_megakernel.tools.official_baseline import stub_torchaudio_if_missing
 
 
 @pytest.fixture(scope="session")

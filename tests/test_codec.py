@@ -9,10 +9,8 @@ from qwen_tts_megakernel.codec import (
     CodecDecoder,
     CodecDecoderConfig,
     StreamingCodecDecoder,
-    random_speech_tokenizer_weights,
-    tiny_speech_tokenizer_config,
-    write_tiny_speech_tokenizer,
 )
+from qwen_tts_megakernel.synthetic.codec import random_speech_tokenizer_weights, tiny_speech_tokenizer_config, write_tiny_speech_tokenizer
 
 # The released Qwen3-TTS-Tokenizer-12Hz/config.json, decoder half (docs/qwen3-tts-model.md §5).
 REAL_CONFIG = {

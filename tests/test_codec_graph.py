@@ -16,9 +16,8 @@ from qwen_tts_megakernel.codec import (
     StaticDecoderState,
     StreamingCodecDecoder,
     graph_sizes,
-    random_speech_tokenizer_weights,
-    tiny_speech_tokenizer_config,
 )
+from qwen_tts_megakernel.synthetic.codec import random_speech_tokenizer_weights, tiny_speech_tokenizer_config
 
 SPF = 1920  # samples per frame
 SMALL_WINDOW = 6  # an attention window that chunk schedules cross within a few frames
@@ -231,7 +230,7 @@ def test_warm_up_captures_every_size_once_and_replays_them(no_tf32):
 @needs_cuda
 def test_real_codec_shapes_replay_equal_the_eager_path(no_tf32):
     """The released codec's shapes (16 K/V heads, head_dim 64, 8 layers, widths up to 1536), random weights."""
-    from qwen_tts_megakernel.codec_timing import real_codec
+    from qwen_tts_megakernel.tools.codec_timing import real_codec
 
     decoder = real_codec(torch.device("cuda"))
     codes = random_codes(84, seed=12, device="cuda")
@@ -255,7 +254,7 @@ def test_the_environment_variable_turns_the_graphs_off(cuda_codecs, monkeypatch)
 @needs_cuda
 def test_codec_timing_runs_and_reports_both_paths():
     """The timing entry point on a tiny decoder: its report, not its numbers."""
-    from qwen_tts_megakernel.codec_timing import codec_decode_timing
+    from qwen_tts_megakernel.tools.codec_timing import codec_decode_timing
 
     result = codec_decode_timing(tiny_codec(SMALL_WINDOW, "cuda"), chunk_sizes=(1, 8), runs=3, context_frames=10)
     assert result["graphs"] is True and result["capture_s"] > 0
@@ -269,7 +268,7 @@ def test_codec_timing_runs_and_reports_both_paths():
 @needs_cuda
 def test_synthesizer_warms_the_codec_graphs_and_streams_through_them(tmp_path, no_tf32):
     from qwen_tts_megakernel.engine import Synthesizer
-    from qwen_tts_megakernel.tiny import write_tiny_model
+    from qwen_tts_megakernel.synthetic import write_tiny_model
 
     synth = Synthesizer.from_pretrained(str(write_tiny_model(tmp_path, "0.6b", "custom_voice", seed=0)),
                                         device="cuda", dtype="float32")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from qwen_tts_megakernel.checkpoint import CheckpointError, load_checkpoint
 from qwen_tts_megakernel.engine import Synthesizer, length_guard
 from qwen_tts_megakernel.prompt import PromptError, build_prompt
-from qwen_tts_megakernel.tiny import write_tiny_model
+from qwen_tts_megakernel.synthetic import write_tiny_model
 
 TEXT = "Hello world, this is a test."
 
@@ -270,7 +270,7 @@ def test_real_shapes_match_the_published_parameter_counts(size, params_millions)
 
     from qwen_tts_megakernel.checkpoint import expected_shapes
     from qwen_tts_megakernel.config import ModelConfig
-    from qwen_tts_megakernel.tiny import GENERATION_CONFIG, real_config, real_speech_tokenizer_config
+    from qwen_tts_megakernel.synthetic.checkpoints import GENERATION_CONFIG, real_config, real_speech_tokenizer_config
 
     config = ModelConfig.from_dicts(real_config(size, "custom_voice", {"<|im_start|>": 1, "<|im_end|>": 2,
                                                                        "<tts_pad>": 3, "<tts_text_bos>": 4,

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from qwen_tts_megakernel.engine import Synthesizer
-from qwen_tts_megakernel.graphed import GraphedBackend
+from qwen_tts_megakernel.backends.graphed import GraphedBackend
 from qwen_tts_megakernel.sampling import RandomStream
-from qwen_tts_megakernel.tiny import write_tiny_model
+from qwen_tts_megakernel.synthetic import write_tiny_model
 
 TEXT = "Hello world, this is a test."
 FRAMES = 30

@@ -25,7 +25,7 @@ from qwen_tts_megakernel.megakernel.backend import (
     pick_bucket,
 )
 from qwen_tts_megakernel.megakernel.build import load_library
-from qwen_tts_megakernel.megakernel.validate import (
+from qwen_tts_megakernel.tools.validate import (
     kernel_run,
     random_config,
     random_prompt,
@@ -359,7 +359,7 @@ def test_live_text_on_the_megakernel_equals_whole_text_interleaved():
     """Text streamed into a megakernel stream (live.py) gives the codes of the whole text given at once. Text rows
     are embedded one at a time here: a bf16 GEMM over a batch of rows need not round each row as it would alone,
     and live text embeds its rows in other batches than the whole text does."""
-    from qwen_tts_megakernel.tiny import random_checkpoint
+    from qwen_tts_megakernel.synthetic import random_checkpoint
 
     synth = Synthesizer.from_checkpoint(random_checkpoint("0.6b", device="cuda"), backend="megakernel",
                                         device=torch.device("cuda"), dtype=torch.bfloat16, max_streams=1)
@@ -529,7 +529,7 @@ def _drive(u, pieces):
 
 @pytest.fixture(scope="module")
 def tiny_synth(tmp_path_factory):
-    from qwen_tts_megakernel.tiny import write_tiny_model
+    from qwen_tts_megakernel.synthetic import write_tiny_model
 
     path = tmp_path_factory.mktemp("tiny_mk")
     write_tiny_model(path, "0.6b", "custom_voice", seed=0)

@@ -13,7 +13,7 @@ import torch
 
 from qwen_tts_megakernel.engine import Synthesizer
 from qwen_tts_megakernel.sampling import RandomStream
-from qwen_tts_megakernel.tiny import write_tiny_model
+from qwen_tts_megakernel.synthetic import write_tiny_model
 
 pytestmark = pytest.mark.parity
 

@@ -16,9 +16,9 @@ import pytest
 
 pytest.importorskip("pipecat")
 
-from qwen_tts_megakernel.pipecat.testing import StubLLMServer  # noqa: E402
-from qwen_tts_megakernel.server.testing import TTSServerProcess  # noqa: E402
-from qwen_tts_megakernel.tiny import write_tiny_model  # noqa: E402
+from qwen_tts_megakernel.testing.stub_llm import StubLLMServer  # noqa: E402
+from qwen_tts_megakernel.testing.server import TTSServerProcess  # noqa: E402
+from qwen_tts_megakernel.synthetic import write_tiny_model  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "voice_agent.py"
 FRAMES = 15  # per bot turn: 1.2 s of speech

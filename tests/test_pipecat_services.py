@@ -24,9 +24,9 @@ from pipecat.services.tts_service import TextAggregationMode  # noqa: E402
 from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
 
 from qwen_tts_megakernel.pipecat import QwenHttpTTSService, QwenTTSService  # noqa: E402
-from qwen_tts_megakernel.server.testing import TTSServerProcess, prometheus_sum  # noqa: E402
+from qwen_tts_megakernel.testing.server import TTSServerProcess, prometheus_sum  # noqa: E402
 from qwen_tts_megakernel.pipecat.websocket import parse_audio_message, websocket_url  # noqa: E402
-from qwen_tts_megakernel.tiny import write_tiny_model  # noqa: E402
+from qwen_tts_megakernel.synthetic import write_tiny_model  # noqa: E402
 
 VOICE = "ryan"
 LANGUAGE = "english"

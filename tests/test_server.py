@@ -20,8 +20,8 @@ ws_client = pytest.importorskip("websockets.sync.client")
 
 from qwen_tts_megakernel.engine import Synthesizer  # noqa: E402
 from qwen_tts_megakernel.server.protocol import ServerSettings  # noqa: E402
-from qwen_tts_megakernel.server.testing import prometheus_sum, running_server  # noqa: E402
-from qwen_tts_megakernel.tiny import write_tiny_model  # noqa: E402
+from qwen_tts_megakernel.testing.server import prometheus_sum, running_server  # noqa: E402
+from qwen_tts_megakernel.synthetic import write_tiny_model  # noqa: E402
 
 TEXT = "Hello there, this is the streaming server speaking."
 LONG_TEXT = "This sentence is long enough that the tiny model would talk for quite a few seconds without a limit."

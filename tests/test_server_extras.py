@@ -12,7 +12,7 @@ import pytest
 
 from qwen_tts_megakernel.engine import Synthesizer
 from qwen_tts_megakernel.live import LiveUtterance
-from qwen_tts_megakernel.tiny import write_tiny_model
+from qwen_tts_megakernel.synthetic import write_tiny_model
 
 TEXT = "Hello there, how are you doing today? I am fine."
 
@@ -103,7 +103,7 @@ def test_serve_without_a_model_says_how_to_get_one(tmp_path):
 def test_bench_server_smoke(tiny_dir, tmp_path):
     pytest.importorskip("fastapi")
     pytest.importorskip("websockets")
-    from qwen_tts_megakernel.server.bench import run_bench_server
+    from qwen_tts_megakernel.tools.server_bench import run_bench_server
 
     args = SimpleNamespace(model=str(tiny_dir), backend="reference", device="cpu", output_dir=str(tmp_path),
                            concurrency=(1, 2), requests_per_client=1, max_new_tokens=4)

@@ -56,7 +56,7 @@ def _load(args):
 
 
 def cmd_tiny_model(args) -> int:
-    from .tiny import write_tiny_model
+    from .synthetic import write_tiny_model
 
     out = write_tiny_model(args.dir, size=args.size, model_type=args.type, seed=args.seed)
     print(f"wrote a tiny random {args.size} {args.type} checkpoint to {out}")
@@ -101,22 +101,22 @@ def cmd_serve(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .megakernel.validate import main_validate
+    from .tools.validate import main_validate
 
     return main_validate(args)
 
 
 def cmd_bench(args) -> int:
     if args.all:
-        from .benchmark import run_all
+        from .tools.bench_all import run_all
 
         return run_all(args)
     if args.decode:
-        from .megakernel.bench import main_bench_decode
+        from .tools.mk_bench import main_bench_decode
 
         return main_bench_decode(args)
     if args.server:
-        from .server.bench import run_bench_server
+        from .tools.server_bench import run_bench_server
 
         return run_bench_server(args)
     raise UsageError("bench needs one of --all, --decode or --server")

@@ -246,7 +246,7 @@ class Synthesizer:
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if str(model).startswith(RANDOM_MODEL_PREFIX):
-            from .tiny import random_checkpoint
+            from .synthetic import random_checkpoint
 
             checkpoint = random_checkpoint(str(model)[len(RANDOM_MODEL_PREFIX):], device=device)
         else:
@@ -257,7 +257,7 @@ class Synthesizer:
     def from_checkpoint(cls, checkpoint: Checkpoint, *, backend: str = "reference",
                         device: torch.device = torch.device("cpu"),
                         dtype: torch.dtype = torch.float32, max_streams: int = 4) -> "Synthesizer":
-        """From an already loaded checkpoint (e.g. tiny.random_checkpoint() for benchmarks)."""
+        """From an already loaded checkpoint (e.g. synthetic.random_checkpoint() for benchmarks)."""
         talker = Talker.from_state_dict(checkpoint.config, checkpoint.weights, device=device, dtype=dtype)
         codec = CodecDecoder.from_state_dict(checkpoint.config.codec, checkpoint.codec_weights, device=device,
                                              dtype=torch.float32)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import DEFAULT_MODEL
-from .testing import TTSServerProcess
+from ..testing.server import TTSServerProcess
 
 DEFAULT_TEXT = ("Thanks for calling. I can help you change your booking, check the status of an order, or connect "
                 "you with someone from our team. What would you like to do today?")

@@ -2,7 +2,7 @@
 
 Sections (each median and p95 over several runs, all on the same random full-size weights and GPU):
   decode     megakernel talker step and full frame vs the reference backend eager and with CUDA graphs, next to
-             the bandwidth floor measured in the same run (megakernel/bench.py)
+             the bandwidth floor measured in the same run (tools/mk_bench.py)
   streaming  in-process time to first chunk (request -> first PCM chunk of one frame) and RTF (compute time /
              audio duration) for short, medium and long texts, per backend
   official   the official qwen-tts package's generate: time to complete audio and RTF (own process)
@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .common import git_commit, gpu_slug, summary
+
 TEXTS = {  # (text, fixed frame count ~ what real speech of that length takes at 12.5 frames/s)
     "short": ("Hello there, how are you?", 25),
     "medium": ("The quick brown fox jumps over the lazy dog while the streaming engine turns every word into "
@@ -40,24 +42,6 @@ TEXTS = {  # (text, fixed frame count ~ what real speech of that length takes at
 
 
 SECTIONS = ("decode", "streaming", "ttfc_breakdown", "streaming_plot", "official", "server", "pipecat")
-
-
-def summary(values: list[float]) -> dict:
-    """Median, p95 (nearest rank) and count of a list of measurements."""
-    ordered = sorted(values)
-    return {"median": statistics.median(ordered), "p95": ordered[max(0, round(0.95 * len(ordered)) - 1)],
-            "runs": len(ordered)}
-
-
-def _git_commit() -> str | None:
-    """The checkout's commit (QWEN_TTS_MK_COMMIT where the tree travelled without its .git)."""
-    if os.environ.get("QWEN_TTS_MK_COMMIT"):
-        return os.environ["QWEN_TTS_MK_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except OSError:
-        return None
 
 
 # Sections -------------------------------------------------------------------------------------------------------
@@ -115,8 +99,8 @@ def section_ttfc_breakdown(synth, runs: int) -> dict:
                            here would also wait for frame 1, queued behind it);
       first_codec_decode   decoding frame 0 to PCM (waits for the codec's own stream only; it competes with the
                            still-running frame 1 for the GPU, as it does when streaming)."""
-    from .codec import StreamingCodecDecoder
-    from .sampling import RandomStream
+    from ..codec import StreamingCodecDecoder
+    from ..sampling import RandomStream
 
     def once(text: str) -> dict:
         marks = {}
@@ -185,7 +169,7 @@ def section_official(model_dir: Path, site: str | None, runs: int) -> dict:
     if site:
         env["PYTHONPATH"] = os.pathsep.join([site, env.get("PYTHONPATH", "")])
     frames = [TEXTS[label][1] for label in SLOW_TEXTS]
-    cmd = [sys.executable, "-m", "qwen_tts_megakernel.official_baseline", "--model", str(model_dir),
+    cmd = [sys.executable, "-m", "qwen_tts_megakernel.tools.official_baseline", "--model", str(model_dir),
            "--runs", str(runs), "--frames", *map(str, frames)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=420)
     if proc.returncode != 0:
@@ -203,10 +187,9 @@ def run_all(args) -> int:
     if not torch.cuda.is_available():
         print("bench --all needs a CUDA GPU", file=sys.stderr)
         return 2
-    from .engine import ReferenceBackend, Synthesizer
-    from .graphed import GraphedBackend
-    from .megakernel.bench import gpu_slug
-    from .tiny import random_checkpoint, write_random_model
+    from ..engine import ReferenceBackend, Synthesizer
+    from ..backends.graphed import GraphedBackend
+    from ..synthetic import random_checkpoint, write_random_model
 
     device = torch.device(args.device or "cuda")
     size = args.random_weights or "0.6b"
@@ -217,7 +200,7 @@ def run_all(args) -> int:
     slug = gpu_slug(name)
     report = {
         "benchmark": "all", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git_commit(), "device": name, "sm_count": torch.cuda.get_device_properties(device).multi_processor_count,
+        "commit": git_commit(), "device": name, "sm_count": torch.cuda.get_device_properties(device).multi_processor_count,
         "torch": torch.__version__, "host": platform.node(), "model": f"random weights, real {size} shapes",
         "kernel_defines": os.environ.get("QWEN_TTS_MK_DEFINES", ""),  # compile-time kernel switches, "" = defaults
         "fixed_frame_count": "benchmark-only: random weights do not stop on EOS, so each run generates a fixed "
@@ -264,7 +247,7 @@ def run_all(args) -> int:
     section("load", load)
 
     def decode():
-        from .megakernel.bench import run_bench
+        from .mk_bench import run_bench
 
         return run_bench(size=size, device=str(device), out_dir=str(out_dir), weights=checkpoint.weights,
                          config=checkpoint.config)
@@ -286,7 +269,7 @@ def run_all(args) -> int:
     def server():
         from types import SimpleNamespace
 
-        from .server.bench import run_bench_server
+        from .server_bench import run_bench_server
 
         sargs = SimpleNamespace(model=f"random:{size}", backend="megakernel", device=str(device), dtype=None,
                                 output_dir=str(out_dir / "server"), concurrency=(1, 4, 16), requests_per_client=3,
@@ -302,8 +285,8 @@ def run_all(args) -> int:
     def pipecat():
         from loguru import logger
 
-        from .pipecat.bench import measure_ttfb
-        from .server.testing import TTSServerProcess
+        from .pipecat_bench import measure_ttfb
+        from ..testing.server import TTSServerProcess
 
         logger.remove()
         logger.add(sys.stderr, level="WARNING")
@@ -391,5 +374,5 @@ def format_markdown(r: dict) -> str:
         lines.append("")
     if r.get("errors"):
         lines += ["## Sections that failed", ""] + [f"- {k}: {v}" for k, v in r["errors"].items()] + [""]
-    lines += ["Written by `qwen-tts-mk bench --all` (src/qwen_tts_megakernel/benchmark.py).", ""]
+    lines += ["Written by `qwen-tts-mk bench --all` (src/qwen_tts_megakernel/tools/bench_all.py).", ""]
     return "\n".join(lines)

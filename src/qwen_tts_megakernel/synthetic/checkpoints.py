@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .codec import PREPROCESSOR_CONFIG, tiny_speech_tokenizer_config, write_speech_tokenizer
-from .tokenizer import build_tiny_tokenizer, write_tokenizer_files
+from ..tokenizer import build_tiny_tokenizer, write_tokenizer_files
+from .codec import PREPROCESSOR_CONFIG, random_speech_tokenizer_weights, tiny_speech_tokenizer_config, write_speech_tokenizer
 
 # Real control ids, speakers and languages (qwen3-tts-model.md section 1.3).
 CODEC_IDS = dict(codec_pad_id=2148, codec_bos_id=2149, codec_eos_token_id=2150, codec_think_id=2154,
@@ -217,10 +217,9 @@ def random_checkpoint(size: str = "0.6b", model_type: str = "custom_voice", seed
                       device: str | torch.device | None = None):
     """A full-size random model as an in-memory Checkpoint (talker weights in bf16, made on `device`): the same
     weights write_random_model() writes for the same size, type, seed and device."""
-    from .checkpoint import Checkpoint
-    from .codec import random_speech_tokenizer_weights
-    from .config import ModelConfig
-    from .tokenizer import TextTokenizer
+    from ..checkpoint import Checkpoint
+    from ..config import ModelConfig
+    from ..tokenizer import TextTokenizer
 
     if size not in REAL_TALKER_WIDTHS:
         raise ValueError(f"random model size must be one of {sorted(REAL_TALKER_WIDTHS)}, got {size!r}")

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Callable
 
-from ..server.testing import free_port
+from .server import free_port
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from ..engine import Synthesizer
-from .protocol import ServerSettings
+from ..server.protocol import ServerSettings
 
 
 def free_port() -> int:
@@ -138,7 +138,7 @@ def running_server(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key
                    settings: ServerSettings | None = None, port: int | None = None, log_level: str = "warning"):
     import uvicorn
 
-    from .app import create_app
+    from ..server.app import create_app
 
     app = create_app(synth, model_name=model_name, api_key=api_key, settings=settings)
     port = port or free_port()

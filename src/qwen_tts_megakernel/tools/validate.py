@@ -200,7 +200,7 @@ def first_divergence(a: np.ndarray, b: np.ndarray) -> int | None:
 
 def run_validation(config, weights, frames: int = 64, seed: int = 1234, device="cuda", log=print) -> dict:
     from ..model import Talker
-    from .backend import MegakernelBackend
+    from ..megakernel.backend import MegakernelBackend
 
     dev = torch.device(device)
     t0 = time.perf_counter()

@@ -15,9 +15,9 @@ from pipecat.metrics.metrics import TTFBMetricsData
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.tests.utils import SleepFrame, run_test
 
-from ..benchmark import summary
-from .http import QwenHttpTTSService
-from .websocket import QwenTTSService
+from .common import summary
+from ..pipecat.http import QwenHttpTTSService
+from ..pipecat.websocket import QwenTTSService
 
 DEFAULT_TEXT = "Hello there, this is a latency check of the speech service."
 

@@ -1,7 +1,7 @@
 """Side-by-side check of one kernel variant (selected by $QWEN_TTS_MK_DEFINES, see build.py): validate on random
 0.6B weights, then the megakernel timings of bench --decode next to the torch.mv floor, as one JSON line.
 
-    QWEN_TTS_MK_DEFINES="MK_RING=6" python -m qwen_tts_megakernel.megakernel.variants --name ring6 --out r.jsonl
+    QWEN_TTS_MK_DEFINES="MK_RING=6" python -m qwen_tts_megakernel.tools.mk_variants --name ring6 --out r.jsonl
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--out", required=True)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    from .backend import MegakernelBackend
-    from .bench import bench_megakernel, matvec_bandwidth
+    from ..megakernel.backend import MegakernelBackend
+    from .mk_bench import bench_megakernel, matvec_bandwidth
     from .validate import random_config, random_weights, run_validation
 
     dev = torch.device("cuda")

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layers import apply_rope, rope_cos_sin
-from .model import KVCache, Talker
-from .sampling import RandomStream, SamplingParams
+from ..layers import apply_rope, rope_cos_sin
+from ..model import KVCache, Talker
+from ..sampling import RandomStream, SamplingParams
 
 
 def _row(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sampling import RandomStream, SamplingParams
+from .common import gpu_slug
 from .validate import random_config, random_prompt, random_weights
 
 
@@ -252,13 +253,9 @@ def bench_eager(config, weights, device, frames: int = 20) -> dict:
             "note": "reference backend, bf16, eager PyTorch, host sampling"}
 
 
-def gpu_slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-").replace("--", "-")
-
-
 def run_bench(size: str = "0.6b", device="cuda", out_dir: str = "benchmarks/results", weights=None,
               config=None) -> dict:
-    from .backend import MegakernelBackend
+    from ..megakernel.backend import MegakernelBackend
 
     dev = torch.device(device)
     config = config or random_config(size)
@@ -339,7 +336,7 @@ def format_md(r: dict) -> str:
         f"Megakernel wall time per frame through the stream protocol (host loop, pinned-memory results): "
         f"{_f(mk, 'frame_wall_ms_protocol')} ms.",
         "",
-        "Written by `qwen-tts-mk bench --decode` (megakernel/bench.py).",
+        "Written by `qwen-tts-mk bench --decode` (tools/mk_bench.py).",
         "",
     ]
     return "\n".join(lines)

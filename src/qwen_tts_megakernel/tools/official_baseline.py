@@ -3,7 +3,7 @@
 Runs in its own process (the official package pins transformers 4.57.3, which the benchmark loads from a separate
 site directory), prints one JSON object on stdout:
 
-    python -m qwen_tts_megakernel.official_baseline --model DIR --frames 25 100 400 --runs 3
+    python -m qwen_tts_megakernel.tools.official_baseline --model DIR --frames 25 100 400 --runs 3
 
 For each frame count: time to complete audio (generate + speech-tokenizer decode; the official API returns audio
 only at the end), its real-time factor, and the frames actually produced. Random weights rarely emit EOS, so
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from qwen_tts import Qwen3TTSModel
 
-    from .benchmark import summary
+    from .common import summary
 
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -1,11 +1,11 @@
 """Streaming codec decode time, eager against CUDA graphs, on the real codec shapes (random weights).
 
-    python -m qwen_tts_megakernel.codec_timing [--runs 30] [--chunks 1 8] [--out FILE]
+    python -m qwen_tts_megakernel.tools.codec_timing [--runs 30] [--chunks 1 8] [--out FILE]
 
 prints one JSON object: per chunk size, one `StreamingCodecDecoder.push` on a stream past its attention window
 (median and p95 ms over `runs`, each push synchronised), the first 1-frame push of a fresh utterance, the time to
 capture the graphs, and the largest sample difference between the two paths over the same pushes.
-`codec_decode_timing(decoder)` is the same measurement for any decoder (benchmark.py can call it).
+`codec_decode_timing(decoder)` is the same measurement for any decoder (bench_all.py can call it).
 """
 
 from __future__ import annotations
@@ -17,19 +17,19 @@ from pathlib import Path
 
 import torch
 
-from .benchmark import summary
-from .codec import (
+from .common import summary
+from ..codec import (
     CodecDecoder,
     CodecDecoderConfig,
     StreamingCodecDecoder,
-    random_speech_tokenizer_weights,
 )
-from .tiny import real_speech_tokenizer_config
+from ..synthetic.checkpoints import real_speech_tokenizer_config
+from ..synthetic.codec import random_speech_tokenizer_weights
 
 
 def real_codec(device: torch.device, seed: int = 1) -> CodecDecoder:
     """The codec decoder with the released speech tokenizer's shapes and random weights (fp32), as in
-    tiny.random_checkpoint (whose codec seed is its seed + 1)."""
+    synthetic.random_checkpoint (whose codec seed is its seed + 1)."""
     config = real_speech_tokenizer_config()
     weights = random_speech_tokenizer_weights(config, seed)
     return CodecDecoder.from_state_dict(CodecDecoderConfig.from_json_dict(config), weights, device=device)

@@ -6,7 +6,7 @@ Builds the kernel with MK_TRACE=1: thread 0 of block 0 and of block gridDim/2 st
 (up to the codebook-0 sample) and the code predictor, and converted to microseconds with the clock rate measured
 on the same launch (cycles / CUDA-event time).
 
-    python -m qwen_tts_megakernel.megakernel.trace [--frames-before 8] [--output trace.json]
+    python -m qwen_tts_megakernel.tools.mk_trace [--frames-before 8] [--output trace.json]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def section_times(records: list[int]) -> dict[str, dict[str, float]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qwen_tts_megakernel.megakernel.trace")
+    p = argparse.ArgumentParser(prog="python -m qwen_tts_megakernel.tools.mk_trace")
     p.add_argument("--frames-before", type=int, default=8, help="untraced frames first (KV positions, warm-up)")
     p.add_argument("--frames", type=int, default=2, help="traced frames, launched back to back (the last is "
                    "reported section by section)")
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     import torch
 
     from ..sampling import RandomStream, SamplingParams
-    from .backend import MegakernelBackend, _check
+    from ..megakernel.backend import MegakernelBackend, _check
     from .validate import random_config, random_prompt, random_weights
 
     config = random_config("0.6b")

@@ -1,0 +1,1 @@
+"""Backends behind one contract (base.py): reference, graphed reference, megakernel."""

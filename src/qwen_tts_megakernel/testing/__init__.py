@@ -1,0 +1,1 @@
+"""Test fixtures: server subprocesses, a stub LLM. Nothing in the product imports these."""

@@ -1,0 +1,1 @@
+"""Benchmarks, validation, traces and kernel experiments. Nothing in the product imports these."""
