@@ -242,13 +242,26 @@ def test_bad_calls_are_refused_with_the_problem_named(model):
 def test_timing_runs_every_bucket_without_moving_open_streams(model):
     talker, checkpoint = model
     spec = make_spec(model, "Hello world, this is a test.", "interleaved", DEFAULT, 5)
-    backend = GraphedBackend(talker, max_streams=4, max_seq_len=96)
+    backend = GraphedBackend(talker, max_streams=4, max_seq_len=32)
     h = backend.open([spec])[0]
     got = [backend.step([h]).codes[0] for _ in range(3)]
     ms = time_graphed_frames(backend, [1, 3], replays=2)
     assert set(ms) == {1, 3} and all(v > 0 for v in ms.values())
+    time_graphed_frames(backend, [1], replays=34)  # more frames than max_seq_len: the scratch slot stays in range
     got += [backend.step([h]).codes[0] for _ in range(FRAMES - 3)]
     assert_same_codes(got, reference_codes(talker, spec, FRAMES), checkpoint.config.ids.codec_eos)
+
+
+def test_the_frame_needs_no_host_values(model):
+    """What CUDA graph capture needs, checked on the CPU: run under fake tensors, the frame function reads no device
+    value on the host (.item(), a data-dependent shape) for any bucket."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    talker, _ = model
+    backend = GraphedBackend(talker, max_streams=3, max_seq_len=48)
+    with torch.inference_mode(), FakeTensorMode(allow_non_fake_inputs=True):
+        for bucket in backend.buckets:
+            backend._frame(torch.full((bucket,), backend.scratch), torch.zeros(bucket, 17, dtype=torch.long))
 
 
 @pytest.mark.gpu

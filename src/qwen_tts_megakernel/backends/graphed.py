@@ -16,10 +16,11 @@ explicit table). Two differences, both confined to exact ties: top-p walks the c
 draw's stable order (HF sorts ascending without a stable order), and on CUDA the temperature divides by a tensor
 rather than a scalar. On the CPU in fp32 the codes equal the reference's.
 
-Batch invariance: every operation is row-wise, so a stream's codes depend only on its own slot. On the CPU in fp32 the
-codes were measured equal alone and beside other streams (tests/test_graphed.py checks it). On the GPU this is not
-promised bit for bit: cuBLAS and the attention kernels pick their algorithms by shape, so logits may differ in the
-last bits between buckets and a near-tie may then sample differently.
+Batch invariance: every operation is row-wise, so a stream's codes depend only on its own slot's state, but not bit
+for bit on its batch: the BLAS picks its kernel by shape. Measured on the CPU in fp32 (tiny models): logits of a row
+alone (bucket 1, a matrix-vector product) and in a bucket of 2..8 differ by up to 2e-6, and the codes were equal in
+every test (tests/test_graphed.py checks alone against 8 rows); a near-tie could still sample differently. On the
+GPU the same holds with cuBLAS and the attention kernels choosing by shape; nothing is promised bit for bit there.
 
 Cost model: attention reads every slot's whole cache (max_seq_len positions) whatever its position, so a frame costs
 the same at position 10 and position 2000; pick max_seq_len for the longest utterance you serve.
@@ -125,7 +126,7 @@ class RowSampler:
         # Top-p as HF's warper: ascending order, drop while the running probability <= 1 - top_p, keep the last.
         ascending = ranked.flip(-1)
         remove = ascending.softmax(-1).cumsum(-1) <= self.top_p_cut.index_select(0, idx).unsqueeze(1)
-        remove[:, -1] = False
+        remove[:, -1].zero_()
         remove &= self.top_p_on.index_select(0, idx).unsqueeze(1)
         ranked = ranked.masked_fill(remove.flip(-1), NEG_INF)
         # The inverse-CDF draw over the ranked candidates (sampling.draw).
@@ -351,10 +352,11 @@ class GraphedBackend:
     def _run(self, slots: list[int]) -> torch.Tensor:
         """One frame for the given slots (padded with the scratch slot); returns the bucket's output [bucket, 17]."""
         bucket = self.bucket_for(len(slots))
+        graph = self._graph(bucket) if self.use_graph else None  # before the copy: capture rewrites the index
         idx = torch.tensor(slots + [self.scratch] * (bucket - len(slots)), dtype=torch.long)
         self._idx[bucket].copy_(idx, non_blocking=True)
-        if self.use_graph:
-            self._graph(bucket).replay()
+        if graph is not None:
+            graph.replay()
         else:
             self._frame(self._idx[bucket], self._out[bucket])
         return self._out[bucket]
