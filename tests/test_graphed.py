@@ -1,5 +1,6 @@
 """The graphed reference backend: many streams in one static-shape frame give each stream the reference's codes."""
 
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -68,6 +69,7 @@ def reference_codes(talker: Talker, spec: StreamSpec, frames: int) -> np.ndarray
             text = spec.text_rows[k - 1] if k - 1 < len(spec.text_rows) else spec.pad_row
             rows = (talker.frame_embedding(last) + text).unsqueeze(0)
         hidden, logits = talker.forward_rows(rows, cache)
+        logits = logits.cpu()
         u = spec.rng.frame(k)
         codes = np.zeros(16, dtype=np.int64)
         codes[0] = sample_talker(logits, torch.tensor(past, dtype=torch.long), k, spec.params, rules, float(u[0]))
@@ -77,7 +79,8 @@ def reference_codes(talker: Talker, spec: StreamSpec, frames: int) -> np.ndarray
         cp_cache = cp.new_cache(hidden.device, hidden.dtype)
         cp_rows = torch.stack([hidden, talker.model.codec_embedding.weight[codes[0]]])
         for j in range(1, 16):
-            codes[j] = sample_code_predictor(cp.logits(cp_rows, cp_cache, head=j - 1), spec.params, float(u[j]))
+            logits_j = cp.logits(cp_rows, cp_cache, head=j - 1).cpu()
+            codes[j] = sample_code_predictor(logits_j, spec.params, float(u[j]))
             if j < 15:
                 cp_rows = cp.input_row(j + 1, int(codes[j]))
         past.append(int(codes[0]))
@@ -272,7 +275,7 @@ def test_cuda_graph_replay_equals_the_same_frames_run_eagerly(model, batch):
     kernels, same shapes), for `batch` streams at different positions, greedy and sampled; and the graphed codes
     of frame 0 equal the reference's for the greedy streams (near-ties aside, fp32)."""
     talker_cpu, checkpoint = model
-    talker = talker_cpu.to("cuda")
+    talker = copy.deepcopy(talker_cpu).to("cuda")
     eos = checkpoint.config.ids.codec_eos
     texts = ["Hello world, this is a test.", "Short.", "Another sentence, rather longer than the first one."]
     all_params = [GREEDY, DEFAULT, WARPED, GREEDY_TALKER]

@@ -438,10 +438,10 @@ class GraphedBackend:
             q, k, v = _qkv(attn, h.unsqueeze(1), cos, sin)  # [B, heads, 1, D]
             self.k[idx, i, :, pos] = k[:, :, 0]
             self.v[idx, i, :, pos] = v[:, :, 0]
-            keys = self.k[:, i].index_select(0, idx).repeat_interleave(group, dim=1)
-            values = self.v[:, i].index_select(0, idx).repeat_interleave(group, dim=1)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible,
-                                                 scale=1.0 / math.sqrt(cfg.head_dim))
+            # GQA without repeating the cache: a KV head's `group` query heads attend as `group` query rows.
+            out = F.scaled_dot_product_attention(
+                q.view(b, cfg.num_key_value_heads, group, cfg.head_dim), self.k[:, i].index_select(0, idx),
+                self.v[:, i].index_select(0, idx), attn_mask=visible, scale=1.0 / math.sqrt(cfg.head_dim))
             x = x + attn.o_proj(out.reshape(b, cfg.q_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         hidden = model.norm(x)
