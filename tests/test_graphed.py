@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from qwen_tts_megakernel.backends import graphed
 from qwen_tts_megakernel.backends.base import StreamSpec
 from qwen_tts_megakernel.backends.graphed import GraphedBackend, device_uniforms, time_graphed_frames
 from qwen_tts_megakernel.checkpoint import load_checkpoint
@@ -129,9 +130,11 @@ def test_philox_on_the_device_equals_sampling_philox():
         np.testing.assert_array_equal(got[row], philox_uniforms(seed, frame))
 
 
-def test_many_streams_at_different_positions_get_the_reference_codes(model):
+def test_many_streams_at_different_positions_get_the_reference_codes(model, monkeypatch):
     """Five streams (both layouts, greedy/sampled/warped parameters, an explicit random table, a 64-bit seed) join at
-    different times and step in changing groups and orders; each gets exactly its codes alone."""
+    different times and step in changing groups and orders; each gets exactly its codes alone. Streams that open
+    together prefill as one batch (here split in two by a small row budget)."""
+    monkeypatch.setattr(graphed, "PREFILL_ROWS", 40)
     talker, checkpoint = model
     eos = checkpoint.config.ids.codec_eos
     table = np.random.default_rng(3).random((FRAMES, 16))

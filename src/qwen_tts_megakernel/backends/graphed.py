@@ -43,6 +43,7 @@ from ..sampling import NUM_DRAWS_PER_FRAME, SamplingParams
 from .base import StepOutput, StreamSpec
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+PREFILL_ROWS = 4096  # rows (streams x longest prompt) of one batched prefill pass
 NEG_INF = float("-inf")
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,7 +242,16 @@ class GraphedBackend:
             if table is not None and len(table) < spec.max_frames:
                 raise ValueError(f"spec {i}: the random table has {len(table)} frames, max_frames is "
                                  f"{spec.max_frames}")
-        return [self._open_one(spec) for spec in specs]
+        streams = [self._open_one(spec) for spec in specs]
+        group: list[tuple[int, torch.Tensor]] = []  # streams whose prompts prefill together
+        for stream, spec in zip(streams, specs):
+            rows = spec.prefill[:-1].to(device=self.device, dtype=self.dtype)
+            if group and (len(group) + 1) * max(len(rows), *(len(r) for _, r in group)) > PREFILL_ROWS:
+                self._prefill(group)
+                group = []
+            group.append((stream.slot, rows))
+        self._prefill(group)
+        return streams
 
     def step(self, streams: Sequence[GraphedStream]) -> StepOutput:
         """The next frame of every given stream, in one batched frame (one graph replay on CUDA)."""
@@ -284,17 +294,12 @@ class GraphedBackend:
 
     def _open_one(self, spec: StreamSpec) -> GraphedStream:
         slot = self._free.pop(0)
-        talker, p = self.talker, spec.params
+        p = spec.params
         prefill = spec.prefill.to(device=self.device, dtype=self.dtype)
         length = len(prefill)
         # A previous tenant may have left NaN behind; masked positions must hold finite values (0 * NaN = NaN).
         self.k[slot].zero_()
         self.v[slot].zero_()
-        if length > 1:
-            cache = talker.new_cache(length - 1)
-            talker.forward_rows(prefill[:-1], cache)
-            self.k[slot, :, :, : length - 1] = cache.k
-            self.v[slot, :, :, : length - 1] = cache.v
         self.first_input[slot] = prefill[-1]
         self.pos[slot] = length - 1
         self.frame_index[slot] = 0
@@ -316,6 +321,35 @@ class GraphedBackend:
                                text_final=spec.text_final, text_rows=len(spec.text_rows))
         self._write_text(stream, 0, spec.text_rows.to(device=self.device, dtype=self.dtype))
         return stream
+
+    def _prefill(self, group: list[tuple[int, torch.Tensor]]) -> None:
+        """Prompt rows [L-1, H] of several streams in one batched pass through the talker, each stream a batch row
+        padded at its end (causal attention keeps real rows from seeing the padding; the padding's K/V land past the
+        prompt, where frames overwrite them before any row can see them). Streams share no attention, so a
+        non-finite prompt stays in its own slot."""
+        group = [(slot, rows) for slot, rows in group if len(rows)]
+        if not group:
+            return
+        model = self.talker.model
+        cfg = self.talker.config.talker
+        length = max(len(rows) for _, rows in group)
+        x = torch.zeros(len(group), length, cfg.hidden_size, device=self.device, dtype=self.dtype)
+        for row, (_, rows) in enumerate(group):
+            x[row, : len(rows)] = rows
+        slots = torch.tensor([slot for slot, _ in group], device=self.device)
+        cos, sin = self.cos[:length], self.sin[:length]
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
+        group_size = cfg.num_attention_heads // cfg.num_key_value_heads
+        for i, layer in enumerate(model.layers):
+            attn = layer.self_attn
+            q, k, v = _qkv(attn, layer.input_layernorm(x), cos, sin)  # [G, heads, length, D]
+            self.k[slots, i, :, :length] = k
+            self.v[slots, i, :, :length] = v
+            out = F.scaled_dot_product_attention(q, k.repeat_interleave(group_size, dim=1),
+                                                 v.repeat_interleave(group_size, dim=1), attn_mask=causal,
+                                                 scale=1.0 / math.sqrt(cfg.head_dim))
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(len(group), length, cfg.q_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
 
     @staticmethod
     def _stored_text_rows(stream: GraphedStream, received: int) -> int:
