@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from ..layers import apply_rope, rope_cos_sin
 from ..model import Talker
-from ..sampling import NUM_DRAWS_PER_FRAME, SamplingParams
-from .base import StepOutput, StreamSpec
+from ..sampling import NUM_DRAWS_PER_FRAME
+from .base import BackendError, StepOutput, StreamSpec
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 PREFILL_ROWS = 4096  # rows (streams x longest prompt) of one batched prefill pass
@@ -159,7 +159,11 @@ class GraphedStream:
 
 
 class GraphedBackend:
-    """Static-shape reference math for up to `max_streams` streams; on CUDA one captured graph per batch bucket."""
+    """Static-shape reference math for up to `max_streams` streams; on CUDA one captured graph per batch bucket.
+
+    max_seq_len: positions per stream (prompt rows + frames); every frame attends over all of them.
+    warm_buckets: batch sizes whose graphs are captured now rather than on first use (a capture takes seconds).
+    use_graph: None = CUDA graphs on a CUDA device; False runs the same frame function eagerly."""
 
     def __init__(self, talker: Talker, *, max_streams: int = 8, max_seq_len: int = 2048,
                  warm_buckets: Sequence[int] = (), use_graph: bool | None = None):
@@ -242,15 +246,19 @@ class GraphedBackend:
             if table is not None and len(table) < spec.max_frames:
                 raise ValueError(f"spec {i}: the random table has {len(table)} frames, max_frames is "
                                  f"{spec.max_frames}")
+            for name in ("text_rows", "pad_row"):
+                if getattr(spec, name).shape[-1] != hidden:
+                    raise ValueError(f"spec {i}: {name} must be {hidden} wide, got {tuple(getattr(spec, name).shape)}")
         streams = [self._open_one(spec) for spec in specs]
-        group: list[tuple[int, torch.Tensor]] = []  # streams whose prompts prefill together
+        # Prompts prefill together, in batches of at most PREFILL_ROWS rows (streams x longest prompt).
+        batch: list[tuple[int, torch.Tensor]] = []
         for stream, spec in zip(streams, specs):
             rows = spec.prefill[:-1].to(device=self.device, dtype=self.dtype)
-            if group and (len(group) + 1) * max(len(rows), *(len(r) for _, r in group)) > PREFILL_ROWS:
-                self._prefill(group)
-                group = []
-            group.append((stream.slot, rows))
-        self._prefill(group)
+            if batch and (len(batch) + 1) * max(len(rows), *(len(r) for _, r in batch)) > PREFILL_ROWS:
+                self._prefill(batch)
+                batch = []
+            batch.append((stream.slot, rows))
+        self._prefill(batch)
         return streams
 
     def step(self, streams: Sequence[GraphedStream]) -> StepOutput:
@@ -262,8 +270,10 @@ class GraphedBackend:
             raise ValueError("a stream appears twice in one step")
         for s in streams:
             self._check_steppable(s)
-        out = self._run([s.slot for s in streams])
-        result = out[: len(streams)].cpu().numpy()
+        try:
+            result = self._run([s.slot for s in streams])[: len(streams)].cpu().numpy()
+        except RuntimeError as exc:  # a CUDA error: no slot's state can be trusted any more
+            raise BackendError(f"graphed frame failed: {exc}") from exc
         failed = {}
         for i, s in enumerate(streams):
             if result[i, num_groups]:
@@ -323,9 +333,9 @@ class GraphedBackend:
         return stream
 
     def _prefill(self, group: list[tuple[int, torch.Tensor]]) -> None:
-        """Prompt rows [L-1, H] of several streams in one batched pass through the talker, each stream a batch row
-        padded at its end (causal attention keeps real rows from seeing the padding; the padding's K/V land past the
-        prompt, where frames overwrite them before any row can see them). Streams share no attention, so a
+        """Prompt rows [L-1, H] of (slot, rows) streams in one batched pass through the talker, each stream a batch
+        row padded at its end (causal attention keeps real rows from seeing the padding; the padding's K/V land past
+        the prompt, where frames overwrite them before any row can see them). Streams share no attention, so a
         non-finite prompt stays in its own slot."""
         group = [(slot, rows) for slot, rows in group if len(rows)]
         if not group:
