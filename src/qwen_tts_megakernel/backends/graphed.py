@@ -12,9 +12,10 @@ against the reference math, stream for stream.
 
 Sampling is the device twin of sampling.py: the same rules in the same order, the same inverse-CDF draw and the same
 Philox4x32-10 uniforms, generated on the device from each slot's seed and frame counter (or read from the stream's
-explicit table). Two differences, both confined to exact ties: top-p walks the candidates in the reverse of the
-draw's stable order (HF sorts ascending without a stable order), and on CUDA the temperature divides by a tensor
-rather than a scalar. On the CPU in fp32 the codes equal the reference's.
+explicit table). Where they can differ: among exactly tied scores at the top-p boundary (top-p walks the candidates
+in the reverse of the draw's stable order; HF's ascending sort promises no order among ties), and on CUDA in the
+last bit of a scaled score (a tensor divisor here, a scalar one there). On the CPU in fp32 the codes equal the
+reference's (tests/test_graphed.py).
 
 Batch invariance: every operation is row-wise, so a stream's codes depend only on its own slot's state, but not bit
 for bit on its batch: the BLAS picks its kernel by shape. Measured on the CPU in fp32 (tiny models): logits of a row
