@@ -86,13 +86,14 @@ def device_uniforms(seed_lo: torch.Tensor, seed_hi: torch.Tensor, frame: torch.T
 
 @dataclass
 class RowSampler:
-    """Sampling parameters of one codebook family (talker or code predictor) for every slot, on the device."""
+    """Sampling parameters of one codebook family (talker or code predictor), one row per slot (the backend's
+    table) or per batch row (`rows(idx)`, what `choose` uses), on the device."""
 
-    do_sample: torch.Tensor  # [slots] bool
-    temperature: torch.Tensor  # [slots] float32
-    top_k: torch.Tensor  # [slots] int64; 0 = off
-    top_p_on: torch.Tensor  # [slots] bool: top_p < 1
-    top_p_cut: torch.Tensor  # [slots] float32: float32(1 - top_p), the threshold HF compares against
+    do_sample: torch.Tensor  # [rows] bool
+    temperature: torch.Tensor  # [rows] float32
+    top_k: torch.Tensor  # [rows] int64; 0 = off
+    top_p_on: torch.Tensor  # [rows] bool: top_p < 1
+    top_p_cut: torch.Tensor  # [rows] float32: float32(1 - top_p), the threshold HF compares against
 
     @classmethod
     def empty(cls, slots: int, device) -> "RowSampler":
@@ -110,26 +111,31 @@ class RowSampler:
         self.top_p_on[slot] = top_p < 1.0
         self.top_p_cut[slot] = float(np.float32(1.0 - top_p))
 
-    def choose(self, idx: torch.Tensor, logits: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per row from already-constrained fp32 logits [B, V] with uniforms u [B] (float64).
+    def rows(self, idx: torch.Tensor) -> "RowSampler":
+        """The parameters of the slots idx [B], one row each."""
+        return RowSampler(*(getattr(self, f).index_select(0, idx) for f in
+                            ("do_sample", "temperature", "top_k", "top_p_on", "top_p_cut")))
+
+    def choose(self, logits: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row (self holds one row per batch row) from already-constrained fp32 logits [B, V] with
+        uniforms u [B] (float64).
 
         Returns (tokens [B] int64, bad [B] bool). A bad row (its logits hold NaN, or no finite candidate is left)
         gets token 0, so no out-of-range code can leave the backend."""
-        do_sample = self.do_sample.index_select(0, idx)
+        do_sample, top_k = self.do_sample, self.top_k
         vocab = logits.shape[-1]
         greedy = logits.argmax(-1)
-        scores = logits / self.temperature.index_select(0, idx).unsqueeze(1)
+        scores = logits / self.temperature.unsqueeze(1)
         ranked, order = torch.sort(scores, dim=-1, descending=True, stable=True)
         # Top-k: keep scores >= the k-th largest (ties kept); the ranked row is masked in place of the scores.
-        top_k = self.top_k.index_select(0, idx)
         kth = ranked.gather(1, (top_k - 1).clamp(0, vocab - 1).unsqueeze(1))
         kth = kth.masked_fill(((top_k <= 0) | (top_k >= vocab)).unsqueeze(1), NEG_INF)
         ranked = ranked.masked_fill(ranked < kth, NEG_INF)
         # Top-p as HF's warper: ascending order, drop while the running probability <= 1 - top_p, keep the last.
         ascending = ranked.flip(-1)
-        remove = ascending.softmax(-1).cumsum(-1) <= self.top_p_cut.index_select(0, idx).unsqueeze(1)
+        remove = ascending.softmax(-1).cumsum(-1) <= self.top_p_cut.unsqueeze(1)
         remove[:, -1].zero_()
-        remove &= self.top_p_on.index_select(0, idx).unsqueeze(1)
+        remove &= self.top_p_on.unsqueeze(1)
         ranked = ranked.masked_fill(remove.flip(-1), NEG_INF)
         # The inverse-CDF draw over the ranked candidates (sampling.draw).
         s = ranked.double()
@@ -454,7 +460,7 @@ class GraphedBackend:
         constrained = torch.where(self.seen.index_select(0, idx), penalised, logits)
         constrained = constrained.masked_fill(self.suppress, NEG_INF)
         constrained = constrained.masked_fill(self.eos_only & (frame < 2).unsqueeze(1), NEG_INF)
-        g0, bad = self.talker_sampler.choose(idx, constrained, u[:, 0])
+        g0, bad = self.talker_sampler.rows(idx).choose(constrained, u[:, 0])
         codes, cp_bad = self._code_predictor(idx, hidden, g0, u)
         bad |= cp_bad
         # State for the next frame.
@@ -503,6 +509,7 @@ class GraphedBackend:
                                    cfg.head_dim)
         cache_v = torch.zeros_like(cache_k)
         group = cfg.num_attention_heads // cfg.num_key_value_heads
+        sampler = self.cp_sampler.rows(idx)
         codes = [g0]
         bad = torch.zeros_like(g0, dtype=torch.bool)
         rows = torch.stack([hidden, talker.model.codec_embedding.weight.index_select(0, g0)], 1)  # [B, 2, H]
@@ -525,7 +532,7 @@ class GraphedBackend:
                 x = x + attn.o_proj(out.transpose(1, 2).reshape(b, n, cfg.q_dim))
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
             logits = cp.lm_head[j - 1](cp.model.norm(x)[:, -1]).float()
-            code, code_bad = self.cp_sampler.choose(idx, logits, u[:, j])
+            code, code_bad = sampler.choose(logits, u[:, j])
             codes.append(code)
             bad |= code_bad
             rows = cp.model.codec_embedding[j - 1].weight.index_select(0, code).unsqueeze(1)
