@@ -243,6 +243,8 @@ def test_bad_calls_are_refused_with_the_problem_named(model):
     with pytest.raises(ValueError, match="closed"):
         backend.step([a])
     assert backend.step([]).codes.shape == (0, 16)
+    with pytest.raises(ValueError, match="warm_buckets"):
+        GraphedBackend(talker, max_streams=2, max_seq_len=48, warm_buckets=(2,), use_graph=False)
 
 
 def test_timing_runs_every_bucket_without_moving_open_streams(model):
