@@ -9,11 +9,11 @@ import torch
 
 from qwen_tts_megakernel.backends import graphed
 from qwen_tts_megakernel.backends.base import StreamSpec
-from qwen_tts_megakernel.backends.graphed import GraphedBackend, device_uniforms, time_graphed_frames
+from qwen_tts_megakernel.backends.graphed import GraphedBackend, RowSampler, device_uniforms, time_graphed_frames
 from qwen_tts_megakernel.checkpoint import load_checkpoint
 from qwen_tts_megakernel.model import Talker
 from qwen_tts_megakernel.prompt import build_prompt
-from qwen_tts_megakernel.sampling import (RandomStream, SamplingParams, TalkerRules, philox_uniforms,
+from qwen_tts_megakernel.sampling import (RandomStream, SamplingParams, TalkerRules, choose, philox_uniforms,
                                           sample_code_predictor, sample_talker)
 from qwen_tts_megakernel.synthetic import write_tiny_model
 
@@ -130,6 +130,51 @@ def test_philox_on_the_device_equals_sampling_philox():
         np.testing.assert_array_equal(got[row], philox_uniforms(seed, frame))
 
 
+def sampler_for(params_list: list[tuple[bool, float, int, float]]):
+    sampler = RowSampler.empty(len(params_list), "cpu")
+    for slot, params in enumerate(params_list):
+        sampler.set(slot, *params)
+    return sampler.rows(torch.arange(len(params_list)))
+
+
+def test_row_sampling_equals_sampling_choose_row_by_row():
+    """Each row with its own (do_sample, temperature, top_k, top_p) picks what sampling.choose picks; rows of tied
+    scores (quantised logits) check that top-k keeps ties and the draw takes the lower index among equals."""
+    gen = torch.Generator().manual_seed(0)
+    options = [(False, 1.0, 0, 1.0), (True, 0.9, 50, 1.0), (True, 0.7, 10, 0.8), (True, 1.3, 0, 0.95),
+               (True, 0.5, 2048, 0.5), (True, 1.0, 1, 1.0), (True, 2.0, 7, 0.999), (True, 1.0, 0, 1e-9)]
+    params = [options[i % len(options)] for i in range(64)]
+    logits = torch.randn(64, 2048, generator=gen) * 3
+    logits[len(options):2 * len(options), 100:] = float("-inf")  # few candidates left
+    ties = torch.round(torch.randn(14, 2048, generator=gen) * 2) / 2  # many exact ties
+    tie_params = [(True, 0.9, k, 1.0) for k in (3, 17, 50, 0, 200, 1, 2)] * 2
+    logits, params = torch.cat([logits, ties]), params + tie_params
+    u = torch.rand(len(params), generator=gen, dtype=torch.float64)
+    tokens, bad = sampler_for(params).choose(logits, u)
+    assert not bad.any()
+    for row, (do_sample, temperature, top_k, top_p) in enumerate(params):
+        expected = choose(logits[row], do_sample, temperature, top_k, top_p, float(u[row]))
+        assert tokens[row] == expected, f"row {row} {params[row]}"
+
+
+def test_rows_that_cannot_be_sampled_are_flagged_with_code_0():
+    """The cases where sampling.choose gives up: NaN scores, no finite score, no finite score after the temperature.
+    A +inf score beside finite ones is still a greedy pick."""
+    nan, inf = float("nan"), float("inf")
+    rows = torch.randn(6, 16)
+    rows[0, 3] = nan  # greedy, NaN
+    rows[1, :] = -inf  # greedy, nothing finite
+    rows[2, 5] = nan  # sampled, NaN
+    rows[3, :] = -inf  # sampled, nothing finite
+    rows[4] = rows[4] * 1e30  # sampled at temperature 1e-10: every scaled score overflows
+    rows[5, 7] = inf  # greedy: +inf is the pick
+    params = [(False, 1.0, 0, 1.0), (False, 1.0, 0, 1.0), (True, 1.0, 0, 1.0), (True, 1.0, 5, 0.9),
+              (True, 1e-10, 0, 1.0), (False, 1.0, 0, 1.0)]
+    tokens, bad = sampler_for(params).choose(rows, torch.full((6,), 0.5, dtype=torch.float64))
+    assert bad.tolist() == [True] * 5 + [False]
+    assert tokens.tolist() == [0] * 5 + [7]
+
+
 def test_many_streams_at_different_positions_get_the_reference_codes(model, monkeypatch):
     """Five streams (both layouts, greedy/sampled/warped parameters, an explicit random table, a 64-bit seed) join at
     different times and step in changing groups and orders; each gets exactly its codes alone. Streams that open
@@ -180,8 +225,8 @@ def test_live_text_matches_the_whole_text_given_up_front(model):
     backend = GraphedBackend(talker, max_streams=2, max_seq_len=96)
     h = backend.open([replace(whole, text_rows=rows[:1], text_final=False)])[0]
     got = [backend.step([h]).codes[0], backend.step([h]).codes[0]]  # frame 1 reads row 0
-    with pytest.raises(ValueError, match="text row 1"):
-        backend.step([h])
+    out = backend.step([h])  # frame 2 needs row 1: the stream fails this step (the engine never asks this)
+    assert "text row 1" in out.failed[0]
     backend.append_text(h, rows[1:3])
     got += [backend.step([h]).codes[0] for _ in range(2)]
     backend.append_text(h, rows[3:])
@@ -202,7 +247,7 @@ def test_a_non_finite_stream_fails_alone_and_its_slot_is_clean_afterwards(model)
     backend = GraphedBackend(talker, max_streams=2, max_seq_len=96)
     good, bad = backend.open([healthy, broken])
     out = backend.step([good, bad])
-    assert set(out.failed) == {1} and "non-finite" in out.failed[1]
+    assert set(out.failed) == {1} and "cannot be sampled" in out.failed[1]
     assert 0 <= out.codes[1].min() and out.codes[1].max() < checkpoint.config.talker.vocab_size
     got = [out.codes[0]]
     backend.close(bad)
@@ -220,31 +265,47 @@ def test_a_non_finite_stream_fails_alone_and_its_slot_is_clean_afterwards(model)
     assert_same_codes(fresh_codes, reference_codes(talker, again, FRAMES - 1), eos)
 
 
-def test_bad_calls_are_refused_with_the_problem_named(model):
-    talker, _ = model
-    backend = GraphedBackend(talker, max_streams=2, max_seq_len=48)
+def test_streams_that_cannot_step_fail_alone_and_bad_opens_are_refused(model):
+    talker, checkpoint = model
     spec = make_spec(model, "Hi.", "prefill", DEFAULT, 1, frames=4)
-    with pytest.raises(ValueError, match="exceeds max_seq_len=48"):
-        backend.open([replace(spec, max_frames=48)])
+    max_seq_len = len(spec.prefill) + 6
+    backend = GraphedBackend(talker, max_streams=3, max_seq_len=max_seq_len)
+    with pytest.raises(ValueError, match="exceeds the KV cache"):
+        backend.open([replace(spec, prefill=torch.zeros(max_seq_len, spec.prefill.shape[1]))])
     with pytest.raises(ValueError, match="no free stream slot"):
-        backend.open([spec, spec, spec])
-    with pytest.raises(ValueError, match="random table has 2 frames"):
-        backend.open([replace(spec, rng=RandomStream(0, np.zeros((2, 16))))])
+        backend.open([spec] * 4)
     with pytest.raises(ValueError, match="prefill must be"):
         backend.open([replace(spec, prefill=spec.prefill[:0])])
-    a, b = backend.open([spec, spec])
-    with pytest.raises(ValueError, match="twice"):
-        backend.step([a, a])
-    for _ in range(4):
-        backend.step([a])
-    with pytest.raises(ValueError, match="max_frames=4"):
-        backend.step([a, b])
-    backend.close(a)
-    with pytest.raises(ValueError, match="closed"):
-        backend.step([a])
-    assert backend.step([]).codes.shape == (0, 16)
     with pytest.raises(ValueError, match="warm_buckets"):
         GraphedBackend(talker, max_streams=2, max_seq_len=48, warm_buckets=(2,), use_graph=False)
+    # More frames asked than the slot holds: bounded by it (the engine bounds its frames the same way).
+    long = replace(spec, max_frames=10_000)
+    short_table = replace(spec, rng=RandomStream(0, np.zeros((2, 16))))
+    a, b, c = backend.open([spec, long, short_table])
+    assert b.max_frames == 7
+    with pytest.raises(ValueError, match="twice"):
+        backend.step([a, a])
+    got = []
+    for _ in range(2):
+        out = backend.step([a, b, c])
+        assert out.failed == {}
+        got.append(out.codes[1])
+    out = backend.step([a, b, c])
+    assert out.failed == {2: "random table has 2 frames, frame 2 requested"}
+    got.append(out.codes[1])
+    got.append(backend.step([a, b]).codes[1])
+    out = backend.step([a, b])
+    assert set(out.failed) == {0} and "all 4 frames" in out.failed[0]
+    got.append(out.codes[1])
+    while b.frames < b.max_frames:  # up to the last position of the cache
+        out = backend.step([b])
+        assert out.failed == {}
+        got.append(out.codes[0])
+    assert "all 7 frames" in backend.step([b]).failed[0]
+    assert_same_codes(got, reference_codes(talker, long, 7), checkpoint.config.ids.codec_eos)
+    backend.close(a)
+    assert backend.step([a]).failed == {0: "stream is closed"}
+    assert backend.step([]).codes.shape == (0, 16)
 
 
 def test_timing_runs_every_bucket_without_moving_open_streams(model):

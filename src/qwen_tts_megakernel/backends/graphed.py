@@ -143,7 +143,10 @@ class RowSampler:
         pos = torch.searchsorted(cum, u.unsqueeze(1) * cum[:, -1:], right=True)
         pos = torch.minimum(pos, torch.isfinite(s).sum(-1, keepdim=True) - 1).clamp_(min=0)
         tokens = torch.where(do_sample, order.gather(1, pos).squeeze(1), greedy)
-        bad = ~torch.isfinite(logits.amax(-1)) | (do_sample & ~torch.isfinite(ranked[:, 0]))
+        # sampling.choose's SamplingError: NaN anywhere; greedy: no finite score; sampled: no finite warped score
+        # (a NaN ranks first, so ranked[:, 0] is the maximum or a NaN).
+        unusable = torch.where(do_sample, ~torch.isfinite(ranked[:, 0]), ~torch.isfinite(logits).any(-1))
+        bad = torch.isnan(logits).any(-1) | unusable
         return tokens.masked_fill(bad, 0), bad
 
 
@@ -157,10 +160,11 @@ class GraphedStream:
 
     slot: int
     prefill_len: int
-    max_frames: int
+    max_frames: int  # the spec's, bounded by what the slot holds (max_seq_len - prefill_len + 1)
     pad_row: torch.Tensor
     text_final: bool
     text_rows: int  # rows received so far (rows past max_frames - 1 are never read and are not stored)
+    table_frames: int | None  # frames of the stream's explicit random table (None: Philox)
     frames: int = 0  # frames generated so far
     closed: bool = False
 
@@ -235,7 +239,8 @@ class GraphedBackend:
 
     @torch.inference_mode()
     def open(self, specs: Sequence[StreamSpec]) -> list[GraphedStream]:
-        """Prefill each stream into a free slot (rows 0..L-2 into its cache; row L-1 is frame 0's input)."""
+        """Prefill each stream into a free slot (rows 0..L-2 into its cache; row L-1 is frame 0's input). A stream
+        gets at most max_seq_len - L + 1 frames, what its slot holds (the engine bounds its frames the same way)."""
         if len(specs) > len(self._free):
             raise ValueError(f"no free stream slot: {len(specs)} requested, {len(self._free)} of "
                              f"max_streams={self.max_streams} free")
@@ -244,15 +249,11 @@ class GraphedBackend:
             length = spec.prefill.shape[0] if spec.prefill.dim() == 2 else 0
             if spec.prefill.dim() != 2 or length < 1 or spec.prefill.shape[1] != hidden:
                 raise ValueError(f"spec {i}: prefill must be [L >= 1, {hidden}], got {tuple(spec.prefill.shape)}")
+            if length >= self.max_seq_len:
+                raise ValueError(f"spec {i}: prompt of {length} rows exceeds the KV cache "
+                                 f"(max_seq_len={self.max_seq_len} positions)")
             if spec.max_frames < 1:
                 raise ValueError(f"spec {i}: max_frames must be >= 1, got {spec.max_frames}")
-            if length + spec.max_frames > self.max_seq_len:
-                raise ValueError(f"spec {i}: prompt of {length} rows + max_frames {spec.max_frames} exceeds "
-                                 f"max_seq_len={self.max_seq_len}")
-            table = spec.rng.table
-            if table is not None and len(table) < spec.max_frames:
-                raise ValueError(f"spec {i}: the random table has {len(table)} frames, max_frames is "
-                                 f"{spec.max_frames}")
             for name in ("text_rows", "pad_row"):
                 if getattr(spec, name).shape[-1] != hidden:
                     raise ValueError(f"spec {i}: {name} must be {hidden} wide, got {tuple(getattr(spec, name).shape)}")
@@ -269,24 +270,26 @@ class GraphedBackend:
         return streams
 
     def step(self, streams: Sequence[GraphedStream]) -> StepOutput:
-        """The next frame of every given stream, in one batched frame (one graph replay on CUDA)."""
+        """The next frame of every given stream, in one batched frame (one graph replay on CUDA). A stream that
+        cannot take a frame (closed, out of frames, waiting for text) fails alone; the others step."""
         num_groups = self._out[self.buckets[0]].shape[1] - 1
-        if not streams:
-            return StepOutput(codes=np.zeros((0, num_groups), dtype=np.int64))
         if len({id(s) for s in streams}) != len(streams):
             raise ValueError("a stream appears twice in one step")
-        for s in streams:
-            self._check_steppable(s)
+        codes = np.zeros((len(streams), num_groups), dtype=np.int64)
+        failed = {i: problem for i, s in enumerate(streams) if (problem := self._cannot_step(s))}
+        rows = [i for i in range(len(streams)) if i not in failed]
+        if not rows:
+            return StepOutput(codes=codes, failed=failed)
         try:
-            result = self._run([s.slot for s in streams])[: len(streams)].cpu().numpy()
+            result = self._run([streams[i].slot for i in rows])[: len(rows)].cpu().numpy()
         except RuntimeError as exc:  # a CUDA error: no slot's state can be trusted any more
             raise BackendError(f"graphed frame failed: {exc}") from exc
-        failed = {}
-        for i, s in enumerate(streams):
-            if result[i, num_groups]:
-                failed[i] = f"non-finite logits at frame {s.frames}"
-            s.frames += 1
-        return StepOutput(codes=result[:, :num_groups].copy(), failed=failed)
+        for row, i in enumerate(rows):
+            codes[i] = result[row, :num_groups]
+            if result[row, num_groups]:
+                failed[i] = f"frame {streams[i].frames}: the scores cannot be sampled (NaN, or none finite)"
+            streams[i].frames += 1
+        return StepOutput(codes=codes, failed=failed)
 
     @torch.inference_mode()
     def append_text(self, stream: GraphedStream, rows: torch.Tensor) -> None:
@@ -328,14 +331,16 @@ class GraphedBackend:
                             p.subtalker_top_p)
         seed = spec.rng.seed & ((1 << 64) - 1)
         self.seed[slot, 0], self.seed[slot, 1] = seed & _MASK32, seed >> 32
+        max_frames = min(spec.max_frames, self.max_seq_len - length + 1)
         table = spec.rng.table
         self.use_table[slot] = table is not None
         if table is not None:
-            frames = min(len(table), spec.max_frames)
+            frames = min(len(table), max_frames)
             self.table[slot, :frames] = torch.as_tensor(np.asarray(table[:frames]), device=self.device)
-        stream = GraphedStream(slot=slot, prefill_len=length, max_frames=spec.max_frames,
+        stream = GraphedStream(slot=slot, prefill_len=length, max_frames=max_frames,
                                pad_row=spec.pad_row.to(device=self.device, dtype=self.dtype),
-                               text_final=spec.text_final, text_rows=len(spec.text_rows))
+                               text_final=spec.text_final, text_rows=len(spec.text_rows),
+                               table_frames=None if table is None else len(table))
         self._write_text(stream, 0, spec.text_rows.to(device=self.device, dtype=self.dtype))
         return stream
 
@@ -381,14 +386,19 @@ class GraphedBackend:
         self.text[stream.slot, end] = stream.pad_row
         self.num_text[stream.slot] = end
 
-    def _check_steppable(self, s: GraphedStream) -> None:
+    @staticmethod
+    def _cannot_step(s: GraphedStream) -> str | None:
+        """Why the stream cannot take its next frame, or None."""
         if s.closed:
-            raise ValueError(f"stream in slot {s.slot} is closed")
+            return "stream is closed"
         if s.frames >= s.max_frames:
-            raise ValueError(f"stream in slot {s.slot} has generated its max_frames={s.max_frames} frames")
+            return f"the stream has all {s.max_frames} frames its KV-cache slot and frame limit allow"
+        if s.table_frames is not None and s.frames >= s.table_frames:
+            return f"random table has {s.table_frames} frames, frame {s.frames} requested"
         if not s.text_final and s.frames >= 1 and s.frames - 1 >= s.text_rows:
-            raise ValueError(f"stream in slot {s.slot}: frame {s.frames} needs text row {s.frames - 1}, which has "
-                             f"not arrived (append_text) and the text has not ended (end_text)")
+            return (f"frame {s.frames} needs text row {s.frames - 1}, which has not arrived (append_text) and the "
+                    "text has not ended (end_text)")
+        return None
 
     # One frame ---------------------------------------------------------------------------------------------
 
