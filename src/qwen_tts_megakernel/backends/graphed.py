@@ -438,7 +438,8 @@ class GraphedBackend:
                     self._frame(idx, out)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: CUDA work of other threads (a server's request threads) cannot spoil this capture.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 self._frame(idx, out)
         self._graphs[bucket] = graph
         return graph
