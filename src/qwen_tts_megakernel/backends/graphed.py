@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..layers import apply_rope, rope_cos_sin
 from ..model import Talker
-from ..sampling import NUM_DRAWS_PER_FRAME
+from ..sampling import NUM_DRAWS_PER_FRAME, TalkerRules
 from .base import BackendError, StepOutput, StreamSpec
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -159,8 +159,7 @@ class GraphedStream:
     """The handle of one open stream (host-side bookkeeping; its state lives in the backend's slot)."""
 
     slot: int
-    prefill_len: int
-    max_frames: int  # the spec's, bounded by what the slot holds (max_seq_len - prefill_len + 1)
+    max_frames: int  # the spec's, bounded by what the slot holds (max_seq_len - prompt rows + 1)
     pad_row: torch.Tensor
     text_final: bool
     text_rows: int  # rows received so far (rows past max_frames - 1 are never read and are not stored)
@@ -218,11 +217,12 @@ class GraphedBackend:
         self.cp_cos, self.cp_sin = rope_cos_sin(torch.arange(cp.num_code_groups, device=dev), cp.head_dim,
                                                 cp.rope_theta, dt)
         self.positions = torch.arange(max_seq_len, device=dev)
+        self.rules = TalkerRules(vocab_size=t.vocab_size, eos_id=cfg.ids.codec_eos)
         self.suppress = zeros(t.vocab_size, dtype=torch.bool)
-        self.suppress[t.vocab_size - 1024:] = True
-        self.suppress[cfg.ids.codec_eos] = False
+        self.suppress[self.rules.suppress_start:] = True
+        self.suppress[self.rules.eos_id] = False
         self.eos_only = zeros(t.vocab_size, dtype=torch.bool)
-        self.eos_only[cfg.ids.codec_eos] = True
+        self.eos_only[self.rules.eos_id] = True
         self.true = torch.ones((), dtype=torch.bool, device=dev)
         # Per bucket: the index input, the output [bucket, 17] (16 codes + failed flag), and the graph.
         self._idx = {b: torch.full((b,), self.scratch, dtype=torch.long, device=dev) for b in self.buckets}
@@ -337,7 +337,7 @@ class GraphedBackend:
         if table is not None:
             frames = min(len(table), max_frames)
             self.table[slot, :frames] = torch.as_tensor(np.asarray(table[:frames]), device=self.device)
-        stream = GraphedStream(slot=slot, prefill_len=length, max_frames=max_frames,
+        stream = GraphedStream(slot=slot, max_frames=max_frames,
                                pad_row=spec.pad_row.to(device=self.device, dtype=self.dtype),
                                text_final=spec.text_final, text_rows=len(spec.text_rows),
                                table_frames=None if table is None else len(table))
@@ -470,7 +470,8 @@ class GraphedBackend:
         penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
         constrained = torch.where(self.seen.index_select(0, idx), penalised, logits)
         constrained = constrained.masked_fill(self.suppress, NEG_INF)
-        constrained = constrained.masked_fill(self.eos_only & (frame < 2).unsqueeze(1), NEG_INF)
+        constrained = constrained.masked_fill(self.eos_only & (frame < self.rules.min_new_tokens).unsqueeze(1),
+                                              NEG_INF)
         g0, bad = self.talker_sampler.rows(idx).choose(constrained, u[:, 0])
         codes, cp_bad = self._code_predictor(idx, hidden, g0, u)
         bad |= cp_bad
