@@ -215,6 +215,25 @@ def test_codes_do_not_depend_on_the_batch_on_cpu(model):
     np.testing.assert_array_equal(got, expected)
 
 
+def test_eos_wins_from_frame_2_on_and_not_before(model):
+    """A codec head biased towards EOS: codebook 0 may not be EOS in frames 0 and 1 (min_new_tokens), then is."""
+    talker, checkpoint = model
+    eos = checkpoint.config.ids.codec_eos
+    eager = copy.deepcopy(talker)
+    head = eager.codec_head
+    eager.codec_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    eager.codec_head.weight = head.weight
+    eager.codec_head.bias = torch.nn.Parameter(torch.zeros(head.out_features).index_fill(0, torch.tensor([eos]), 1e4))
+    specs = [make_spec((eager, checkpoint), "Hello world, this is a test.", "interleaved", params, 2)
+             for params in (GREEDY, DEFAULT)]
+    backend = GraphedBackend(eager, max_streams=2, max_seq_len=96)
+    handles = backend.open(specs)
+    got = [backend.step(handles).codes for _ in range(3)]
+    assert [int(frame[i, 0] == eos) for frame in got for i in range(2)] == [0, 0, 0, 0, 1, 1]
+    for i, spec in enumerate(specs):
+        assert_same_codes([frame[i] for frame in got], reference_codes(eager, spec, 5), eos)
+
+
 def test_live_text_matches_the_whole_text_given_up_front(model):
     """Rows arrive one frame ahead of their use (as the engine schedules them), then end_text; stepping a frame
     whose text row has not arrived is refused."""
