@@ -366,7 +366,7 @@ def test_cuda_graph_replay_equals_the_same_frames_run_eagerly(model, batch):
     all_params = [GREEDY, DEFAULT, WARPED, GREEDY_TALKER]
     specs = [make_spec((talker, checkpoint), texts[i % 3], ("prefill", "interleaved")[i % 2], all_params[i % 4], i,
                        frames=FRAMES + i) for i in range(batch)]
-    # Stagger the positions: stream i starts after i solo frames of stream 0's group.
+    # Staggered positions: stream i opens after the streams before it took i frames, then all step together.
     schedule = []
     for i in range(batch):
         schedule += [("open", [i]), ("step", list(range(i + 1)))]
