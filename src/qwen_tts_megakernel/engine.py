@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .codec import CodecDecoder, StreamingCodecDecoder, use_codec_graphs
+from .codec import CodecDecoder, StreamingCodec
 from .config import ModelConfig
 from .model import KVCache, Talker
 from .prompt import Prompt, build_prompt
@@ -227,6 +227,8 @@ class Synthesizer:
         self.tokenizer = checkpoint.tokenizer
         self.backend = backend
         self.codec = codec
+        self.streaming_codec = StreamingCodec(codec)  # every stream's codes -> PCM (CUDA graphs on CUDA)
+        self.streaming_codec.warm_up(batch_sizes=(1,))  # streams push one at a time: capture now, not in a request
         self.talker = talker  # embeds prompt rows for every backend
         self.sample_rate = codec.sample_rate
         self.samples_per_frame = codec.samples_per_frame
@@ -261,8 +263,6 @@ class Synthesizer:
         talker = Talker.from_state_dict(checkpoint.config, checkpoint.weights, device=device, dtype=dtype)
         codec = CodecDecoder.from_state_dict(checkpoint.config.codec, checkpoint.codec_weights, device=device,
                                              dtype=torch.float32)
-        if use_codec_graphs(codec):
-            codec.streaming_graphs().warm_up()  # capture now, so that the first request does not pay for it
         if backend == "reference":
             engine_backend = ReferenceBackend(talker)
         else:
@@ -378,15 +378,15 @@ class Synthesizer:
         return speech
 
     def _chunks(self, frames, schedule, start, speech: SpeechStream, report: dict) -> Iterator[AudioChunk]:
-        decoder = StreamingCodecDecoder(self.codec)
+        codec = self.streaming_codec
+        handle = codec.open()
         pending: list[np.ndarray] = []
         emitted = 0
         chunks_sent = 0
 
         def flush() -> AudioChunk:
             nonlocal emitted, chunks_sent
-            codes = torch.from_numpy(np.stack(pending)).to(self.codec_device)
-            audio = decoder.push(codes).float().cpu().numpy()
+            audio = codec.push([handle], [np.stack(pending)])[0]
             chunk = AudioChunk(pcm=float_to_pcm16(audio), sample_rate=self.sample_rate, first_frame=emitted,
                                num_frames=len(pending), time_s=time.perf_counter() - start)
             emitted += len(pending)
@@ -403,6 +403,7 @@ class Synthesizer:
             if pending:
                 yield flush()
         finally:
+            codec.close(handle)
             frames.close()
             speech.stop_reason = report.get("stop_reason", "cancelled")
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..codec import StreamingCodecDecoder
+from ..codec import CodecStream
 from ..engine import DEFAULT_CHUNK_SCHEDULE, AudioChunk, Request, Synthesizer, float_to_pcm16
 from ..live import LiveUtterance
 
@@ -73,7 +73,7 @@ class Job:
         self._chunks_sent = 0
         self._outstanding = 0  # chunks emitted and not yet taken by the consumer
         self._lock = threading.Lock()
-        self._decoder: StreamingCodecDecoder | None = None
+        self._codec_stream: CodecStream | None = None
         self.worker: "EngineWorker | None" = None
 
     # Consumer side (event loop) ------------------------------------------------------------------------------------
@@ -149,10 +149,9 @@ class Job:
 
     def _flush_chunk(self) -> None:
         # The same decode as Synthesizer._chunks, so the bytes equal the in-process stream's.
-        if self._decoder is None:
-            self._decoder = StreamingCodecDecoder(self.synth.codec)
-        codes = torch.from_numpy(np.stack(self._pending)).to(self.synth.codec_device)
-        audio = self._decoder.push(codes).float().cpu().numpy()
+        if self._codec_stream is None:
+            self._codec_stream = self.synth.streaming_codec.open()
+        audio = self.synth.streaming_codec.push([self._codec_stream], [np.stack(self._pending)])[0]
         now = time.perf_counter()
         chunk = AudioChunk(pcm=float_to_pcm16(audio), sample_rate=self.synth.sample_rate,
                            first_frame=self.frames - len(self._pending), num_frames=len(self._pending),
@@ -176,7 +175,9 @@ class Job:
             self._close_source()
         except Exception:  # noqa: BLE001 - closing must never take the worker down
             log.exception("closing a stream failed")
-        self._decoder = None
+        if self._codec_stream is not None:
+            self.synth.streaming_codec.close(self._codec_stream)
+            self._codec_stream = None
         now = time.perf_counter()
         info = JobInfo(stop_reason=reason, frames=self.frames, audio_seconds=self.samples / self.synth.sample_rate,
                        time_to_first_audio_ms=None if self.first_audio is None
