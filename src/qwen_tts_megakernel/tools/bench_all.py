@@ -99,7 +99,11 @@ def section_ttfc_breakdown(synth, runs: int) -> dict:
                            here would also wait for frame 1, queued behind it);
       first_codec_decode   decoding frame 0 to PCM (waits for the codec's own stream only; it competes with the
                            still-running frame 1 for the GPU, as it does when streaming)."""
+    from ..codec import StreamingCodec
     from ..sampling import RandomStream
+
+    codec = StreamingCodec(synth.codec, max_streams=1)
+    codec.warm_up()
 
     def once(text: str) -> dict:
         marks = {}
@@ -125,7 +129,6 @@ def section_ttfc_breakdown(synth, runs: int) -> dict:
             t = mark("open_stream_prefill_ms", t)
             codes = stream.next_frame()
             t = mark("first_frame_ms", t, sync=False)
-            codec = synth.streaming_codec
             handle = codec.open()
             codec.push([handle], [codes[None]])  # returns host PCM: waits for the codec's work only
             codec.close(handle)
