@@ -165,22 +165,23 @@ class StreamingCodec:
     @torch.inference_mode()
     def push(self, streams: list[CodecStream], codes: list[torch.Tensor | np.ndarray]) -> list[np.ndarray]:
         """Decode the next frames of each stream: codes[i] [n_i, 16] (host integers; n_i may differ, and may be 0)
-        -> float32 PCM [n_i * 1920] in [-1, 1] per stream, in order."""
+        -> float32 PCM [n_i * 1920] in [-1, 1] per stream, in order. Every argument is checked before any state
+        moves, so a push that raises ValueError changed nothing (a caller may retry its streams one by one)."""
         if len(streams) != len(codes):
             raise ValueError(f"push got {len(streams)} streams and {len(codes)} code arrays")
-        seen = set()
-        for i, stream in enumerate(streams):
-            self._check_own(stream, f"streams[{i}]")
-            if stream.closed:
-                raise ValueError(f"streams[{i}] is closed")
-            if id(stream) in seen:
-                raise ValueError(f"streams[{i}] appears twice in one push")
-            seen.add(id(stream))
         host = [self._host_codes(c, f"codes[{i}]") for i, c in enumerate(codes)]
         with self._lock:
+            seen = set()
+            for i, stream in enumerate(streams):
+                self._check_own(stream, f"streams[{i}]")
+                if stream.closed:
+                    raise ValueError(f"streams[{i}] is closed")
+                if id(stream) in seen:
+                    raise ValueError(f"streams[{i}] appears twice in one push")
+                seen.add(id(stream))
             pcm = self._push(streams, host)
-        for stream, c in zip(streams, host):
-            stream.frames += len(c)
+            for stream, c in zip(streams, host):
+                stream.frames += len(c)
         return pcm
 
     @torch.inference_mode()
