@@ -14,14 +14,12 @@ Checkpoint quirks worth knowing (all handled here):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
+from torch import nn
 
 from ..config import CodecDecoderConfig
-
-if TYPE_CHECKING:
-    from .decoder import CodecDecoder
 
 
 def official_parameter_names(cfg: CodecDecoderConfig) -> Iterator[tuple[str, str]]:
@@ -83,8 +81,8 @@ def official_parameter_names(cfg: CodecDecoderConfig) -> Iterator[tuple[str, str
         yield f"decoder.{n + 2}.conv.{p}", f"final_conv.{p}"
 
 
-def official_shapes(decoder: CodecDecoder) -> dict[str, tuple[int, ...]]:
-    """Every `decoder.*` tensor of the official checkpoint with its shape (our view of it)."""
+def official_shapes(decoder: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every `decoder.*` tensor of the official checkpoint with its shape, for a CodecDecoder (our view of it)."""
     params = dict(decoder.named_parameters())
     shapes = {}
     for official, ours in official_parameter_names(decoder.cfg):
@@ -105,7 +103,7 @@ def official_shapes(decoder: CodecDecoder) -> dict[str, tuple[int, ...]]:
 
 
 @torch.no_grad()
-def load_official_state_dict(decoder: CodecDecoder, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
+def load_official_state_dict(decoder: nn.Module, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Load official `decoder.*` tensors (other keys, e.g. `encoder.*`, are ignored).
 
     Raises ValueError on a missing tensor, on a wrong shape (naming the tensor and both shapes),
