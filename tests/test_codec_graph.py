@@ -125,12 +125,15 @@ def test_synthesizer_warms_the_codec_graphs_and_streams_through_them(tmp_path, n
 
     synth = Synthesizer.from_pretrained(str(write_tiny_model(tmp_path, "0.6b", "custom_voice", seed=0)),
                                         device="cuda", dtype="float32")
-    codec = synth.engine.codec
-    assert isinstance(codec, StreamingCodec) and codec.max_streams == synth.engine_settings.max_active
-    captured = dict(codec._steps)
-    assert set(captured) == {(b, n) for b in batch_buckets(codec.max_streams) for n in STEP_FRAMES}
-    stream = synth.stream("Hello world, this is a test.", seed=5, max_new_tokens=20, chunk_schedule=(1, 2, 4, 8))
-    pcm = np.concatenate([c.pcm for c in stream]).astype(np.float64)
-    assert len(stream.codes) > 0 and codec._steps == captured  # no capture during the request
-    whole = np.clip(synth.decode(np.stack(stream.codes)), -1, 1) * 32767
-    assert np.abs(pcm - whole).max() <= 2.0
+    try:
+        codec = synth.engine.codec
+        assert isinstance(codec, StreamingCodec) and codec.max_streams == synth.engine_settings.max_active
+        captured = dict(codec._steps)
+        assert set(captured) == {(b, n) for b in batch_buckets(codec.max_streams) for n in STEP_FRAMES}
+        stream = synth.stream("Hello world, this is a test.", seed=5, max_new_tokens=20, chunk_schedule=(1, 2, 4, 8))
+        pcm = np.concatenate([c.pcm for c in stream]).astype(np.float64)
+        assert len(stream.codes) > 0 and codec._steps == captured  # no capture during the request
+        whole = np.clip(synth.decode(np.stack(stream.codes)), -1, 1) * 32767
+        assert np.abs(pcm - whole).max() <= 2.0
+    finally:
+        synth.close()
