@@ -171,6 +171,8 @@ def test_bad_calls_name_what_is_wrong(small_window):
         StreamingCodec(small_window, precision="fp16")
     with pytest.raises(ValueError, match="max_streams"):
         StreamingCodec(small_window, max_streams=0)
+    with pytest.raises(ValueError, match="batch_sizes"):
+        codec.warm_up(batch_sizes=(2,))
 
 
 def test_bf16_copy_leaves_the_reference_decoder_alone(small_window):

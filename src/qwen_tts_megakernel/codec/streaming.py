@@ -188,6 +188,10 @@ class StreamingCodec:
     def warm_up(self, batch_sizes: tuple[int, ...] | None = None, frames: tuple[int, ...] = STEP_FRAMES) -> None:
         """Capture the graphs for these batch sizes (default: every bucket) and step sizes now, so that no push pays
         the capture time. Nothing to do without CUDA graphs."""
+        if batch_sizes is not None and not all(1 <= b <= self.max_streams for b in batch_sizes):
+            raise ValueError(f"batch_sizes must be in [1, {self.max_streams}] (max_streams), got {batch_sizes}")
+        if not set(frames) <= set(STEP_FRAMES):
+            raise ValueError(f"frames must be step sizes {STEP_FRAMES}, got {frames}")
         if not self.cuda_graphs:
             return
         buckets = self.buckets if batch_sizes is None else sorted({self._bucket(b) for b in batch_sizes})
