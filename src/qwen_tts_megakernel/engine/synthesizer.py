@@ -32,7 +32,7 @@ from ..sampling import SamplingParams
 from .jobs import DEFAULT_CHUNK_SCHEDULE, AudioChunk, Job, PromptSource, Request, check_max_new_tokens, frame_limit
 from .scheduler import Engine, EngineSettings
 
-BACKENDS = ("reference", "megakernel")
+BACKENDS = ("reference", "graphed", "megakernel")
 # "random:0.6b" / "random:1.7b": full-size random weights (real shapes) for GPU benchmarks and validation.
 RANDOM_MODEL_PREFIX = "random:"
 
@@ -177,6 +177,13 @@ class Synthesizer:
             engine_settings = EngineSettings(realtime_admission=device.type == "cuda")
         codec = CodecDecoder.from_state_dict(checkpoint.config.codec, checkpoint.codec_weights, device=device,
                                              dtype=torch.float32)
+        if backend == "graphed":
+            from ..backends.graphed import GraphedBackend
+
+            talker = Talker.from_state_dict(checkpoint.config, checkpoint.weights, device=device, dtype=dtype)
+            graphed = GraphedBackend(talker, max_streams=max_streams, max_seq_len=2048,
+                                     warm_buckets=range(1, max_streams + 1) if device.type == "cuda" else ())
+            return cls(checkpoint, graphed, codec, talker.embedder(), talker, engine_settings)
         if backend == "reference":
             from ..backends.reference import ReferenceBackend
 
