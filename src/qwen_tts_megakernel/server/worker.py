@@ -301,7 +301,6 @@ class EngineWorker:
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="tts-engine-worker", daemon=True)
-        self._frame_times: collections.deque[float] = collections.deque()
 
     def start(self) -> None:
         self._thread.start()
@@ -334,11 +333,15 @@ class EngineWorker:
         self.metrics.active_streams.set(len(self._active))
         self.metrics.queue_depth.set(len(self._waiting))
 
-    def frames_per_second(self) -> float:
-        now = time.perf_counter()
-        while self._frame_times and now - self._frame_times[0] > 5.0:
-            self._frame_times.popleft()
-        return len(self._frame_times) / 5.0
+    def _ready(self, job: Job) -> bool:
+        """job.ready(), which runs the job's own code (a live job tokenizes its text): a failure ends that job."""
+        try:
+            return job.ready()
+        except Exception as exc:  # noqa: BLE001 - one bad stream must not stop the others
+            log.exception("stream failed")
+            self.metrics.errors_total.labels(kind="internal").inc()
+            job.fail(f"internal error: {type(exc).__name__}: {exc}")
+            return False
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -355,7 +358,8 @@ class EngineWorker:
                     break
                 # Streams still waiting for their first audio go first: a newcomer's first chunk never waits
                 # behind a whole round of long-running streams.
-                ready = sorted((j for j in self._active if j.ready()), key=lambda j: j.first_audio is not None)
+                ready = sorted((j for j in self._active if self._ready(j)), key=lambda j: j.first_audio is not None)
+                self._active = [j for j in self._active if not j.finished]
                 if not ready:
                     self._cond.wait(timeout=0.25)
                     continue
@@ -366,8 +370,7 @@ class EngineWorker:
                     if job.step():
                         ended.append(job)
                     if job.frames > frames_before:
-                        self._frame_times.append(time.perf_counter())
-                        self.metrics.frames_total.inc()
+                        self.metrics.observe_frame()
                 except Exception as exc:  # noqa: BLE001 - one bad stream must not stop the others
                     log.exception("stream failed")
                     self.metrics.errors_total.labels(kind="internal").inc()
