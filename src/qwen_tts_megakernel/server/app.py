@@ -545,9 +545,10 @@ class WsSession:
             ctx.job.cancel()
 
     async def open_context(self, cid: str, msg: dict) -> WsContext | None:
-        if len(self.contexts) >= self.settings.max_ws_contexts:
-            await self.error(cid, f"this socket has {len(self.contexts)} open contexts, the limit; flush or cancel "
-                                  "one before opening another")
+        open_contexts = sum(1 for c in self.contexts.values() if not (c.cancelled or c.job.finished))
+        if open_contexts >= self.settings.max_ws_contexts:
+            await self.error(cid, f"this socket has {open_contexts} open contexts, the limit; cancel one or let "
+                                  "one finish before opening another")
             return None
         try:
             params = self.validator.ws_config(msg)
