@@ -237,3 +237,18 @@ def test_frame_rate_memory_is_fixed():
     assert len(rate._counts) == 6
     assert rate.rate(now=1010.0) == pytest.approx(10_000, rel=0.01)  # seconds 1005..1009
     assert rate.rate(now=2000.0) == 0.0
+
+
+def test_streamed_text_token_count_matches_the_whole_text(synth):
+    """Deltas of any size, words or one unbroken run of characters: the count the limit sees is the real one."""
+    for text in ("The quick brown fox jumps over the lazy dog. " * 3, "你好世界" * 30):
+        exact = len(synth.tokenizer.encode_user(text))
+        for size in (1, 3, 17):
+            counted = StreamedText(synth.tokenizer, max_chars=10_000, max_tokens=exact)
+            for i in range(0, len(text), size):
+                counted.add(text[i:i + size])  # never refused: the text is exactly at the limit
+            assert counted.committed_tokens + len(synth.tokenizer.encode_user(counted.tail)) == exact
+            over = StreamedText(synth.tokenizer, max_chars=10_000, max_tokens=exact - 1)
+            with pytest.raises(BadRequest, match="tokens"):
+                for i in range(0, len(text), size):
+                    over.add(text[i:i + size])

@@ -214,6 +214,7 @@ class StreamedText:
         self.chars = 0
         self.committed_tokens = 0  # tokens of the text up to the last word boundary
         self.tail = ""  # the text after it (the word being written)
+        self.tail_tokens = 0  # its tokens (an upper bound while the word grows)
         self.held = ""  # a high surrogate waiting for its low half
 
     def add(self, delta: str) -> str:
@@ -230,17 +231,25 @@ class StreamedText:
         if self.chars + len(text) + len(held) > self.max_chars:
             raise BadRequest("text", f"the context's text would exceed {self.max_chars} characters; the delta "
                                      "was dropped")
+        encode = self.tokenizer.encode_user
         tail = self.tail + text
-        committed, rest = self.committed_tokens, tail
-        boundaries = [m.start() for m in WORD_BOUNDARY.finditer(tail)]
-        if boundaries and boundaries[-1] > 0:
-            committed += len(self.tokenizer.encode_user(tail[:boundaries[-1]]))
-            rest = tail[boundaries[-1]:]
-        if committed + len(self.tokenizer.encode_user(rest)) > self.max_tokens:
+        last = None
+        for last in WORD_BOUNDARY.finditer(tail):
+            pass
+        if last is not None and last.start() > 0:  # a word was completed: count it, start a new tail
+            committed = self.committed_tokens + len(encode(tail[:last.start()]))
+            rest = tail[last.start():]
+            rest_tokens = len(encode(rest))
+        else:  # the word goes on: the pieces' counts summed (in practice at least the whole's), exact near the limit
+            committed, rest = self.committed_tokens, tail
+            rest_tokens = self.tail_tokens + len(encode(text))
+            if committed + rest_tokens > self.max_tokens:
+                rest_tokens = len(encode(rest))
+        if committed + rest_tokens > self.max_tokens:
             raise BadRequest("text", f"the context's text would exceed {self.max_tokens} tokens; the delta was "
                                      "dropped")
         self.chars += len(text)
-        self.committed_tokens, self.tail, self.held = committed, rest, held
+        self.committed_tokens, self.tail, self.tail_tokens, self.held = committed, rest, rest_tokens, held
         return text
 
     def finish(self) -> None:
