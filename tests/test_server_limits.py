@@ -595,3 +595,18 @@ def test_soak_cancelled_and_disconnected_streams(synth):
         print(f"soak: RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB, "
               f"{time.monotonic() - start:.1f} s")
     assert rss_after <= rss_before * 1.05, (rss_before, rss_after)
+
+
+def test_serve_reports_its_address_only_once_bound(tmp_path):
+    import subprocess
+    import sys
+
+    write_tiny_model(tmp_path, "0.6b", "custom_voice", seed=0)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "qwen_tts_megakernel.cli", "serve", "--model", str(tmp_path),
+                            "--device", "cpu", "--port", str(port)], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "serving on" not in r.stderr and "Traceback" not in r.stderr
+    assert "address already in use" in r.stderr.lower() or "errno" in r.stderr.lower()

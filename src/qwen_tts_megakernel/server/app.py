@@ -681,15 +681,19 @@ def run_serve(args) -> int:
     app = create_app(synth, model_name=args.model, api_key=api_key, settings=settings)
     server = uvicorn.Server(uvicorn_config(app, host, port, settings))
 
-    async def serve() -> None:
-        task = asyncio.create_task(server.serve())
-        while not server.started and not task.done():
+    async def announce() -> None:  # the address is printed once the socket is bound
+        while not server.started:
             await asyncio.sleep(0.05)
-        if server.started:  # the address is printed once the socket is bound
-            shown_host = f"[{host}]" if ":" in host else host
-            print(f"serving on http://{shown_host}:{port} (WebSocket ws://{shown_host}:{port}{WS_PATH})",
-                  file=sys.stderr, flush=True)
-        await task
+        shown_host = f"[{host}]" if ":" in host else host
+        print(f"serving on http://{shown_host}:{port} (WebSocket ws://{shown_host}:{port}{WS_PATH})",
+              file=sys.stderr, flush=True)
+
+    async def serve() -> None:
+        announcer = asyncio.create_task(announce())
+        try:
+            await server.serve()
+        finally:
+            announcer.cancel()
 
     try:
         asyncio.run(serve())
