@@ -610,3 +610,25 @@ def test_serve_reports_its_address_only_once_bound(tmp_path):
                             "--device", "cpu", "--port", str(port)], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "serving on" not in r.stderr and "Traceback" not in r.stderr
     assert "address already in use" in r.stderr.lower() or "errno" in r.stderr.lower()
+
+
+def test_slow_headers_and_silent_connections_are_closed(synth, healthy_pcm):
+    with running_server(synth, settings=ServerSettings(header_timeout_s=0.5)) as (url, app):
+        host, port = url.removeprefix("http://").split(":")
+        slow, silent = socket.create_connection((host, int(port))), socket.create_connection((host, int(port)))
+        try:
+            slow.sendall(b"POST /tts/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and the rest never comes
+            for sock in (slow, silent):
+                sock.settimeout(5)
+                start = time.monotonic()
+                assert sock.recv(1024) == b""  # closed by the server
+                assert time.monotonic() - start < 3
+        finally:
+            slow.close()
+            silent.close()
+        # Complete requests are not affected, including on a kept-alive connection.
+        with httpx.Client() as client:
+            for _ in range(2):
+                r = client.post(f"{url}/tts/stream", json=HEALTHY)
+                assert r.status_code == 200 and r.content == healthy_pcm
+                time.sleep(0.7)

@@ -628,11 +628,56 @@ def _is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
+def header_timeout_protocol(seconds: float):
+    """uvicorn's httptools HTTP protocol with a limit on the time a request's headers may take to arrive (uvicorn
+    has none, so slow clients could hold connections open forever); "auto" when httptools is missing."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):
+        header_timer = None
+
+        def arm(self) -> None:
+            if self.header_timer is None:
+                self.header_timer = self.loop.call_later(seconds, self.headers_too_slow)
+
+        def disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.arm()
+
+        def on_headers_complete(self) -> None:
+            self.disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self.disarm()
+            super().connection_lost(exc)
+
+        def headers_too_slow(self) -> None:
+            self.header_timer = None
+            self.logger.info("closed a connection whose request headers took more than %g s", seconds)
+            self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
 def uvicorn_config(app: FastAPI, host: str, port: int, settings: ServerSettings, log_level: str = "info"):
     """The uvicorn configuration that carries the server's connection limits."""
     import uvicorn
 
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, ws="websockets-sansio", lifespan="on",
+                          http=header_timeout_protocol(settings.header_timeout_s),
                           ws_max_size=settings.max_ws_message_bytes, timeout_keep_alive=settings.keep_alive_s,
                           limit_concurrency=settings.max_connections)
 

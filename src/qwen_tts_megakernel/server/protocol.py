@@ -72,7 +72,8 @@ class ServerSettings:
     max_text_chars: int = field(default_factory=lambda: _env_int("QWEN_TTS_MK_MAX_TEXT_CHARS", 4096))
     max_text_tokens: int = 1024
     max_new_tokens_limit: int = field(default_factory=lambda: _env_int("QWEN_TTS_MK_MAX_NEW_TOKENS", 4096))
-    # Request bodies and messages
+    # Request headers, bodies and messages
+    header_timeout_s: float = 10.0  # a connection whose request headers take longer is closed
     max_body_bytes: int = 256 * 1024  # 413
     body_timeout_s: float = 10.0  # the whole body must arrive in this time: 408
     max_json_depth: int = 16  # 400
