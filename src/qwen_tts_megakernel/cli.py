@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--allow-unauthenticated-public", action="store_true",
+                   help="allow binding a non-loopback address without --api-key")
+    from .server.protocol import ServerSettings
+
+    ServerSettings.add_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("validate", help="compare the megakernel with the reference backend on the GPU")
