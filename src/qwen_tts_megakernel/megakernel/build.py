@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("megakernel.cu", "mk_common.cuh", "mk_sampling.cuh")
+SOURCES = tuple(sorted(p.name for p in CSRC.iterdir() if p.suffix in (".cu", ".cuh")))
 LIB_NAME = "libqwen_tts_mk.so"
 
 # Shared-memory tile size per architecture (KB): the ring holds MK_RING (3) tiles + 32 KB of scratch per block.
