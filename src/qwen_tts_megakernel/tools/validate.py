@@ -197,7 +197,7 @@ def kernel_batch_run(backend, specs, frames, forced=None, perturb=0.0, debug=Tru
                 if debug:
                     hid[i].append(backend.last_hidden(row).cpu())
                     log[i].append(backend.last_logits(row).cpu())
-            live = [i for row, i in enumerate(live) if out.codes[row, 0] != eos]
+            live = [i for row, i in enumerate(live) if out.codes[row, 0] != eos and handles[i].frame < handles[i].limit]
     finally:
         for h in handles:
             backend.close(h)
