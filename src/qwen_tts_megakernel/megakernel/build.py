@@ -114,8 +114,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     c = ctypes
     lib.mk_layout.argtypes = [c.c_int, c.POINTER(c.c_longlong)]
     lib.mk_occupancy.argtypes = [c.c_int, c.POINTER(c.c_int), c.POINTER(c.c_int)]
-    lib.mk_launch.argtypes = [c.c_int, c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_float, c.c_int, c.c_int,
-                              c.c_int, c.c_void_p]
+    lib.mk_launch.argtypes = [c.c_int, c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_void_p]
     lib.mk_host_alloc.argtypes = [c.c_longlong, c.POINTER(c.c_void_p), c.POINTER(c.c_void_p)]
     lib.mk_host_free.argtypes = [c.c_void_p]
     lib.mk_stream_query.argtypes = [c.c_void_p]
