@@ -30,7 +30,9 @@ step validate 170 $PY -m qwen_tts_megakernel.tools.validate --random-weights 0.6
   --output benchmarks/results/validate-random-0.6b-batch.json
 step bench 120 $PY -m qwen_tts_megakernel.tools.mk_bench --decode --random-weights 0.6b --batch 1,2,4,8,16,32,64 \
   --frames 50 --output-dir benchmarks/results
-step tests 150 $PY -m pytest -q -m gpu tests/test_megakernel.py --maxfail=4 ${PYTEST_ARGS:-}
+step tests 200 $PY -m pytest -q -m gpu tests/test_megakernel.py --maxfail=4 ${PYTEST_K:+-k "$PYTEST_K"}
+step breakdown 60 env QWEN_TTS_MK_DEFINES=MK_DEV_TIMING=1 $PY dev/mk_breakdown.py --batch 1,16,64 \
+  --out benchmarks/results/breakdown-random-0.6b.json
 step validate17 110 $PY -m qwen_tts_megakernel.tools.validate --random-weights 1.7b --batch 1,2,7,16,64 --frames 4 \
   --output benchmarks/results/validate-random-1.7b-batch.json
 step bench17 80 $PY -m qwen_tts_megakernel.tools.mk_bench --decode --random-weights 1.7b --batch 1,16,64 \
