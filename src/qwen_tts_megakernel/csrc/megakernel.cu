@@ -29,7 +29,16 @@
 #include "mk_sampling.cuh"
 #include "mk_test_kernels.cuh"
 
+// dev/mk_breakdown.py builds with MK_DEV_TIMING=1 for launch flags that skip one stage (timing only, results are
+// garbage); the production build has none of it.
+#ifndef MK_DEV_TIMING
+#define MK_DEV_TIMING 0
+#endif
+
 namespace mk {
+
+constexpr int FLAG_DEV_NO_ATTENTION = 16, FLAG_DEV_NO_MATH = 32, FLAG_DEV_NO_GRID_SYNC = 64;
+__device__ __forceinline__ bool dev_flag(int flags, int f) { return MK_DEV_TIMING && (flags & f); }
 
 constexpr int CODES_STRIDE = 64;  // p.codes per stream: own[16], used[16], error, candidates
 constexpr int CODE_USED = 16, CODE_ERR = 32, CODE_NCAND = 33;
@@ -67,19 +76,20 @@ struct Ctx {
     if (M * K <= STAGE_FLOATS) a = stage_rows(a, M, K, stage);
     for (int u = u0; u < u1; u += upt) {
       const bf16* tile = ws.acquire(p);
-      tile_mma<HALVES>(tile, min(upt, u1 - u), K, a, M, u, red, epi);
+      if (!dev_flag(L.flags, FLAG_DEV_NO_MATH)) tile_mma<HALVES>(tile, min(upt, u1 - u), K, a, M, u, red, epi);
       ws.release();
     }
     __syncthreads();  // the staged rows may be overwritten by the caller next
   }
 };
 
-#define MK_SYNC()                            \
-  do {                                       \
-    if (!c.bar.sync(c.nb)) {                 \
-      c.ws.drain();                          \
-      return false;                          \
-    }                                        \
+#define MK_SYNC()                                                                   \
+  do {                                                                              \
+    if (dev_flag(c.L.flags, FLAG_DEV_NO_GRID_SYNC)) __syncthreads();                \
+    else if (!c.bar.sync(c.nb)) {                                                   \
+      c.ws.drain();                                                                 \
+      return false;                                                                 \
+    }                                                                               \
   } while (0)
 
 // Block-wide sum of one value per thread (fixed order), returned to every thread. `red` is shared [NWARPS].
@@ -114,8 +124,9 @@ __device__ bool decoder_layer(Ctx<Model>& c, ASrc x, int M, int nr, const bf16* 
   c.template run_phase<1>(x, M, [&](int i, int u, float (&v)[1]) { qkv[(long long)i * S::QKV + u] = v[0]; });
   MK_SYNC();
   // 2. attention work list (QK-norm + RoPE + KV append inside)
-  attention_phase<S>(qkv, M / nr, nr, c.s_p0, c.s_slot, kv_base, kv_slot_stride, kv_layer_off, cap, norms, rope,
-                     eps, p.attn_out, p.attn_part, p.attn_count, c.nb, c.b, c.stage, c.s_last);
+  if (!dev_flag(c.L.flags, FLAG_DEV_NO_ATTENTION))
+    attention_phase<S>(qkv, M / nr, nr, c.s_p0, c.s_slot, kv_base, kv_slot_stride, kv_layer_off, cap, norms, rope,
+                       eps, p.attn_out, p.attn_part, p.attn_count, c.nb, c.b, c.stage, c.s_last);
   MK_SYNC();
   // 3. o_proj + residual
   c.template run_phase<1>(ASrc{p.attn_out, nullptr, S::QD, nullptr, nullptr, 0.f}, M,
