@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check of the batched megakernel in one call (about 9 minutes on an H200), most important first:
-#   validate --batch (0.6B) -> bench --decode --batch (0.6B) -> GPU tests -> validate --batch (1.7B)
-#   -> bench --decode --batch (1.7B). A step that would end past the deadline ($DEADLINE s, default 540) is skipped.
+# Every GPU check of the batched megakernel in one call (about 7 minutes on an H200), most important first:
+#   validate --batch (0.6B, 1.7B) -> GPU tests -> bench --decode --batch (0.6B) -> stage breakdown (dev/)
+#   -> bench --decode --batch (1.7B). A step that could end past the deadline ($DEADLINE s, default 540) is skipped.
 # Results land in benchmarks/results/; with $OUT set (the device machine), logs and this run's result files are
 # packed into $OUT/gpu_check.tgz, because only a few files come back from there.
 #   run(command="cd .wt-mk && bash scripts/gpu_check.sh", carry=[".wt-mk"])
@@ -26,16 +26,16 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $LOG/NAME.lo
   echo "== $name: exit $st, $((SECONDS - t0)) s"
   [ "$st" -eq 0 ] || rc=1
 }
-step validate 170 $PY -m qwen_tts_megakernel.tools.validate --random-weights 0.6b --batch 1,2,7,16,64 --frames 6 \
+step validate 120 $PY -m qwen_tts_megakernel.tools.validate --random-weights 0.6b --batch 1,2,7,16,64 --frames 6 \
   --output benchmarks/results/validate-random-0.6b-batch.json
-step bench 120 $PY -m qwen_tts_megakernel.tools.mk_bench --decode --random-weights 0.6b --batch 1,2,4,8,16,32,64 \
-  --frames 50 --output-dir benchmarks/results
-step tests 200 $PY -m pytest -q -m gpu tests/test_megakernel.py --maxfail=4 ${PYTEST_K:+-k "$PYTEST_K"}
-step breakdown 60 env QWEN_TTS_MK_DEFINES=MK_DEV_TIMING=1 $PY dev/mk_breakdown.py --batch 1,16,64 \
-  --out benchmarks/results/breakdown-random-0.6b.json
-step validate17 110 $PY -m qwen_tts_megakernel.tools.validate --random-weights 1.7b --batch 1,2,7,16,64 --frames 4 \
+step validate17 80 $PY -m qwen_tts_megakernel.tools.validate --random-weights 1.7b --batch 1,2,7,16,64 --frames 3 \
   --output benchmarks/results/validate-random-1.7b-batch.json
-step bench17 80 $PY -m qwen_tts_megakernel.tools.mk_bench --decode --random-weights 1.7b --batch 1,16,64 \
+step tests 170 $PY -m pytest -q -m gpu tests/test_megakernel.py --maxfail=4 ${PYTEST_K:+-k "$PYTEST_K"}
+step bench 60 $PY -m qwen_tts_megakernel.tools.mk_bench --decode --random-weights 0.6b --batch 1,2,4,8,16,32,64 \
+  --frames 50 --output-dir benchmarks/results
+step breakdown 45 env QWEN_TTS_MK_DEFINES=MK_DEV_TIMING=1 $PY dev/mk_breakdown.py --batch 1,16,64 \
+  --out benchmarks/results/breakdown-random-0.6b.json
+step bench17 50 $PY -m qwen_tts_megakernel.tools.mk_bench --decode --random-weights 1.7b --batch 1,16,64 \
   --frames 30 --output-dir benchmarks/results
 echo "gpu_check rc=$rc"
 if [ -n "${OUT:-}" ]; then
