@@ -37,14 +37,7 @@ constexpr int RING_TILES = MK_RING;         // tiles in the ring; RING_TILES - 1
 constexpr int MAX_BATCH = 64;               // streams per launch
 constexpr int MAX_ROWS = 2 * MAX_BATCH;     // activation rows of a launch (the predictor's 2-row first step)
 constexpr int STAGE_FLOATS = 8192;          // shared scratch: staged activations, attention, sampling scores
-// m16 tiles of activation rows per pass over a weight tile (their loads are in flight together); the partial-sum
-// buffer grows with it, so parts with 99 KB of shared memory per block take one.
-#if MK_TILE_KB >= 24
-constexpr int MPASS = 2;
-#else
-constexpr int MPASS = 1;
-#endif
-constexpr int RED_FLOATS = NWARPS * 16 * MPASS * 16;  // per-warp partial products of MPASS m16 x 16 tiles
+constexpr int RED_FLOATS = NWARPS * 16 * 16;  // per-warp 16 x 16 partial products of one m16 tile
 constexpr int MISC_BYTES = 8192;            // sampling scratch
 constexpr int NC_MAX = 16;                  // max attention chunks (split over positions) per stream and KV head
 constexpr int CHUNK_POS = 64;               // positions per attention chunk (before the NC_MAX cap)

@@ -73,8 +73,7 @@ __device__ __forceinline__ ASrc stage_rows(const ASrc& a, int M, int K, float* s
 }
 
 // out(i, unit) for the n_units units of a tile (unit = HALVES consecutive weight rows of K) and the A rows
-// 0..M-1, MPASS m16 tiles of rows per pass. epi(i, unit, v[HALVES]) is called once per (row, unit) by one thread.
-// `red` is shared [RED_FLOATS].
+// 0..M-1. epi(i, unit, v[HALVES]) is called once per (row, unit) by one thread. `red` is shared [RED_FLOATS].
 template <int HALVES, class Epi>
 __device__ __forceinline__ void tile_mma(const bf16* tile, int n_units, int K, const ASrc& a, int M, int unit0,
                                          float* red, Epi epi) {
@@ -84,30 +83,24 @@ __device__ __forceinline__ void tile_mma(const bf16* tile, int n_units, int K, c
   const int KW = K / NWARPS;       // this warp's K slice
   const int k_begin = warp * KW;
   const uint8_t* wbase = reinterpret_cast<const uint8_t*>(tile);
-  constexpr int PR = 16 * MPASS;   // rows per pass
-  for (int m0 = 0; m0 < M; m0 += PR) {
-    float acc[MPASS][2][4];
+  for (int m0 = 0; m0 < M; m0 += 16) {
+    float acc[2][4];
 #pragma unroll
-    for (int mt = 0; mt < MPASS; ++mt)
+    for (int t = 0; t < 2; ++t)
 #pragma unroll
-      for (int t = 0; t < 2; ++t)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[mt][t][j] = 0.f;
+      for (int j = 0; j < 4; ++j) acc[t][j] = 0.f;
+    const bool r0 = m0 + g < M, r1 = m0 + g + 8 < M;
 #pragma unroll 2
     for (int k = k_begin; k < k_begin + KW; k += 32) {
-      float xa[MPASS][8], xb[MPASS][8];
+      float xa[8], xb[8];
+      if (r0) load_a8(a, m0 + g, k + 8 * c, xa);
+      else
 #pragma unroll
-      for (int mt = 0; mt < MPASS; ++mt) {
-        const int r = m0 + mt * 16 + g;
-        if (r < M) load_a8(a, r, k + 8 * c, xa[mt]);
-        else
+        for (int j = 0; j < 8; ++j) xa[j] = 0.f;
+      if (r1) load_a8(a, m0 + g + 8, k + 8 * c, xb);
+      else
 #pragma unroll
-          for (int j = 0; j < 8; ++j) xa[mt][j] = 0.f;
-        if (r + 8 < M) load_a8(a, r + 8, k + 8 * c, xb[mt]);
-        else
-#pragma unroll
-          for (int j = 0; j < 8; ++j) xb[mt][j] = 0.f;
-      }
+        for (int j = 0; j < 8; ++j) xb[j] = 0.f;
       uint4 wv[2];
 #pragma unroll
       for (int t = 0; t < 2; ++t) {
@@ -116,48 +109,41 @@ __device__ __forceinline__ void tile_mma(const bf16* tile, int n_units, int K, c
                       : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
-      for (int mt = 0; mt < MPASS; ++mt) {
-        if (m0 + mt * 16 >= M) break;  // warp-uniform: no rows in this m tile
+      for (int s = 0; s < 2; ++s) {
+        uint32_t ah[4], al[4];
+        split2(xa[4 * s], xa[4 * s + 1], ah[0], al[0]);
+        split2(xb[4 * s], xb[4 * s + 1], ah[1], al[1]);
+        split2(xa[4 * s + 2], xa[4 * s + 3], ah[2], al[2]);
+        split2(xb[4 * s + 2], xb[4 * s + 3], ah[3], al[3]);
 #pragma unroll
-        for (int s = 0; s < 2; ++s) {
-          uint32_t ah[4], al[4];
-          split2(xa[mt][4 * s], xa[mt][4 * s + 1], ah[0], al[0]);
-          split2(xb[mt][4 * s], xb[mt][4 * s + 1], ah[1], al[1]);
-          split2(xa[mt][4 * s + 2], xa[mt][4 * s + 3], ah[2], al[2]);
-          split2(xb[mt][4 * s + 2], xb[mt][4 * s + 3], ah[3], al[3]);
-#pragma unroll
-          for (int t = 0; t < 2; ++t) {
-            if (t * 8 >= R) break;
-            const uint32_t b0 = s ? wv[t].z : wv[t].x, b1 = s ? wv[t].w : wv[t].y;
-            mma_bf16_16816(acc[mt][t], ah[0], ah[1], ah[2], ah[3], b0, b1);
-            mma_bf16_16816(acc[mt][t], al[0], al[1], al[2], al[3], b0, b1);
-          }
+        for (int t = 0; t < 2; ++t) {
+          if (t * 8 >= R) break;
+          const uint32_t b0 = s ? wv[t].z : wv[t].x, b1 = s ? wv[t].w : wv[t].y;
+          mma_bf16_16816(acc[t], ah[0], ah[1], ah[2], ah[3], b0, b1);
+          mma_bf16_16816(acc[t], al[0], al[1], al[2], al[3], b0, b1);
         }
       }
     }
     // Partial sums of this warp's K slice -> shared; then one thread per (row, unit) adds the 16 in warp order.
-    float* rw = red + warp * PR * 16;
+    float* rw = red + warp * 256;
 #pragma unroll
-    for (int mt = 0; mt < MPASS; ++mt)
-#pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        float* q = rw + mt * 256;
-        q[g * 16 + t * 8 + 2 * c] = acc[mt][t][0];
-        q[g * 16 + t * 8 + 2 * c + 1] = acc[mt][t][1];
-        q[(g + 8) * 16 + t * 8 + 2 * c] = acc[mt][t][2];
-        q[(g + 8) * 16 + t * 8 + 2 * c + 1] = acc[mt][t][3];
-      }
+    for (int t = 0; t < 2; ++t) {
+      rw[g * 16 + t * 8 + 2 * c] = acc[t][0];
+      rw[g * 16 + t * 8 + 2 * c + 1] = acc[t][1];
+      rw[(g + 8) * 16 + t * 8 + 2 * c] = acc[t][2];
+      rw[(g + 8) * 16 + t * 8 + 2 * c + 1] = acc[t][3];
+    }
     __syncthreads();
     constexpr int UPR = 16 / HALVES;  // units per row of the partial block
-    for (int o = threadIdx.x; o < PR * UPR; o += NTHREADS) {
-      const int i = o / UPR, u = o % UPR;
+    if (threadIdx.x < 16 * UPR) {
+      const int i = threadIdx.x / UPR, u = threadIdx.x % UPR;
       if (m0 + i < M && u < n_units) {
         float v[HALVES];
 #pragma unroll
         for (int h = 0; h < HALVES; ++h) {
           float s = 0.f;
 #pragma unroll
-          for (int w = 0; w < NWARPS; ++w) s += red[w * PR * 16 + i * 16 + u * HALVES + h];
+          for (int w = 0; w < NWARPS; ++w) s += red[w * 256 + i * 16 + u * HALVES + h];
           v[h] = s;
         }
         epi(m0 + i, unit0 + u, v);
