@@ -115,6 +115,20 @@ def test_sampling_matches_python(lib, n, top_k, top_p):
 
 
 @gpu
+def test_more_ties_at_the_top_k_cut_than_candidates_is_deterministic(lib):
+    """300 scores tied at the top: the candidates are the 256 lowest ids, the same in every trial."""
+    n, trials = 3072, 64
+    logits = torch.randn(trials, n, generator=torch.Generator().manual_seed(3))
+    tied = torch.randperm(n, generator=torch.Generator().manual_seed(4))[:300]
+    logits[:, tied] = 10.0
+    u = np.random.default_rng(1).random(trials)
+    got = _sample_gpu(lib, logits, mode=1, top_k=50, temperature=1.0, u=u)
+    kept = np.sort(tied.numpy())[:256]
+    want = kept[np.minimum((u * 256).astype(int), 255)]  # equal weights: the draw picks rank floor(u * 256)
+    assert (got == want).all(), (got[:8], want[:8])
+
+
+@gpu
 def test_philox_matches_python(lib):
     seed = 0x1234_5678_9ABC_DEF0
     frames = 5
@@ -404,6 +418,46 @@ def test_appended_text_rows_give_the_codes_of_rows_given_at_open(model, backend)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Host-side logic (CPU)
+
+
+def test_open_and_step_reject_bad_input_on_the_host():
+    """Spec and step validation happen before anything touches the GPU, with the field named."""
+    from types import SimpleNamespace
+
+    from qwen_tts_megakernel.megakernel.backend import MegakernelStream, MkLaunch
+
+    config = random_config("0.6b")
+    be = SimpleNamespace(config=config, max_seq=64, max_streams=2, text_capacity=64, lay={"CAND_MAX": 256},
+                         _launch=MkLaunch())
+    prefill, text, pad = random_prompt(config, n_prefill=10)
+    ok = StreamSpec(prefill=prefill, text_rows=text, pad_row=pad, params=SamplingParams(), rng=RandomStream(0),
+                    max_frames=8)
+    assert MegakernelBackend._check_spec(be, 0, ok) == 10
+    bad = [(dict(max_frames=100), "max_seq_len"), (dict(prefill=prefill[:, :5]), "prefill"),
+           (dict(params=SamplingParams(top_k=0)), "top_k"), (dict(params=SamplingParams(top_k=300)), "top_k"),
+           (dict(params=SamplingParams(subtalker_top_k=0)), "subtalker_top_k")]
+    for change, field in bad:
+        spec = StreamSpec(**{**ok.__dict__, **change})
+        with pytest.raises(ValueError, match=field):
+            MegakernelBackend._check_spec(be, 3, spec)
+
+    def handle(slot, **kw):
+        return MegakernelStream(**{"slot": slot, "prompt_rows": 10, "limit": 8, "eos": config.ids.codec_eos,
+                                   "track": TextTrack(4), **kw})
+
+    h0, h1 = handle(0), handle(1)
+    L = MegakernelBackend._entries(be, [h0, h1])
+    assert (L.n, L.e[1].slot, L.e[1].pos, L.e[1].n_text) == (2, 1, 9, 4)
+    for streams, msg in (([], "1..2"), ([h0, h0], "twice"), ([h0, h1, handle(2)], "1..2"),
+                         ([handle(0, closed=True)], "not an open"), ([handle(0, ended=True)], "EOS"),
+                         ([handle(0, frame=8)], "limit")):
+        with pytest.raises(ValueError, match=msg):
+            MegakernelBackend._entries(be, streams)
+    live = handle(0, track=TextTrack(0, final=False))
+    MegakernelBackend._entries(be, [live])  # frame 0 needs no text row
+    live.frame = 1
+    with pytest.raises(ValueError, match="text row 0"):
+        MegakernelBackend._entries(be, [live])
 
 
 def test_prefill_buckets():
