@@ -24,16 +24,15 @@ constexpr int NWARPS = NTHREADS / 32;
 #define MK_TILE_KB 32
 #endif
 constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-memory ring
-#ifndef MK_RING  // 3 (64 KB in flight per SM) beat 4, 2 and 16 KB tiles on an H200: weight traffic beyond what
-#define MK_RING 3  // the bandwidth needs only delays the latency-bound activation loads and barrier polls
-#endif
 // Hopper bulk copy (cp.async.bulk, one instruction per tile, mbarrier per ring slot); per-thread cp.async elsewhere.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define MK_TMA 1
 #else
 #define MK_TMA 0
 #endif
-constexpr int RING_TILES = MK_RING;         // tiles in the ring; RING_TILES - 1 are in flight while one is used
+// Tiles in the ring; RING_TILES - 1 are in flight while one is used. 3 (64 KB in flight per SM) beat 4, 2 and 16 KB
+// tiles on an H200: weight traffic beyond what the bandwidth needs only delays the latency-bound loads and polls.
+constexpr int RING_TILES = 3;
 constexpr int MAX_BATCH = 64;               // streams per launch
 constexpr int MAX_ROWS = 2 * MAX_BATCH;     // activation rows of a launch (the predictor's 2-row first step)
 constexpr int STAGE_FLOATS = 8192;          // shared scratch: staged activations, attention, sampling scores
