@@ -4,7 +4,7 @@
     qwen-tts-mk say "text" -o out.wav [--model M] [--voice V] [--language L] [--instruct I] [--seed N] ...
     qwen-tts-mk voices [--model M]
     qwen-tts-mk serve [--model M] [--backend B] [--host 127.0.0.1] [--port 8001] [--api-key K]
-    qwen-tts-mk validate (--model M | --random-weights 0.6b)
+    qwen-tts-mk validate (--model M | --random-weights 0.6b) [--batch 1,2,7,16,64]
     qwen-tts-mk bench (--all | --decode | --server)
 
 Errors a user can fix (unknown voice, missing model, empty text, ...) print one line naming the problem and exit
@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="compare the megakernel with the reference backend on the GPU")
     p.add_argument("--model", default=None)
     p.add_argument("--random-weights", default=None, choices=["0.6b", "1.7b"])
-    p.add_argument("--frames", type=int, default=64)
+    p.add_argument("--frames", type=int, default=None, help="frames per stream (default 64; with --batch 8)")
+    p.add_argument("--batch", default=None, help="batch sizes to check, e.g. 1,2,7,16,64 (streams at mixed "
+                                                 "positions, batch invariance)")
     p.add_argument("--output", default=None, help="JSON report path")
     p.set_defaults(func=cmd_validate)
 
@@ -197,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", default="0.6b", choices=["0.6b", "1.7b"])
     p.add_argument("--backend", default=None, choices=["reference", "graphed", "megakernel"])
     p.add_argument("--device", default=None)
+    p.add_argument("--batch", default="1", help="--decode: batch sizes, e.g. 1,2,4,8,16,32,64")
     p.add_argument("--output-dir", default="benchmarks/results")
     p.set_defaults(func=cmd_bench)
     return parser
