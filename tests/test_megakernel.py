@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from qwen_tts_megakernel.backends.base import BackendError, StreamSpec
-from qwen_tts_megakernel.engine import ReferenceStream, Synthesizer
+from qwen_tts_megakernel.backends.reference import ReferenceBackend
+from qwen_tts_megakernel.engine import Synthesizer
 from qwen_tts_megakernel.live import LiveUtterance
 from qwen_tts_megakernel.megakernel.backend import (
     PAD,
@@ -433,9 +434,10 @@ def test_open_and_step_reject_bad_input_on_the_host():
     ok = StreamSpec(prefill=prefill, text_rows=text, pad_row=pad, params=SamplingParams(), rng=RandomStream(0),
                     max_frames=8)
     assert MegakernelBackend._check_spec(be, 0, ok) == 10
-    bad = [(dict(max_frames=100), "max_seq_len"), (dict(prefill=prefill[:, :5]), "prefill"),
-           (dict(params=SamplingParams(top_k=0)), "top_k"), (dict(params=SamplingParams(top_k=300)), "top_k"),
-           (dict(params=SamplingParams(subtalker_top_k=0)), "subtalker_top_k")]
+    bad = [(dict(max_frames=100), "max_seq_len"), (dict(prefill=prefill[:, :5]), "prefill")]
+    for top_k in (0, 300):  # top-k past what the kernel keeps (256) cannot even be asked for
+        with pytest.raises(ValueError, match="top_k"):
+            SamplingParams(top_k=top_k)
     for change, field in bad:
         spec = StreamSpec(**{**ok.__dict__, **change})
         with pytest.raises(ValueError, match=field):
@@ -536,77 +538,59 @@ def test_prefill_math_equals_the_reference_talker(tiny_synth):
     assert rel_err(padded[:, :, :, :n], kv[:, :, :, :n]) < 1e-6
 
 
-class _ReadAheadStream(ReferenceStream):
-    """A CPU model of MegakernelStream on the reference math: launch k computes frame k when it is queued (up to
-    `lookahead` frames ahead) and writes the next input F(frame k) + text row k as TextTrack plans it."""
+class _ReadAheadBackend(ReferenceBackend):
+    """The megakernel's text protocol on the reference math (CPU): step k computes frame k and at once builds frame
+    k+1's input, F(frame k) + text row k, as TextTrack plans it (a row that has not arrived is added later)."""
 
-    def __init__(self, talker, prefill, text_rows, pad_row, params, rng, capacity, text_final, lookahead):
-        super().__init__(talker, prefill, text_rows, pad_row, params, rng, capacity)
-        self.track = TextTrack(len(text_rows), final=text_final)
-        self.lookahead = lookahead
-        self.queued: list[np.ndarray] = []
-        self.returned = 0
-        self.x_next = None
+    def open(self, specs):
+        streams = super().open(specs)
+        for stream, spec in zip(streams, specs):
+            stream.track = TextTrack(len(spec.text_rows), final=spec.text_final)
+            stream.x_next = None
+        return streams
 
-    def talker_input(self):
-        return self.prefill if self.frame_index == 0 else self.x_next.unsqueeze(0)
+    def talker_input(self, stream):
+        return stream.spec.prefill[-1:] if stream.frame_index == 0 else stream.x_next.unsqueeze(0)
 
-    def append_text_rows(self, rows):
-        self.track.append(len(rows))
-        super().append_text_rows(rows)
+    def append_text(self, stream, rows):
+        stream.track.append(len(rows))
+        super().append_text(stream, rows)
 
-    def end_text(self):
-        self.track.end()
+    def end_text(self, stream):
+        stream.track.end()
 
-    def next_frame(self):
-        k = self.returned
-        eos = self.rules.eos_id
-        while len(self.queued) < k + 1 + self.lookahead and not (self.queued and self.queued[-1][0] == eos):
-            j = len(self.queued)
-            plan = self.track.plan(j)
-            if plan is None:
-                break
-            if plan.add_row is not None:
-                self.x_next = self.x_next + (self.pad_row if plan.add_row == PAD else self.text_rows[plan.add_row])
-            codes = ReferenceStream.next_frame(self)
-            text = (torch.zeros_like(self.pad_row) if plan.zero_text
-                    else self.text_rows[j] if j < self.track.n_rows else self.pad_row)
-            self.x_next = self.talker.frame_embedding(codes.tolist()) + text
-            self.track.launched(j, plan)
-            self.queued.append(codes)
-        if len(self.queued) <= k:
-            raise RuntimeError(f"frame {k} needs a text row that has not arrived")
-        self.returned += 1
-        return self.queued[k]
+    def frame(self, stream):
+        j, pad = stream.frame_index, stream.spec.pad_row
+        plan = stream.track.plan(j)
+        if plan is None:
+            raise RuntimeError(f"frame {j} needs a text row that has not arrived")
+        if plan.add_row is not None:
+            stream.x_next = stream.x_next + (pad if plan.add_row == PAD else stream.text_rows[plan.add_row])
+        codes = super().frame(stream)
+        text = (torch.zeros_like(pad) if plan.zero_text
+                else stream.text_rows[j] if j < stream.track.n_rows else pad)
+        stream.x_next = self.talker.frame_embedding(codes.tolist()) + text
+        stream.track.launched(j, plan)
+        return codes
 
 
-class _ReadAheadBackend:
-    name = "read-ahead model"
-    supports_text_append = True
-    reads_text_ahead = True
-
-    def __init__(self, talker, lookahead):
-        self.talker, self.lookahead = talker, lookahead
-
-    def open_stream(self, prefill, text_rows, pad_row, params, rng, max_frames=None, text_final=True):
-        capacity = len(prefill) + (max_frames or 256) + 2
-        return _ReadAheadStream(self.talker, prefill, text_rows, pad_row, params, rng, capacity, text_final,
-                                self.lookahead)
-
-
-def _drive(u, pieces):
+def _drive(synth, u, pieces):
+    """Feed a LiveUtterance job on `synth`'s engine piece by piece, then flush; its frames and stop reason."""
+    events = synth.submit(u, audio=False, frames=True)
+    for piece in pieces:
+        u.add_text(piece)
+        events.job.wake()
+    u.request_flush()
+    events.job.wake()
     frames = []
-    for piece in pieces + [None]:
-        if piece is None:
-            u.flush()
-        else:
-            u.append(piece)
-        while u.ready():
-            codes = u.next_frame()
-            if codes is None:
-                break
-            frames.append(codes)
-    return frames
+    while True:
+        kind, payload = events.next()
+        if kind == "frame":
+            frames.append(payload)
+        elif kind == "error":
+            raise AssertionError(payload)
+        elif kind == "done":
+            return frames, payload.stop_reason
 
 
 @pytest.fixture(scope="module")
@@ -618,17 +602,18 @@ def tiny_synth(tmp_path_factory):
     return Synthesizer.from_pretrained(str(path), device="cpu")
 
 
-@pytest.mark.parametrize("lookahead", [0, 1])
-def test_live_text_protocol_of_a_read_ahead_backend(tiny_synth, lookahead):
-    """live.py with a backend that reads text rows a frame early (the megakernel's protocol, modelled on the CPU):
-    the same codes as the whole text in the interleaved layout, however the text arrives."""
+def test_live_text_protocol_of_a_read_ahead_backend(tiny_synth):
+    """live.py through the engine with a backend that reads text rows a frame early (the megakernel's protocol,
+    modelled on the CPU): the same codes as the whole text in the interleaved layout, however the text arrives."""
     synth = tiny_synth
     text = "Hi there, you."
-    model = Synthesizer(synth.checkpoint, _ReadAheadBackend(synth.talker, lookahead), synth.codec, synth.talker)
+    model = Synthesizer(synth.checkpoint, _ReadAheadBackend(synth.talker), synth.codec, synth.embedder, synth.talker)
     want = synth.generate_codes(text, seed=7, max_new_tokens=18, text_layout="interleaved")
     assert want.num_text_tokens + 3 < len(want.codes)  # the text ends (tts_eos, then pad rows) before the last frame
-    for pieces in ([text], [w + " " for w in text.split(" ")[:-1]] + [text.split(" ")[-1]], list(text)):
-        u = LiveUtterance(model, seed=7, max_new_tokens=18)
-        frames = _drive(u, pieces)
-        assert u.stop_reason == want.stop_reason
-        assert np.array_equal(np.stack(frames), want.codes), pieces[:2]
+    try:
+        for pieces in ([text], [w + " " for w in text.split(" ")[:-1]] + [text.split(" ")[-1]], list(text)):
+            frames, stop = _drive(model, LiveUtterance(model, seed=7, max_new_tokens=18), pieces)
+            assert stop == want.stop_reason
+            assert np.array_equal(np.stack(frames), want.codes), pieces[:2]
+    finally:
+        model.close()

@@ -192,12 +192,11 @@ class Synthesizer:
                        talker, engine_settings)
         if device.type != "cuda":
             raise ValueError("the megakernel backend needs a CUDA device")
-        from ..backends.per_stream import PerStreamBackend
-        from ..megakernel.backend import MegakernelBackend
+        from ..megakernel.backend import MAX_BATCH, MegakernelBackend
 
         def build() -> Backend:
-            return PerStreamBackend(MegakernelBackend(checkpoint.config, checkpoint.weights, device=device,
-                                                      slots=max_streams))
+            return MegakernelBackend(checkpoint.config, checkpoint.weights, device=device,
+                                     max_streams=min(max_streams, MAX_BATCH))
 
         embedder = PromptEmbedder.from_state_dict(checkpoint.config, checkpoint.weights, device=device, dtype=dtype)
         synth = cls(checkpoint, build(), codec, embedder, None, engine_settings)
