@@ -408,7 +408,7 @@ BAD_INPUTS = [
     ("/tts/stream", {"text": "hi", "temperature": 0}, 400, "temperature"),
     ("/tts/stream", {"text": "hi", "top_p": 1.5}, 400, "top_p"),
     ("/tts/stream", {"text": "hi", "instructions": "speak softly"}, 400, "instructions"),
-    ("/v1/audio/speech", {"model": "qwen3-tts-tiny", "input": "hi", "voice": "ryan", "response_format": "mp3"},
+    ("/v1/audio/speech", {"model": "qwen3-tts-tiny", "input": "hi", "voice": "ryan", "response_format": "m4a"},
      400, "response_format"),
     ("/v1/audio/speech", {"model": "qwen3-tts-tiny", "input": "hi", "voice": "ryan", "stream_format": "ogg"},
      400, "stream_format"),

@@ -1,7 +1,8 @@
 """The FastAPI app: chunked HTTP, an OpenAI-compatible speech API, a WebSocket with streamed text, metrics.
 
     POST /tts/stream                  {text, language, speaker, max_new_tokens, seed?} -> chunked PCM16 24 kHz
-    POST /v1/audio/speech             OpenAI's shape (pcm | wav, stream_format audio | sse) + extensions
+    POST /v1/audio/speech             OpenAI's shape (mp3 | opus | aac | flac | wav | pcm, stream_format audio | sse,
+                                      OpenAI's voice names) + extensions
     WS   /v1/audio/speech/stream      contexts with streamed text input (protocol in docs/server.md)
     GET  /v1/audio/voices  /v1/models  /health  /metrics
 
@@ -30,7 +31,8 @@ from ..engine import Synthesizer, pick_seed
 from ..live import LiveUtterance
 from ..prompt import PromptError
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from .protocol import BadRequest, ServerSettings, SpeechParams, Validator, wav_header
+from .audio_formats import AudioEncoder
+from .protocol import BadRequest, ServerSettings, SpeechParams, Validator
 from .worker import EngineWorker, Job, LiveJob, QueueFull, TextJob
 
 log = logging.getLogger("qwen_tts_megakernel.server")
@@ -120,32 +122,45 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
             if not job.finished:
                 job.cancel()
 
-    def audio_headers(job: TextJob) -> dict:
-        return {"X-Sample-Rate": str(sample_rate), "X-Audio-Encoding": "pcm_s16le", "X-Audio-Channels": "1",
+    def audio_headers(job: TextJob, encoder: AudioEncoder) -> dict:
+        encoding = "pcm_s16le" if encoder.format.codec is None else encoder.format.codec
+        return {"X-Sample-Rate": str(sample_rate), "X-Audio-Encoding": encoding, "X-Audio-Channels": "1",
                 "X-Seed": str(job.seed()), "Cache-Control": "no-store"}
 
-    async def pcm_body(job: Job, with_wav_header: bool):
-        if with_wav_header:
-            yield wav_header(sample_rate)
-        async for kind, payload in audio_events(job):
-            if kind == "chunk":
-                yield payload.pcm.astype("<i2").tobytes()
-            elif kind == "error":
-                # The status line is gone already: end the transfer abnormally so the client sees a broken body.
-                raise RuntimeError(f"stream failed: {payload}")
+    async def audio_body(job: Job, encoder: AudioEncoder):
+        """The response body in the encoder's format, each chunk encoded as it comes (server/audio_formats.py)."""
+        try:
+            async for kind, payload in audio_events(job):
+                if kind == "chunk":
+                    data = encoder.encode(payload.pcm.astype("<i2").tobytes())
+                    if data:
+                        yield data
+                elif kind == "error":
+                    # The status line is gone already: end the transfer abnormally so the client sees a broken body.
+                    raise RuntimeError(f"stream failed: {payload}")
+                elif kind == "done":
+                    data = encoder.finish()
+                    if data:
+                        yield data
+        finally:
+            encoder.close()
 
-    async def sse_body(job: TextJob, with_wav_header: bool):
-        first = True
+    def sse_delta(data: bytes) -> str:
+        return f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': base64.b64encode(data).decode()})}\n\n"
+
+    async def sse_body(job: TextJob, encoder: AudioEncoder):
         async for kind, payload in audio_events(job):
             if kind == "chunk":
-                data = payload.pcm.astype("<i2").tobytes()
-                if first and with_wav_header:
-                    data = wav_header(sample_rate) + data
-                first = False
-                yield f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': base64.b64encode(data).decode()})}\n\n"
+                data = encoder.encode(payload.pcm.astype("<i2").tobytes())
+                if data:
+                    yield sse_delta(data)
             elif kind == "error":
+                encoder.close()
                 yield f"data: {json.dumps({'type': 'error', 'error': {'message': payload}})}\n\n"
             elif kind == "done":
+                data = encoder.finish()
+                if data:
+                    yield sse_delta(data)
                 n_in = payload.num_text_tokens
                 done = {"type": "speech.audio.done",
                         "usage": {"input_tokens": n_in, "output_tokens": payload.frames,
@@ -182,7 +197,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
             return unauthorized()
         cfg = synth.config
         return {"model": model_name, "model_type": cfg.model_type, "model_size": cfg.model_size,
-                "voices": sorted(synth.voices), "languages": synth.languages,
+                "voices": sorted(synth.voices), "voice_aliases": validator.voice_aliases, "languages": synth.languages,
                 "supports_instructions": bool(cfg.supports_instruct), "sample_rate": sample_rate}
 
     @app.get("/v1/models")
@@ -202,8 +217,9 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
             job = submit_text_job(params, engine_request, "tts_stream")
         except QueueFull:
             return busy()
-        return StreamingResponse(pcm_body(job, False), media_type="application/octet-stream",
-                                 headers=audio_headers(job))
+        encoder = AudioEncoder("pcm", sample_rate)
+        return StreamingResponse(audio_body(job, encoder), media_type="application/octet-stream",
+                                 headers=audio_headers(job, encoder))
 
     @app.post("/v1/audio/speech")
     async def openai_speech(request: Request):
@@ -216,11 +232,12 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
             job = submit_text_job(params, engine_request, "openai_speech")
         except QueueFull:
             return busy()
-        wav = response_format == "wav"
+        encoder = AudioEncoder(response_format, sample_rate)
         if stream_format == "sse":
-            return StreamingResponse(sse_body(job, wav), media_type="text/event-stream", headers=audio_headers(job))
-        return StreamingResponse(pcm_body(job, wav), media_type="audio/wav" if wav else "audio/pcm",
-                                 headers=audio_headers(job))
+            return StreamingResponse(sse_body(job, encoder), media_type="text/event-stream",
+                                     headers=audio_headers(job, encoder))
+        return StreamingResponse(audio_body(job, encoder), media_type=encoder.media_type,
+                                 headers=audio_headers(job, encoder))
 
     @app.websocket(WS_PATH)
     async def ws_speech(websocket: WebSocket):

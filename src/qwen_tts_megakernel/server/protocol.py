@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Request, Synthesizer
+from .audio_formats import RESPONSE_FORMATS, wav_header  # noqa: F401 - wav_header: re-exported
+from .voice_aliases import voice_aliases
 
-RESPONSE_FORMATS = ("pcm", "wav")
 STREAM_FORMATS = ("audio", "sse")
 # OpenAI's model names are accepted as aliases so that unmodified clients work; anything else is an error.
 OPENAI_MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
@@ -78,6 +78,7 @@ class Validator:
         self.synth = synth
         self.settings = settings
         self.model_names = model_names
+        self.voice_aliases = voice_aliases(synth.voices)  # OpenAI voice names -> speakers (voice_aliases.py)
 
     # Fields --------------------------------------------------------------------------------------------------------
 
@@ -108,11 +109,13 @@ class Validator:
         if not isinstance(value, str):
             raise BadRequest(name, f"'{name}' must be a string, got {type(value).__name__}")
         voices = self.synth.voices
+        value = self.voice_aliases.get(value.lower(), value)
         if not voices:
             raise BadRequest(name, f"'{name}' {value!r} given, but this {self.synth.config.model_type} model has "
                                    "no named voices; describe the voice with 'instructions'")
         if value.lower() not in voices:
-            raise BadRequest(name, f"unknown {name} {value!r}; this model has: {', '.join(sorted(voices))}")
+            raise BadRequest(name, f"unknown {name} {value!r}; this model has: {', '.join(sorted(voices))} "
+                                   f"(and OpenAI's names: {', '.join(self.voice_aliases)})")
         return value.lower()
 
     def language(self, body: dict, name: str = "language") -> str:
@@ -229,7 +232,7 @@ class Validator:
             raise BadRequest("voice", f"'voice' is required; this model has: {', '.join(sorted(self.synth.voices))}"
                              if self.synth.voices else "'voice' is required (use \"\" for models without voices)")
         voice = self.voice(body, "voice")
-        response_format = self.choice(body, "response_format", RESPONSE_FORMATS, "wav")
+        response_format = self.choice(body, "response_format", RESPONSE_FORMATS, "mp3")
         stream_format = self.choice(body, "stream_format", STREAM_FORMATS, "audio")
         self.speed(body)
         params = SpeechParams(text=text, voice=voice, language=self.language(body),
@@ -255,14 +258,3 @@ class Validator:
         except PromptError as exc:
             raise BadRequest(text_field, str(exc)) from exc
 
-
-def wav_header(sample_rate: int, num_samples: int | None = None) -> bytes:
-    """A 44-byte PCM16 mono WAV header. Streamed WAV (length unknown) uses 0xFFFFFFFF sizes, as OpenAI does."""
-    if num_samples is None:
-        data_size = riff_size = 0xFFFFFFFF
-    else:
-        data_size = 2 * num_samples
-        riff_size = 36 + data_size
-    return (b"RIFF" + struct.pack("<I", riff_size) + b"WAVEfmt " +
-            struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, 2 * sample_rate, 2, 16) +
-            b"data" + struct.pack("<I", data_size))
