@@ -416,7 +416,7 @@ BAD_INPUTS = [
     ("/v1/audio/speech", {"model": "qwen3-tts-tiny", "input": "hi", "voice": "ryan", "speed": "fast"}, 400,
      "speed"),
     ("/v1/audio/speech", {"model": "whisper-1", "input": "hi", "voice": "ryan"}, 404, "model"),
-    ("/v1/audio/speech", {"model": "qwen3-tts-tiny", "input": "hi", "voice": "alloy"}, 400, "voice"),
+    ("/v1/audio/speech", {"model": "qwen3-tts-tiny", "input": "hi", "voice": "nobody"}, 400, "voice"),
     ("/v1/audio/speech", {"model": "qwen3-tts-tiny", "input": "hi"}, 400, "voice"),
     ("/v1/audio/speech", {"model": "qwen3-tts-tiny", "input": "", "voice": "ryan"}, 400, "input"),
     ("/v1/audio/speech", {"model": "qwen3-tts-tiny", "input": ["hi"], "voice": "ryan"}, 400, "input"),

@@ -30,6 +30,7 @@ from ..engine import Request as EngineRequest
 from ..engine import Synthesizer, pick_seed
 from ..live import LiveUtterance
 from ..prompt import PromptError
+from ..word_timing import WordTimeline, timestamps_message
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .audio_formats import AudioEncoder
 from .protocol import BadRequest, ServerSettings, SpeechParams, Validator
@@ -253,9 +254,11 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
 
 
 class WsContext:
-    def __init__(self, context_id: str, job: LiveJob):
+    def __init__(self, context_id: str, job: LiveJob, words: WordTimeline):
         self.id = context_id
         self.job = job
+        self.words = words  # estimated word timings (word_timing.py), sent as "timestamps" events
+        self.audio_seconds = 0.0
         self.cancelled = False
         self.chars = 0
         self.flushed = False
@@ -284,6 +287,10 @@ class WsSession:
             return
         async with self.send_lock:
             await self.ws.send_bytes(data)
+
+    async def send_words(self, ctx: WsContext, words) -> None:
+        if words and not ctx.cancelled:
+            await self.send_json(timestamps_message(ctx.id, words))
 
     async def error(self, context_id: str | None, message: str) -> None:
         self.metrics.errors_total.labels(kind="ws_protocol").inc()
@@ -353,12 +360,14 @@ class WsSession:
                 return
             ctx.chars += len(delta)
             ctx.job.add_text(delta)
+            ctx.words.add_text(delta)
         elif kind == "flush":
             if ctx is None:
                 await self.error(cid, f"unknown context {cid!r}")
                 return
             ctx.flushed = True
             ctx.job.request_flush()
+            ctx.words.flush()
         elif kind == "cancel":
             if ctx is None:
                 return  # already finished (or never existed): nothing to stop
@@ -386,7 +395,7 @@ class WsSession:
             await self.send_json({"type": "error", "context_id": cid,
                                   "message": "the server is at capacity; retry this context shortly"})
             return None
-        ctx = WsContext(cid, job)
+        ctx = WsContext(cid, job, WordTimeline(self.synth.tokenizer.encode))
         self.contexts[cid] = ctx
         ctx.pump = asyncio.create_task(self.pump(ctx))
         return ctx
@@ -412,12 +421,15 @@ class WsSession:
                         continue
                     await start()
                     await self.send_bytes(tag + payload.pcm.astype("<i2").tobytes())
+                    ctx.audio_seconds += len(payload.pcm) / self.synth.sample_rate
+                    await self.send_words(ctx, ctx.words.due(ctx.audio_seconds))
                 elif kind == "error":
                     await self.error(ctx.id, payload)
                 elif kind == "done":
                     await start()
                     info = asdict(payload)
                     reason = "cancelled" if ctx.cancelled else info["stop_reason"]
+                    await self.send_words(ctx, ctx.words.finish(ctx.audio_seconds, reason == "eos"))
                     await self.send_json({"type": "audio_done", "context_id": ctx.id, "stop_reason": reason,
                                           "frames": info["frames"],
                                           "audio_seconds": round(info["audio_seconds"], 4),
