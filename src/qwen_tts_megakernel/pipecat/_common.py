@@ -110,6 +110,26 @@ def error_detail(status: int, body: str) -> str:
     return f"Qwen TTS server error {status}: {detail.strip()[:500]}"
 
 
+class ReportsErrorsOnce:
+    """Mixin for the services: a context that a server error ended is reported by that error alone.
+
+    Pipecat reports every audio context that ends without audio as an error of its own ("completed with no
+    audio"); for a context whose server error was already pushed upstream that would be a second ErrorFrame for
+    one failure. Contexts marked with `error_reported(context_id)` skip that report (and do not count towards
+    Pipecat's consecutive-silent-contexts limit: their failure was reported as what it was)."""
+
+    def error_reported(self, context_id: str | None) -> None:
+        if context_id:
+            self.__dict__.setdefault("_errors_reported", set()).add(context_id)
+
+    async def _record_context_audio_outcome(self, context_id: str, received_audio: bool):
+        reported = self.__dict__.get("_errors_reported", set())
+        if context_id in reported:
+            reported.discard(context_id)
+            return
+        await super()._record_context_audio_outcome(context_id, received_audio)
+
+
 class PCMStream:
     """One utterance's PCM16 bytes as they arrive: whole samples only (a network chunk may split one), resampled
     from the server's rate to the pipeline's with a resampler of its own (soxr, never cleared mid-utterance), and

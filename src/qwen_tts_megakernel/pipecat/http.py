@@ -11,11 +11,11 @@ from pipecat.services.tts_service import TTSService
 from pipecat.transcriptions.language import Language
 from pipecat.utils.tracing.service_decorators import traced_tts
 
-from ._common import (SERVER_SAMPLE_RATE, PCMStream, QwenTTSSettings, auth_headers, default_settings, error_detail, given,
-                      qwen_language, request_fields)
+from ._common import (SERVER_SAMPLE_RATE, PCMStream, QwenTTSSettings, ReportsErrorsOnce, auth_headers, default_settings,
+                      error_detail, given, qwen_language, request_fields)
 
 
-class QwenHttpTTSService(TTSService):
+class QwenHttpTTSService(ReportsErrorsOnce, TTSService):
     """Streams speech from a ``qwen-tts-mk serve`` server over HTTP.
 
     Each aggregated text (a sentence by default) is one ``POST /tts/stream``; the response's PCM chunks become
@@ -118,6 +118,7 @@ class QwenHttpTTSService(TTSService):
         finally:
             await self.stop_ttfb_metrics()
         if failed:
+            self.error_reported(context_id)
             # End this context now rather than after the stop-frame timeout (its TTSStoppedFrame follows).
             await self.stop_all_metrics()
             await self.remove_audio_context(context_id)

@@ -36,8 +36,8 @@ from pipecat.transcriptions.language import Language
 from pipecat.utils.tracing.service_decorators import traced_tts
 from websockets.protocol import State
 
-from ._common import (SERVER_SAMPLE_RATE, PCMStream, QwenTTSSettings, auth_headers, default_settings, given,
-                      qwen_language, request_fields)
+from ._common import (SERVER_SAMPLE_RATE, PCMStream, QwenTTSSettings, ReportsErrorsOnce, auth_headers,
+                      default_settings, given, qwen_language, request_fields)
 
 WS_PATH = "/v1/audio/speech/stream"
 
@@ -91,7 +91,7 @@ class _Reply:
     audio_seconds: float = 0.0  # played into the current Pipecat audio context (restarts if it is reopened)
 
 
-class QwenTTSService(WebsocketTTSService):
+class QwenTTSService(ReportsErrorsOnce, WebsocketTTSService):
     """Streams text to a ``qwen-tts-mk serve`` server over one WebSocket and plays the audio it streams back.
 
     Text streams as the LLM produces it: in TOKEN mode (the default here) every LLM token goes to the server at
@@ -195,10 +195,24 @@ class QwenTTSService(WebsocketTTSService):
             logger.warning(f"{self}: error closing the websocket: {e}")
         finally:
             self._websocket = None
-            # The server dropped this connection's contexts: end their replies here, as audio_done would have.
-            for reply in list(self._replies.values()):
-                await self._end_reply(reply)
+            await self._drop_server_contexts()
             await self._call_event_handler("on_disconnected")
+
+    async def _close_connection_contexts(self):
+        # Pipecat ends every audio context of a connection that is going away (reconnect, disconnect); end the
+        # replies first, so that each one's TTSStoppedFrame goes out before its context closes.
+        for reply in list(self._replies.values()):
+            await self._end_reply(reply)
+        await super()._close_connection_contexts()
+
+    async def _drop_server_contexts(self) -> None:
+        """The connection is gone and the server cancelled its contexts: nothing more comes from them."""
+        for seg in list(self._server_contexts.values()):
+            seg.done = True
+            await self._play(seg, ("done", None))
+        self._server_contexts.clear()
+        for reply in list(self._replies.values()):
+            await self._advance(reply)
 
     async def _send(self, message: dict) -> None:
         if self._websocket is None:
@@ -245,6 +259,7 @@ class QwenTTSService(WebsocketTTSService):
             reply.closed_early = False  # Pipecat (re)opened it, with a TTSStartedFrame, for this text
         try:
             if self._websocket is None or self._websocket.state is not State.OPEN:
+                await self._drop_server_contexts()
                 await self._connect()
             seg = self._segment_for(reply)
             if seg is None:
@@ -261,6 +276,7 @@ class QwenTTSService(WebsocketTTSService):
             yield ErrorFrame(error=f"Qwen TTS: cannot send text: {e}", exception=e)
             await self.stop_all_metrics()
             self._failed.add(context_id)
+            self.error_reported(context_id)
             await self._end_reply(reply)
             return
         yield None
@@ -426,6 +442,7 @@ class QwenTTSService(WebsocketTTSService):
             await self.push_error(error_msg=f"Qwen TTS server error: {msg.get('message', msg)}")
             if seg is not None:
                 self._failed.add(seg.reply.id)
+                self.error_reported(seg.reply.id)
                 await self._cancel_reply(seg.reply)
                 await self._end_reply(seg.reply)
         elif kind != "audio_start":
