@@ -9,7 +9,8 @@ generated as soon as the token it reads exists. LiveUtterance keeps that invaria
     flush() commits the rest.
   * ready() is False while the next frame's text token has not arrived and the text was not flushed: the engine
     then generates nothing for this utterance (other streams keep running). When text arrives slower than speech,
-    the audio pauses (the listener hears a gap) and resumes when the next word is committed.
+    the audio pauses (the listener hears a gap); pacing.py decides when it starts and resumes (it buffers a little
+    text first, adapting to the measured arrival rate, so that the pauses are fewer).
   * After flush the text track gets tts_eos and then tts_pad, exactly like the whole-text interleaved layout, so
     text given all at once and flushed produces the same codes as `Synthesizer.stream(text,
     text_layout="interleaved")` with the same seed (when the two tokenize the same way).
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from .engine import Synthesizer, check_max_new_tokens, frame_limit
+from .pacing import TextPacer, TextPacing
 from .prompt import PromptError, build_prompt
 from .sampling import RandomStream
 
@@ -51,7 +53,7 @@ class LiveUtterance:
 
     def __init__(self, synth: Synthesizer, *, voice: str | None = None, language: str | None = "auto",
                  instruct: str | None = None, seed: int = 0, max_new_tokens: int | None = None,
-                 do_sample: bool = True, **sampling):
+                 do_sample: bool = True, pacing: TextPacing = TextPacing(), **sampling):
         self.synth = synth
         self.voice, self.language, self.instruct = voice, language, instruct
         # Validate voice, language and instruct now, with a placeholder text.
@@ -64,6 +66,7 @@ class LiveUtterance:
         self._committed_chars = 0
         self.tokens: list[int] = []
         self.flushed = False
+        self.pacer = TextPacer(pacing)  # when to start and resume speaking while text is still arriving
         self.stream = None
         self._tokens_fed = 0  # tokens 1.. handed to the backend stream as text rows
         self._eos_fed = False
@@ -80,6 +83,7 @@ class LiveUtterance:
             return
         if self.flushed:
             raise PromptError("text after flush")
+        self.pacer.on_text()
         self.text += text
         last = None
         for m in _BOUNDARY.finditer(self.text, self._committed_chars):
@@ -99,6 +103,7 @@ class LiveUtterance:
         self._committed_chars = end
         if piece.strip() or self.tokens:
             self.tokens.extend(self.synth.tokenizer.encode(piece))
+            self.pacer.on_tokens(len(self.tokens))
         else:  # leading whitespace before any word: keep it with the first word
             self._committed_chars -= len(piece)
 
@@ -117,9 +122,9 @@ class LiveUtterance:
         """Whether next_frame() can run now without waiting for text."""
         if self.done or self.empty:
             return False
-        if self.stream is None:
-            return bool(self.tokens) and (self.flushed or self._appendable)
-        return self.flushed or len(self.tokens) > self.frames
+        if self.stream is None and not (self.tokens and (self.flushed or self._appendable)):
+            return False
+        return self.pacer.may_speak(len(self.tokens) - self.frames, self.flushed)
 
     @torch.inference_mode()
     def _open(self) -> None:
