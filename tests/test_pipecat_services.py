@@ -413,7 +413,7 @@ async def test_ws_interruption_leaves_only_the_heard_words_in_the_context(server
               LLMFullResponseEndFrame(), SleepFrame(sleep=2.5), InterruptionFrame(), SleepFrame(sleep=0.5)]
     await run_test(Pipeline([mark, tts, speaker, pair.assistant()]), frames_to_send=frames)
     timed = [(w, s) for e in events if e.get("type") == "timestamps" for w, s in zip(e["words"], e["start"])]
-    assert [w for w, _ in timed] == words[:len(timed)] and len(timed) > 3, timed
+    assert [w for w, _ in timed] == words[:len(timed)] and len(timed) >= 2, timed
     heard_s = mark.at - speaker.first_audio
     expected = [w for w, s in timed if s < heard_s]
     assistant = " ".join(m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]

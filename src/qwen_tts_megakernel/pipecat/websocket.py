@@ -262,16 +262,16 @@ class QwenTTSService(ReportsErrorsOnce, WebsocketTTSService):
                 await self._drop_server_contexts()
                 await self._connect()
             seg = self._segment_for(reply)
-            if seg is None:
-                seg = await self._open_segment(reply)
-            if not seg.last_text:
-                text = text.lstrip()  # a context starts at its first word
+            if seg is None or not seg.last_text:
+                text = text.lstrip()  # a server context starts at its first word
             elif not self._token_mode and not seg.last_text[-1].isspace() and text[:1] and not text[0].isspace():
                 text = " " + text  # sentences keep their separator
             if text:
+                if seg is None:
+                    seg = await self._open_segment(reply)
                 await self._send({"type": "text", "context_id": seg.id, "text": text})
                 seg.last_text = text
-            await self.start_tts_usage_metrics(text)
+                await self.start_tts_usage_metrics(text)
         except Exception as e:
             yield ErrorFrame(error=f"Qwen TTS: cannot send text: {e}", exception=e)
             await self.stop_all_metrics()
