@@ -141,10 +141,23 @@ def test_alias_table_defaults_fallback_and_overrides():
     assert set(fallback.values()) == {"a_speaker", "b_speaker"} and set(fallback) == set(OPENAI_VOICES)
     assert voice_aliases(["ryan", "vivian"], overrides=parse_aliases("alloy=ryan"))["alloy"] == "ryan"
     assert voice_aliases([], overrides={}) == {}
+    assert "ryan" not in voice_aliases(["ryan", "vivian"], overrides={"ryan": "vivian"})  # a speaker wins
     with pytest.raises(ValueError, match="no speaker 'nobody'"):
         voice_aliases(["ryan"], overrides={"alloy": "nobody"})
     with pytest.raises(ValueError, match="NAME=SPEAKER"):
         parse_aliases("alloy")
+
+
+def test_a_bad_alias_setting_stops_the_server_at_start_up(synth):
+    from qwen_tts_megakernel.server.app import create_app
+    from qwen_tts_megakernel.server.protocol import ServerSettings
+
+    with pytest.raises(ValueError, match="no speaker 'nobody'"):
+        create_app(synth, settings=ServerSettings(voice_aliases="alloy=nobody"))
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(synth, settings=ServerSettings(voice_aliases="alloy=ryan"))) as client:
+        assert client.get("/v1/audio/voices").json()["voice_aliases"]["alloy"] == "ryan"
 
 
 def test_encoder_streams_and_rejects_unknown_formats():
@@ -156,3 +169,19 @@ def test_encoder_streams_and_rejects_unknown_formats():
     assert abs(len(decode(data)) - RATE) < 0.05 * RATE
     with pytest.raises(ValueError, match="supported: mp3"):
         AudioEncoder("ogg_vorbis", RATE)
+
+
+@pytest.mark.asyncio
+async def test_pipecats_own_openai_tts_service_works_against_the_server(url):
+    """Pipecat's OpenAITTSService sends only OpenAI's voice names and model; pointed at this server it speaks."""
+    pytest.importorskip("pipecat")
+    from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame, TTSSpeakFrame
+    from pipecat.services.openai.tts import OpenAITTSService
+    from pipecat.tests.utils import run_test
+
+    tts = OpenAITTSService(api_key="unused", base_url=f"{url}/v1",
+                           settings=OpenAITTSService.Settings(voice="nova", model="tts-1"))
+    down, up = await run_test(tts, frames_to_send=[TTSSpeakFrame(TEXT)])
+    assert not [f for f in up if isinstance(f, ErrorFrame)], [f.error for f in up if isinstance(f, ErrorFrame)]
+    audio = b"".join(f.audio for f in down if isinstance(f, TTSAudioRawFrame))
+    assert len(audio) > 1920 * 2 * 5

@@ -465,7 +465,7 @@ def run_serve(args) -> int:
     if not _is_loopback(host) and not api_key:
         log.warning("binding %s without --api-key: anyone who can reach this port can use the server", host)
     settings = ServerSettings()
-    for name in ("max_active", "max_queue", "max_text_chars"):
+    for name in ("max_active", "max_queue", "max_text_chars", "voice_aliases"):
         if getattr(args, name, None) is not None:
             setattr(settings, name, getattr(args, name))
     print(f"loading {args.model} ({args.backend} backend)...", file=sys.stderr, flush=True)
@@ -474,6 +474,10 @@ def run_serve(args) -> int:
                                         dtype=getattr(args, "dtype", None), max_streams=settings.max_active)
     print(f"loaded in {time.perf_counter() - start:.1f} s; serving on http://{host}:{port} "
           f"(WebSocket ws://{host}:{port}{WS_PATH})", file=sys.stderr, flush=True)
-    app = create_app(synth, model_name=args.model, api_key=api_key, settings=settings)
+    try:
+        app = create_app(synth, model_name=args.model, api_key=api_key, settings=settings)
+    except ValueError as exc:  # a bad setting, e.g. a voice alias naming a speaker the model lacks
+        print(f"qwen-tts-mk serve: error: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(app, host=host, port=port, log_level="info", ws="websockets-sansio")
     return 0

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..engine import Request, Synthesizer
 from .audio_formats import RESPONSE_FORMATS, wav_header  # noqa: F401 - wav_header: re-exported
-from .voice_aliases import voice_aliases
+from .voice_aliases import parse_aliases, voice_aliases
 
 STREAM_FORMATS = ("audio", "sse")
 # OpenAI's model names are accepted as aliases so that unmodified clients work; anything else is an error.
@@ -42,7 +42,8 @@ def _env_int(name: str, default: int) -> int:
 @dataclass
 class ServerSettings:
     """Limits of one server. Environment overrides: QWEN_TTS_MK_MAX_ACTIVE, _MAX_QUEUE, _MAX_TEXT_CHARS,
-    _MAX_NEW_TOKENS (the largest max_new_tokens a request may ask for), _MAX_BUFFERED_CHUNKS."""
+    _MAX_NEW_TOKENS (the largest max_new_tokens a request may ask for), _MAX_BUFFERED_CHUNKS, _VOICE_ALIASES
+    (OpenAI voice name -> speaker overrides, "alloy=serena,echo=aiden"; voice_aliases.py)."""
 
     max_active: int = field(default_factory=lambda: _env_int("QWEN_TTS_MK_MAX_ACTIVE", 16))
     max_queue: int = field(default_factory=lambda: _env_int("QWEN_TTS_MK_MAX_QUEUE", 32))
@@ -50,6 +51,7 @@ class ServerSettings:
     max_new_tokens_limit: int = field(default_factory=lambda: _env_int("QWEN_TTS_MK_MAX_NEW_TOKENS", 4096))
     max_buffered_chunks: int = field(default_factory=lambda: _env_int("QWEN_TTS_MK_MAX_BUFFERED_CHUNKS", 64))
     retry_after_s: int = 1
+    voice_aliases: str = field(default_factory=lambda: os.environ.get("QWEN_TTS_MK_VOICE_ALIASES", ""))
 
 
 @dataclass
@@ -78,7 +80,8 @@ class Validator:
         self.synth = synth
         self.settings = settings
         self.model_names = model_names
-        self.voice_aliases = voice_aliases(synth.voices)  # OpenAI voice names -> speakers (voice_aliases.py)
+        # OpenAI voice names -> speakers (voice_aliases.py); a bad override is a ValueError at start-up.
+        self.voice_aliases = voice_aliases(synth.voices, parse_aliases(settings.voice_aliases))
 
     # Fields --------------------------------------------------------------------------------------------------------
 

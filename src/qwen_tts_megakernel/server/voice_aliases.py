@@ -7,13 +7,11 @@ Serena or Sohee; the male-sounding ones with Ryan, Aiden or Uncle Fu; the dialec
 out, since they switch Chinese to a dialect). An alias whose default speaker the model lacks points to the model's
 speakers in order instead. Models without named speakers (VoiceDesign, Base) take no aliases.
 
-Override or extend the table with `QWEN_TTS_MK_VOICE_ALIASES="alloy=serena,echo=aiden"` (or `voice_aliases=` of
-`create_app`); `GET /v1/audio/voices` lists the table in force.
+Override or extend the table with the server setting `voice_aliases` ("alloy=serena,echo=aiden"; from the
+environment: QWEN_TTS_MK_VOICE_ALIASES); `GET /v1/audio/voices` lists the table in force.
 """
 
 from __future__ import annotations
-
-import os
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
                  "marin", "cedar")
@@ -23,9 +21,6 @@ DEFAULT_ALIASES = {
     "nova": "vivian", "onyx": "uncle_fu", "sage": "serena", "shimmer": "sohee", "verse": "aiden",
     "marin": "serena", "cedar": "ryan",
 }
-
-ENV_VAR = "QWEN_TTS_MK_VOICE_ALIASES"
-
 
 def parse_aliases(spec: str) -> dict[str, str]:
     """"alloy=serena, echo=aiden" -> {"alloy": "serena", "echo": "aiden"}; a malformed entry is a ValueError."""
@@ -42,20 +37,18 @@ def parse_aliases(spec: str) -> dict[str, str]:
 
 
 def voice_aliases(speakers: list[str], overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """The alias table for a model with these speakers: the defaults, then `overrides` (default: from the
-    environment). Aliases that name a real speaker are kept out (the speaker wins); an override that names an
-    unknown speaker is a ValueError, so a typo fails at start-up rather than on the first request."""
+    """The alias table for a model with these speakers: the defaults, then `overrides`. Aliases that name a real
+    speaker are kept out (the speaker wins); an override that names an unknown speaker is a ValueError, so a typo
+    fails at start-up rather than on the first request."""
     speakers = sorted(s.lower() for s in speakers)
     if not speakers:
         return {}
-    if overrides is None:
-        overrides = parse_aliases(os.environ.get(ENV_VAR, ""))
     table = {}
     fallback = iter(speakers * len(OPENAI_VOICES))
     for alias in OPENAI_VOICES:
         target = DEFAULT_ALIASES[alias]
         table[alias] = target if target in speakers else next(fallback)
-    for alias, target in overrides.items():
+    for alias, target in (overrides or {}).items():
         if target not in speakers:
             raise ValueError(f"voice alias {alias}={target}: this model has no speaker {target!r} "
                              f"(it has: {', '.join(speakers)})")
