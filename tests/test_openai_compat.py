@@ -148,14 +148,17 @@ def test_alias_table_defaults_fallback_and_overrides():
         parse_aliases("alloy")
 
 
-def test_a_bad_alias_setting_stops_the_server_at_start_up(synth):
+def test_a_bad_alias_setting_stops_the_server_at_start_up(tmp_path):
+    from fastapi.testclient import TestClient
+
     from qwen_tts_megakernel.server.app import create_app
     from qwen_tts_megakernel.server.protocol import ServerSettings
 
+    write_tiny_model(tmp_path, "0.6b", "custom_voice", seed=0)
+    synth = Synthesizer.from_pretrained(str(tmp_path), device="cpu")  # its own: the app's shutdown stops its engine
+
     with pytest.raises(ValueError, match="no speaker 'nobody'"):
         create_app(synth, settings=ServerSettings(voice_aliases="alloy=nobody"))
-    from fastapi.testclient import TestClient
-
     with TestClient(create_app(synth, settings=ServerSettings(voice_aliases="alloy=ryan"))) as client:
         assert client.get("/v1/audio/voices").json()["voice_aliases"]["alloy"] == "ryan"
 

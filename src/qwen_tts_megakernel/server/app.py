@@ -34,7 +34,8 @@ from ..word_timing import WordTimeline, timestamps_message
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .audio_formats import AudioEncoder
 from .protocol import BadRequest, ServerSettings, SpeechParams, Validator
-from .worker import EngineWorker, Job, LiveJob, QueueFull, TextJob
+from ..engine import EngineUnavailable
+from .worker import EngineWorker, LiveJob, QueueFull, ServerJob, TextJob
 
 log = logging.getLogger("qwen_tts_megakernel.server")
 
@@ -111,7 +112,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         return error(503, "the server is at capacity (all stream slots and queue places taken); retry shortly",
                      kind="queue_full", headers={"Retry-After": str(settings.retry_after_s)})
 
-    async def audio_events(job: Job):
+    async def audio_events(job: ServerJob):
         """Yields (kind, payload) until done; cancels the job if the consumer goes away."""
         try:
             while True:
@@ -128,7 +129,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         return {"X-Sample-Rate": str(sample_rate), "X-Audio-Encoding": encoding, "X-Audio-Channels": "1",
                 "X-Seed": str(job.seed()), "Cache-Control": "no-store"}
 
-    async def audio_body(job: Job, encoder: AudioEncoder):
+    async def audio_body(job: ServerJob, encoder: AudioEncoder):
         """The response body in the encoder's format, each chunk encoded as it comes (server/audio_formats.py)."""
         try:
             async for kind, payload in audio_events(job):
@@ -178,11 +179,10 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
 
     @app.get("/health")
     async def health():
-        alive = worker.alive
-        body = {"status": "ok" if alive else "worker_stopped", "model": model_name,
-                "model_type": synth.config.model_type, "backend": getattr(synth.backend, "name", "?"),
-                "sample_rate": sample_rate, "active_streams": len(worker._active),
-                "queue_depth": len(worker._waiting)}
+        alive, reason = worker.health()
+        body = {"status": "ok" if alive else "unavailable", "reason": reason, "model": model_name,
+                "model_type": synth.config.model_type, "sample_rate": sample_rate,
+                "active_streams": worker.active_count, "queue_depth": worker.waiting_count}
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics")
@@ -190,6 +190,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         if not authorized(request.headers):
             return unauthorized()
         metrics.frames_per_second.set(worker.frames_per_second())
+        worker.update_gauges()
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/audio/voices")
@@ -216,7 +217,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         engine_request = validator.prepare(params, "text")
         try:
             job = submit_text_job(params, engine_request, "tts_stream")
-        except QueueFull:
+        except (QueueFull, EngineUnavailable):
             return busy()
         encoder = AudioEncoder("pcm", sample_rate)
         return StreamingResponse(audio_body(job, encoder), media_type="application/octet-stream",
@@ -231,7 +232,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         engine_request = validator.prepare(params, "input")
         try:
             job = submit_text_job(params, engine_request, "openai_speech")
-        except QueueFull:
+        except (QueueFull, EngineUnavailable):
             return busy()
         encoder = AudioEncoder(response_format, sample_rate)
         if stream_format == "sse":
@@ -390,7 +391,7 @@ class WsSession:
                       max_buffered_chunks=self.settings.max_buffered_chunks)
         try:
             self.worker.submit(job)
-        except QueueFull:
+        except (QueueFull, EngineUnavailable):
             self.metrics.errors_total.labels(kind="queue_full").inc()
             await self.send_json({"type": "error", "context_id": cid,
                                   "message": "the server is at capacity; retry this context shortly"})
