@@ -460,7 +460,7 @@ async def test_ws_llm_stall_longer_than_the_audio_timeout_still_speaks_the_end_a
     events = spy_server_events(tts)
     frames = [LLMFullResponseStartFrame(), *[LLMTextFrame(t) for t in tokens[:3]], SleepFrame(sleep=4.0),
               *[LLMTextFrame(t) for t in tokens[3:]], SleepFrame(sleep=4.0), LLMFullResponseEndFrame(),
-              SleepFrame(sleep=1.0)]
+              SleepFrame(sleep=3.0)]  # the rest of the reply: generated after the flush
     down, up = await run_test(tts, frames_to_send=frames)
     assert not [f for f in up if isinstance(f, ErrorFrame)], [f.error for f in up if isinstance(f, ErrorFrame)]
     done = [e for e in events if e.get("type") == "audio_done"]
