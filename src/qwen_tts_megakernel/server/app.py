@@ -444,8 +444,10 @@ def run_serve(args) -> int:
     start = time.perf_counter()
     synth = Synthesizer.from_pretrained(args.model, backend=args.backend, device=args.device,
                                         dtype=getattr(args, "dtype", None), max_streams=settings.max_active)
-    print(f"loaded in {time.perf_counter() - start:.1f} s; serving on http://{host}:{port} "
-          f"(WebSocket ws://{host}:{port}{WS_PATH})", file=sys.stderr, flush=True)
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     app = create_app(synth, model_name=args.model, api_key=api_key, settings=settings)
-    uvicorn.run(app, host=host, port=port, log_level="info", ws="websockets-sansio")
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", ws="websockets-sansio")
+    sock = getattr(args, "socket", None) or config.bind_socket()  # the CLI binds before loading the model
+    print(f"serving on http://{host}:{port} (WebSocket ws://{host}:{port}{WS_PATH})", file=sys.stderr, flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0

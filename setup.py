@@ -1,0 +1,68 @@
+"""Package build hook: with QWEN_TTS_MK_PREBUILD set, the wheel also carries the compiled megakernel libraries.
+
+    QWEN_TTS_MK_PREBUILD=all pip wheel --no-deps . -w dist      # sm_80 86 89 90a 100a 120a + PTX; needs nvcc
+    QWEN_TTS_MK_PREBUILD="90a ptx" pip wheel --no-deps . -w dist  # just these targets
+
+They land in qwen_tts_megakernel/megakernel/prebuilt/ (see megakernel/build.py), so that a GPU machine with the
+driver and PyTorch but no CUDA toolkit runs the megakernel. Unset (the default, and CI), or without nvcc, nothing is
+compiled and the package stays pure Python: the megakernel then compiles with nvcc at first use.
+"""
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.bdist_wheel import bdist_wheel
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
+TARGETS = os.environ.get("QWEN_TTS_MK_PREBUILD", "").replace(",", " ").split()
+
+
+def _kernel_build():
+    """megakernel/build.py by path: importing the package would import torch, which a build environment lacks."""
+    spec = importlib.util.spec_from_file_location("_mk_build", HERE / "src/qwen_tts_megakernel/megakernel/build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildPyWithKernels(build_py):
+    def run(self):
+        super().run()
+        if not TARGETS:
+            print("qwen-tts-megakernel: no prebuilt megakernel libraries (set QWEN_TTS_MK_PREBUILD=all to build "
+                  "them with nvcc); the megakernel will compile with nvcc at first use")
+            return
+        mk = _kernel_build()
+        try:
+            nvcc = mk.find_nvcc()
+        except mk.BuildError as exc:
+            print(f"qwen-tts-megakernel: QWEN_TTS_MK_PREBUILD is set but {exc}; skipping the prebuilt libraries")
+            return
+        targets = list(mk.PREBUILT_TARGETS) if TARGETS == ["all"] else TARGETS
+        root = HERE / "src" if self.editable_mode else Path(self.build_lib)
+        out = root / "qwen_tts_megakernel" / "megakernel" / "prebuilt"
+        print(f"qwen-tts-megakernel: compiling the megakernel for {' '.join(targets)} with {nvcc} into {out}")
+        start = time.perf_counter()
+        for path in mk.prebuild(targets, out):
+            print(f"  {path.relative_to(root)}")
+        print(f"qwen-tts-megakernel: prebuilt libraries compiled in {time.perf_counter() - start:.0f} s")
+
+
+class BdistWheelPlatform(bdist_wheel):
+    """With compiled libraries inside, the wheel is for this platform (any Python: they are loaded with ctypes)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if TARGETS:
+            self.root_is_pure = False
+
+    def get_tag(self):
+        python, abi, plat = super().get_tag()
+        return ("py3", "none", plat) if TARGETS else (python, abi, plat)
+
+
+setup(cmdclass={"build_py": BuildPyWithKernels, "bdist_wheel": BdistWheelPlatform})
