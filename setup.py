@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Distribution, setup
 from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_py import build_py
 
@@ -52,17 +52,19 @@ class BuildPyWithKernels(build_py):
         print(f"qwen-tts-megakernel: prebuilt libraries compiled in {time.perf_counter() - start:.0f} s")
 
 
-class BdistWheelPlatform(bdist_wheel):
-    """With compiled libraries inside, the wheel is for this platform (any Python: they are loaded with ctypes)."""
+class KernelDistribution(Distribution):
+    """With compiled libraries inside, the package is not pure Python: its wheel is for this platform."""
 
-    def finalize_options(self):
-        super().finalize_options()
-        if TARGETS:
-            self.root_is_pure = False
+    def has_ext_modules(self):
+        return bool(TARGETS)
+
+
+class BdistWheelPlatform(bdist_wheel):
+    """... for any Python 3, though: the libraries are loaded with ctypes, not imported."""
 
     def get_tag(self):
         python, abi, plat = super().get_tag()
         return ("py3", "none", plat) if TARGETS else (python, abi, plat)
 
 
-setup(cmdclass={"build_py": BuildPyWithKernels, "bdist_wheel": BdistWheelPlatform})
+setup(distclass=KernelDistribution, cmdclass={"build_py": BuildPyWithKernels, "bdist_wheel": BdistWheelPlatform})

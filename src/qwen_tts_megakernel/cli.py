@@ -82,7 +82,8 @@ class Parser(argparse.ArgumentParser):
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         help = action.help or ""
-        if action.option_strings and "default" not in help and action.default not in (None, False, argparse.SUPPRESS):
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if action.option_strings and "default" not in help and shown:
             help += f" (default: {action.default})"
         return help
 

@@ -131,7 +131,7 @@ def find_library(arch: str) -> Path:
               file=sys.stderr, flush=True)
         return compile_library(arch, path)
     ptx = library_path("ptx", PREBUILT)
-    if ptx.exists():
+    if ptx.exists() and int(arch.rstrip("af")) >= int(PTX_ARCH):
         return ptx
     raise BuildError(f"no nvcc and no prebuilt megakernel library for sm_{arch}: install the CUDA toolkit (nvcc on "
                      f"PATH, or set NVCC / CUDA_HOME) or a wheel built with QWEN_TTS_MK_PREBUILD (see README)")
