@@ -10,6 +10,7 @@ compiled and the package stays pure Python: the megakernel then compiles with nv
 
 import importlib.util
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -45,6 +46,10 @@ class BuildPyWithKernels(build_py):
         targets = list(mk.PREBUILT_TARGETS) if TARGETS == ["all"] else TARGETS
         root = HERE / "src" if self.editable_mode else Path(self.build_lib)
         out = root / "qwen_tts_megakernel" / "megakernel" / "prebuilt"
+        keep = {mk.library_path(t, out).parent.name for t in targets}
+        for old in out.glob("*") if out.is_dir() else ():  # libraries of earlier sources, left in the build folder
+            if old.name not in keep:
+                shutil.rmtree(old)
         print(f"qwen-tts-megakernel: compiling the megakernel for {' '.join(targets)} with {nvcc} into {out}")
         start = time.perf_counter()
         for path in mk.prebuild(targets, out):
