@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import wave
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -104,6 +105,27 @@ def test_nothing_written_by_a_failed_say(results):
     tmp = results["_tmp"]
     assert not (tmp / "a.wav").exists()
     assert not Path("/proc/qwen-tts-test.wav").exists()
+
+
+def test_say_writes_the_wav_and_reports_the_first_chunk(results):
+    tmp = results["_tmp"]
+    out = tmp / "said.wav"
+    cmd = [sys.executable, "-m", "qwen_tts_megakernel.cli", "say", "Hello there.", "-o", str(out), "--model",
+           str(tmp / "tiny"), "--max-new-tokens", "5", "--seed", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # progress only on a terminal
+    assert "(5 frames, stop reason max_new_tokens, seed 3)" in proc.stdout and "after the command" in proc.stdout
+    with wave.open(str(out), "rb") as f:
+        assert (f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()) == (1, 2, 24000, 5 * 1920)
+
+
+def test_tiny_model_overwrites_with_force(tmp_path):
+    (tmp_path / "old.txt").write_text("x")
+    cmd = [sys.executable, "-m", "qwen_tts_megakernel.cli", "tiny-model", str(tmp_path), "--force"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "config.json").exists()
 
 
 def test_every_option_says_its_default():
