@@ -382,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voice", default=None,
                    help="speaker of a custom voice model (default: ryan); see `qwen-tts-mk voices`")
     p.add_argument("--language", default="auto", help="a language of the model, or auto")
-    p.add_argument("--instruct", default=None, help="voice description (voice design, 1.7B custom voice; default: none)")
+    p.add_argument("--instruct", default=None,
+                   help="voice description (voice design, 1.7B custom voice; default: none)")
     p.add_argument("--seed", type=seed_int, default=None, help="sampling seed (default: a random one, printed)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="frame limit, 80 ms each (default: the checkpoint's generation config)")
