@@ -327,8 +327,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if sum((args.all, args.decode, args.server)) != 1:
-        raise UsageError("bench needs exactly one of --all, --decode or --server")
+    if sum((args.all, args.decode, args.server, args.load)) != 1:
+        raise UsageError("bench needs exactly one of --all, --decode, --server or --load")
     if args.device is not None:
         check_device(args)
     set_threads(args)
@@ -340,9 +340,13 @@ def cmd_bench(args) -> int:
         from .tools.mk_bench import main_bench_decode
 
         return main_bench_decode(args)
-    from .tools.server_bench import run_bench_server
+    if args.server:
+        from .tools.server_bench import run_bench_server
 
-    return run_bench_server(args)
+        return run_bench_server(args)
+    from .tools.load_bench import run_bench_load
+
+    return run_bench_load(args)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -417,6 +421,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", action="store_true", help="megakernel decode step vs reference baselines")
     p.add_argument("--server", action="store_true", help="server time to first chunk and RTF over loopback")
     p.add_argument("--all", action="store_true", help="everything vs the alternatives, one process (GPU)")
+    p.add_argument("--load", action="store_true",
+                   help="a fleet of calls over loopback: closed and open loop, listener underruns (GPU)")
+    p.add_argument("--backends", nargs="+", default=None, choices=["reference", "megakernel"],
+                   help="--load: backends to run (default: megakernel)")
+    p.add_argument("--models", nargs="+", default=None, help="--load: models (default: random:0.6b)")
+    p.add_argument("--levels", nargs="+", type=positive_int, default=None,
+                   help="--load: closed-loop stream counts (default: 1 8 16 32 64 128)")
+    p.add_argument("--rates", nargs="+", type=float, default=None,
+                   help="--load: open-loop requests per second, tried in order until p95 TTFA > 200 ms "
+                        "(default: 2 5 10 20 40 60 80 120)")
+    p.add_argument("--protocols", nargs="+", default=None, choices=["http", "ws"],
+                   help="--load: protocols (default: both)")
+    p.add_argument("--frames", type=positive_int, default=None,
+                   help="--load: frames per request (default: 100 = 8 s)")
     p.add_argument("--runs", type=positive_int, default=5, help="repetitions per measurement (--all)")
     p.add_argument("--only", nargs="+", default=None, metavar="SECTION",
                    help="--all: run just these sections (decode, streaming, ttfc_breakdown, streaming_plot, "
