@@ -19,7 +19,6 @@ from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
-TARGETS = os.environ.get("QWEN_TTS_MK_PREBUILD", "").replace(",", " ").split()
 
 
 def _kernel_build():
@@ -30,20 +29,33 @@ def _kernel_build():
     return module
 
 
+def _targets() -> list[str]:
+    """The targets to prebuild: none unless QWEN_TTS_MK_PREBUILD asks for them and nvcc is there."""
+    requested = os.environ.get("QWEN_TTS_MK_PREBUILD", "").replace(",", " ").split()
+    if not requested:
+        print("qwen-tts-megakernel: no prebuilt megakernel libraries (set QWEN_TTS_MK_PREBUILD=all to build them "
+              "with nvcc); the megakernel will compile with nvcc at first use")
+        return []
+    mk = _kernel_build()
+    try:
+        mk.find_nvcc()
+    except mk.BuildError as exc:
+        print(f"qwen-tts-megakernel: QWEN_TTS_MK_PREBUILD is set but {exc}; no prebuilt libraries")
+        return []
+    return list(mk.PREBUILT_TARGETS) if requested == ["all"] else requested
+
+
+TARGETS = _targets()
+
+
 class BuildPyWithKernels(build_py):
     def run(self):
         super().run()
         if not TARGETS:
-            print("qwen-tts-megakernel: no prebuilt megakernel libraries (set QWEN_TTS_MK_PREBUILD=all to build "
-                  "them with nvcc); the megakernel will compile with nvcc at first use")
             return
         mk = _kernel_build()
-        try:
-            nvcc = mk.find_nvcc()
-        except mk.BuildError as exc:
-            print(f"qwen-tts-megakernel: QWEN_TTS_MK_PREBUILD is set but {exc}; skipping the prebuilt libraries")
-            return
-        targets = list(mk.PREBUILT_TARGETS) if TARGETS == ["all"] else TARGETS
+        nvcc = mk.find_nvcc()
+        targets = TARGETS
         root = HERE / "src" if self.editable_mode else Path(self.build_lib)
         out = root / "qwen_tts_megakernel" / "megakernel" / "prebuilt"
         keep = {mk.library_path(t, out).parent.name for t in targets}

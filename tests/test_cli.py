@@ -241,7 +241,7 @@ def test_library_key_covers_every_source_and_the_flags():
 
 def test_wheel_build_hook_puts_prebuilt_libraries_in_the_wheel(tmp_path):
     """setup.py with QWEN_TTS_MK_PREBUILD, an nvcc stand-in (writes the -o file): a platform wheel holding each
-    target's library where find_library looks; without the variable, a pure wheel with none."""
+    target's library where find_library looks; without the variable, or without nvcc, a pure wheel with none."""
     src = tmp_path / "src-tree"
     shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "prebuilt", "*.egg-info"))
     for name in ("setup.py", "pyproject.toml", "README.md"):
@@ -260,9 +260,12 @@ def test_wheel_build_hook_puts_prebuilt_libraries_in_the_wheel(tmp_path):
     for target in ("90a", "ptx"):
         expected = f"qwen_tts_megakernel/megakernel/prebuilt/{build.source_hash(target)}-{target}/{build.LIB_NAME}"
         assert expected in names
+    no_nvcc = {**env, "NVCC": str(tmp_path / "missing"), "CUDA_HOME": str(tmp_path / "missing"),
+               "PATH": os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "nvcc").exists())}
     del env["QWEN_TTS_MK_PREBUILD"]
-    proc = subprocess.run([*cmd, str(tmp_path / "pure")], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (wheel,) = (tmp_path / "pure").glob("*.whl")
-    assert wheel.name.endswith("-py3-none-any.whl")
-    assert not any("/prebuilt/" in n for n in zipfile.ZipFile(wheel).namelist())
+    for name, build_env in (("unset", env), ("no-nvcc", no_nvcc)):
+        proc = subprocess.run([*cmd, str(tmp_path / name)], capture_output=True, text=True, env=build_env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (wheel,) = (tmp_path / name).glob("*.whl")
+        assert wheel.name.endswith("-py3-none-any.whl")
+        assert not any("/prebuilt/" in n for n in zipfile.ZipFile(wheel).namelist())
