@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from loguru import logger
-from pipecat.frames.frames import (BotStartedSpeakingFrame, BotStoppedSpeakingFrame, EndFrame, Frame,
+from pipecat.frames.frames import (BotStartedSpeakingFrame, BotStoppedSpeakingFrame, EndFrame, ErrorFrame, Frame,
                                    InputAudioRawFrame, LLMFullResponseEndFrame, LLMRunFrame, MetricsFrame,
                                    StartFrame, TranscriptionFrame, TTSAudioRawFrame, UserStartedSpeakingFrame,
                                    UserStoppedSpeakingFrame, VADUserStartedSpeakingFrame,
@@ -134,6 +134,8 @@ def make_stt(args):
     if args.stt == "deepgram":
         from pipecat.services.deepgram.stt import DeepgramSTTService
 
+        if not os.environ.get("DEEPGRAM_API_KEY"):
+            raise SystemExit("voice_agent: --stt deepgram needs DEEPGRAM_API_KEY in the environment")
         return DeepgramSTTService(api_key=os.environ["DEEPGRAM_API_KEY"])
     return None
 
@@ -142,6 +144,30 @@ def make_vad():
     from pipecat.audio.vad.silero import SileroVADAnalyzer
 
     return SileroVADAnalyzer()
+
+
+async def unreachable(session: aiohttp.ClientSession, args, llm_base_url: str | None) -> str | None:
+    """One line naming the TTS server or LLM endpoint that does not answer, or None when both do."""
+    timeout = aiohttp.ClientTimeout(total=5)
+    try:
+        async with session.get(args.tts_url.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status != 200:
+                return f"the TTS server at {args.tts_url} answered /health with HTTP {r.status}"
+    except (aiohttp.ClientError, TimeoutError) as e:
+        return (f"the TTS server at {args.tts_url} is unreachable ({_reason(e)}): start it with `qwen-tts-mk serve` "
+                f"or point --tts-url at it")
+    base = (llm_base_url or "https://api.openai.com/v1").rstrip("/")
+    try:  # any HTTP answer, even 401 or 404, means something listens there
+        async with session.get(base + "/models", timeout=timeout):
+            pass
+    except (aiohttp.ClientError, TimeoutError) as e:
+        return (f"the LLM endpoint {base} is unreachable ({_reason(e)}): point --llm-base-url at an OpenAI-compatible "
+                f"server (e.g. Ollama's http://localhost:11434/v1) or use --llm stub")
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,12 +179,19 @@ class LatencyReport:
     ttfb: dict[str, list[float]] = field(default_factory=dict)  # processor -> TTFB seconds, each measurement
     user_to_bot: list[float] = field(default_factory=list)  # user stopped speaking -> bot started speaking
     breakdowns: list[list[str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # every ErrorFrame of the run
 
     def as_dict(self) -> dict:
+        if self.errors:  # figures of a failed run are no latencies (see summary_lines)
+            return {"ttfb_s": {}, "user_stopped_to_bot_started_s": [], "breakdowns": [], "errors": self.errors}
         return {"ttfb_s": self.ttfb, "user_stopped_to_bot_started_s": self.user_to_bot,
-                "breakdowns": self.breakdowns}
+                "breakdowns": self.breakdowns, "errors": self.errors}
 
     def summary_lines(self) -> list[str]:
+        """The figures, or one line saying why there are none: a service that failed still reports a "TTFB" (the
+        time to its failure), which is no latency figure."""
+        if self.errors:
+            return [f"no latency figures: the run failed ({self.errors[0]})"]
         lines = ["latency summary:"]
         for name, values in sorted(self.ttfb.items()):
             lines.append(f"  TTFB {name:<32} " + ", ".join(f"{1000 * v:.0f} ms" for v in values))
@@ -168,7 +201,7 @@ class LatencyReport:
 
 
 class TTFBObserver(BaseObserver):
-    """Collects every TTFB metric (STT, LLM, TTS) once, at the processor that reported it."""
+    """Collects every TTFB metric (STT, LLM, TTS) and every error once, at the processor that reported it."""
 
     def __init__(self, report: LatencyReport):
         super().__init__()
@@ -177,13 +210,15 @@ class TTFBObserver(BaseObserver):
 
     async def on_push_frame(self, data: FramePushed):
         frame = data.frame
-        if not isinstance(frame, MetricsFrame) or frame.id in self._seen:
+        if not isinstance(frame, (MetricsFrame, ErrorFrame)) or frame.id in self._seen:
             return
         self._seen.add(frame.id)
+        if isinstance(frame, ErrorFrame):
+            self._report.errors.append(" ".join(str(frame.error).split()))
+            return
         for d in frame.data:
             if isinstance(d, TTFBMetricsData) and d.value > 0:
                 self._report.ttfb.setdefault(d.processor, []).append(d.value)
-                logger.info(f"TTFB {d.processor}: {1000 * d.value:.0f} ms")
 
 
 def latency_observers(report: LatencyReport) -> list[BaseObserver]:
@@ -379,6 +414,9 @@ async def run_headless(args) -> int:
     args.stt = stt_kind
     try:
         async with aiohttp.ClientSession() as session:
+            if problem := await unreachable(session, args, base_url):
+                print(f"voice_agent: {problem}", file=sys.stderr)
+                return 2
             tts = make_tts(args, session)
             llm = make_llm(args, base_url)
             context = LLMContext()
@@ -410,6 +448,8 @@ async def run_headless(args) -> int:
     finally:
         if stub is not None:
             stub.stop()
+    if not report.errors and sink.samples == 0:
+        report.errors.append(source.error or "no bot speech arrived")
     for line in report.summary_lines():
         print(line)
     seconds = sink.samples / (sink._rate or 24000)
@@ -419,7 +459,7 @@ async def run_headless(args) -> int:
         with open(args.report_json, "w") as f:
             json.dump(report.as_dict() | {"output_wav": args.output_wav, "bot_audio_seconds": seconds,
                                           "assistant_messages": assistant, "error": source.error}, f, indent=2)
-    return 1 if source.error or sink.samples == 0 else 0
+    return 1 if source.error or report.errors else 0
 
 
 async def run_live_pipeline(args, transport) -> None:
@@ -428,6 +468,8 @@ async def run_live_pipeline(args, transport) -> None:
     if stt is None:
         raise SystemExit("live modes need speech recognition: --stt whisper or --stt deepgram")
     async with aiohttp.ClientSession() as session:
+        if problem := await unreachable(session, args, args.llm_base_url):
+            raise SystemExit(f"voice_agent: {problem}")
         tts = make_tts(args, session)
         llm = make_llm(args, args.llm_base_url)
         context = LLMContext()

@@ -1,7 +1,13 @@
-"""Build the megakernel shared library with nvcc at first use, cached by source hash and GPU architecture.
+"""Find or build the megakernel shared library: prebuilt in the package, else nvcc at first use, cached.
 
-The library is plain CUDA C++ with a C ABI (csrc/megakernel.cu), loaded with ctypes; no torch extension build.
-Cache: $QWEN_TTS_MK_CACHE or ~/.cache/qwen_tts_megakernel/<source-hash>-<arch>/libqwen_tts_mk.so
+The library is plain CUDA C++ with a C ABI (every .cu in csrc/, including its .cuh headers), loaded with ctypes;
+no torch extension build. load_library() takes the first of:
+  1. prebuilt/<key>-<arch>/libqwen_tts_mk.so inside this package (a wheel built with QWEN_TTS_MK_PREBUILD: setup.py),
+  2. the cache, $QWEN_TTS_MK_CACHE or ~/.cache/qwen_tts_megakernel/<key>-<arch>/libqwen_tts_mk.so,
+  3. nvcc, compiling into the cache (the developer path: about a minute, once per source change),
+  4. the prebuilt PTX library, which the driver compiles for a GPU that has no library of its own.
+<key> hashes the sources and the nvcc flags, so an edited kernel or a variant ($QWEN_TTS_MK_DEFINES) never loads a
+library built from other code. The libraries link the CUDA runtime statically: they need the driver, no toolkit.
 """
 
 from __future__ import annotations
@@ -11,15 +17,23 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = tuple(sorted(p.name for p in CSRC.iterdir() if p.suffix in (".cu", ".cuh")))
+PREBUILT = Path(__file__).resolve().parent / "prebuilt"
 LIB_NAME = "libqwen_tts_mk.so"
 
-# Shared-memory tile size per architecture (KB): the ring holds 3 tiles + 56 KB of scratch per block.
+# What a wheel ships: one library per architecture (the shared-memory tile size is a per-architecture define, so one
+# fat binary cannot hold them all), plus PTX for GPUs newer than these.
+PREBUILT_TARGETS = ("80", "86", "89", "90a", "100a", "120a", "ptx")
+PTX_ARCH = "80"  # the PTX target: compute_80 code runs (JIT-compiled by the driver) on every later GPU
+
+# Shared-memory tile size per architecture (KB): the ring holds MK_RING (3) tiles + 32 KB of scratch per block.
+# 12 fits every GPU since sm_80 (about 100 KB of shared memory per block), so it is the PTX and unknown-arch value.
 TILE_KB = {"90a": 32, "100a": 32, "80": 24, "120a": 12, "86": 12, "89": 12}
 
 _lock = threading.Lock()
@@ -27,7 +41,7 @@ _loaded: dict[str, ctypes.CDLL] = {}
 
 
 class BuildError(RuntimeError):
-    """nvcc is missing or failed."""
+    """No library can be found or built (one line naming what is missing), or nvcc failed."""
 
 
 def find_nvcc() -> str:
@@ -44,6 +58,11 @@ def arch_for_capability(major: int, minor: int) -> str:
     return cc + "a" if major in (9, 10, 12) else cc
 
 
+def sources() -> list[Path]:
+    """Every source file of the library (the key covers them all); the .cu files are its translation units."""
+    return sorted(p for p in CSRC.iterdir() if p.suffix in (".cu", ".cuh", ".h"))
+
+
 def variant_defines() -> list[str]:
     """Extra -D switches from $QWEN_TTS_MK_DEFINES (e.g. "MK_DEV_TIMING=1", dev/mk_breakdown.py): builds of kernel
     variants; part of the cache key. Unset = the committed defaults in mk_common.cuh."""
@@ -51,17 +70,20 @@ def variant_defines() -> list[str]:
 
 
 def nvcc_flags(arch: str) -> list[str]:
+    """nvcc flags for an sm target ("90a") or "ptx" (compute_80 PTX only)."""
     extra = variant_defines()
     tile = [] if any(d.startswith("-DMK_TILE_KB=") for d in extra) else [f"-DMK_TILE_KB={TILE_KB.get(arch, 12)}"]
-    return ["-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", *tile, *extra,
+    code = f"compute_{PTX_ARCH}" if arch == "ptx" else f"sm_{arch}"
+    virtual = PTX_ARCH if arch == "ptx" else arch
+    return ["-std=c++17", "-O3", f"-gencode=arch=compute_{virtual},code={code}", *tile, *extra,
             "-Xcompiler", "-fPIC", "-shared", "-lineinfo"]
 
 
 def source_hash(arch: str) -> str:
     h = hashlib.sha256()
-    for name in SOURCES:
-        h.update(name.encode())
-        h.update((CSRC / name).read_bytes())
+    for path in sources():
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     h.update(" ".join(nvcc_flags(arch)).encode())
     return h.hexdigest()[:16]
 
@@ -71,13 +93,19 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "qwen_tts_megakernel"
 
 
+def library_path(arch: str, root: Path | None = None) -> Path:
+    """Where the library for `arch` lives under `root` (default: the cache)."""
+    return (root or cache_dir()) / f"{source_hash(arch)}-{arch}" / LIB_NAME
+
+
 def compile_library(arch: str, out: Path, extra_flags: list[str] | None = None, verbose: bool = False) -> Path:
-    """nvcc csrc/megakernel.cu -> out (atomically replaced). Returns out."""
+    """nvcc csrc/*.cu -> out (atomically replaced). Returns out."""
     nvcc = find_nvcc()
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [nvcc, *nvcc_flags(arch), *(extra_flags or []), "-o", tmp, str(CSRC / "megakernel.cu")]
+    units = [str(p) for p in sources() if p.suffix == ".cu"]
+    cmd = [nvcc, *nvcc_flags(arch), *(extra_flags or []), "-o", tmp, *units]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
@@ -88,12 +116,29 @@ def compile_library(arch: str, out: Path, extra_flags: list[str] | None = None, 
     return out
 
 
-def library_path(arch: str) -> Path:
-    return cache_dir() / f"{source_hash(arch)}-{arch}" / LIB_NAME
+def find_library(arch: str) -> Path:
+    """The library to load for `arch`, compiling it with nvcc when nothing prebuilt or cached fits."""
+    for path in (library_path(arch, PREBUILT), library_path(arch)):
+        if path.exists():
+            return path
+    try:
+        nvcc = find_nvcc()
+    except BuildError:
+        nvcc = None
+    if nvcc is not None:
+        path = library_path(arch)
+        print(f"compiling the megakernel for sm_{arch} with {nvcc} (once, about a minute; cached in {path.parent})",
+              file=sys.stderr, flush=True)
+        return compile_library(arch, path)
+    ptx = library_path("ptx", PREBUILT)
+    if ptx.exists() and int(arch.rstrip("af")) >= int(PTX_ARCH):
+        return ptx
+    raise BuildError(f"no nvcc and no prebuilt megakernel library for sm_{arch}: install the CUDA toolkit (nvcc on "
+                     f"PATH, or set NVCC / CUDA_HOME) or a wheel built with QWEN_TTS_MK_PREBUILD (see README)")
 
 
 def load_library(arch: str | None = None) -> ctypes.CDLL:
-    """The compiled library for `arch` (default: the current CUDA device), building it when not cached."""
+    """The library for `arch` (default: the current CUDA device), loaded once per process."""
     if arch is None:
         import torch
 
@@ -101,13 +146,19 @@ def load_library(arch: str | None = None) -> ctypes.CDLL:
     with _lock:
         if arch in _loaded:
             return _loaded[arch]
-        path = library_path(arch)
-        if not path.exists():
-            compile_library(arch, path)
-        lib = ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(find_library(arch)))
         _declare(lib)
         _loaded[arch] = lib
         return lib
+
+
+def prebuild(targets: list[str], root: Path = PREBUILT, jobs: int | None = None) -> list[Path]:
+    """Compile the libraries for `targets` (sm targets or "ptx") under `root`, `jobs` nvcc processes at a time."""
+    find_nvcc()  # fail before starting any thread
+    todo = [t for t in targets if not library_path(t, root).exists()]
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        list(pool.map(lambda t: compile_library(t, library_path(t, root)), todo))
+    return [library_path(t, root) for t in targets]
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -129,14 +180,12 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m qwen_tts_megakernel.megakernel.build [ARCH ...]: compile (e.g. 90a 80 120a) into the cache."""
-    import sys
-
-    archs = (argv if argv is not None else sys.argv[1:]) or ["90a"]
-    for arch in archs:
-        path = library_path(arch)
-        if not path.exists():
-            compile_library(arch, path)
+    """python -m qwen_tts_megakernel.megakernel.build [--prebuilt] [TARGET ...]: compile (e.g. 90a 80 ptx) into
+    the cache, or with --prebuilt into the package's prebuilt/ folder (default targets: all of PREBUILT_TARGETS)."""
+    args = sys.argv[1:] if argv is None else argv
+    into_package = "--prebuilt" in args
+    targets = [a for a in args if a != "--prebuilt"] or (list(PREBUILT_TARGETS) if into_package else ["90a"])
+    for path in prebuild(targets, PREBUILT if into_package else cache_dir()):
         print(path)
     return 0
 

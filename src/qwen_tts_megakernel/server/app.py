@@ -760,24 +760,10 @@ def run_serve(args) -> int:
     except ValueError as exc:  # a bad setting, e.g. a voice alias naming a speaker the model lacks
         print(f"qwen-tts-mk serve: error: {exc}", file=sys.stderr)
         return 2
-    server = uvicorn.Server(uvicorn_config(app, host, port, settings))
-
-    async def announce() -> None:  # the address is printed once the socket is bound
-        while not server.started:
-            await asyncio.sleep(0.05)
-        shown_host = f"[{host}]" if ":" in host else host
-        print(f"serving on http://{shown_host}:{port} (WebSocket ws://{shown_host}:{port}{WS_PATH})",
-              file=sys.stderr, flush=True)
-
-    async def serve() -> None:
-        announcer = asyncio.create_task(announce())
-        try:
-            await server.serve()
-        finally:
-            announcer.cancel()
-
-    try:
-        asyncio.run(serve())
-    except SystemExit as exc:  # uvicorn exits when it cannot bind; it logged why
-        return int(exc.code or 1)
+    config = uvicorn_config(app, host, port, settings)
+    sock = getattr(args, "socket", None) or config.bind_socket()  # the CLI binds before loading the model
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"serving on http://{shown_host}:{port} (WebSocket ws://{shown_host}:{port}{WS_PATH})", file=sys.stderr,
+          flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
