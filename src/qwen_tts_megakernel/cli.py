@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random weights of the real shapes (default: 0.6b when no --model)")
     p.add_argument("--frames", type=positive_int, default=None, help="frames per stream (default 64; with --batch 8)")
     p.add_argument("--batch", default=None, help="batch sizes to check, e.g. 1,2,7,16,64 (streams at mixed "
-                                                 "positions, batch invariance)")
+                                                 "positions, batch invariance; default: one stream)")
     p.add_argument("--output", default=None,
                    help="JSON report path (default: benchmarks/results/validate-<model>.json)")
     p.set_defaults(func=cmd_validate)
