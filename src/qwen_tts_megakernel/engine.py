@@ -305,7 +305,7 @@ class Synthesizer:
     @torch.inference_mode()
     def _open(self, prompt: Prompt, params: SamplingParams, rng: RandomStream, max_frames: int):
         talker = self.talker
-        prefill = talker.embed_rows(prompt.text_ids, prompt.codec_ids)
+        prefill = talker.embed_prompt(prompt)
         ids = self.config.ids
         text_rows = talker.text_rows(prompt.trailing_text_ids) if prompt.trailing_text_ids else prefill[:0]
         pad_row = talker.text_rows([ids.tts_pad])[0]

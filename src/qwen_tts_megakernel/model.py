@@ -219,6 +219,24 @@ class Talker(nn.Module):
             rows[c_pos] = rows[c_pos] + self.codec_rows([codec_ids[i] for i in c_pos])
         return rows
 
+    def embed_prompt(self, prompt) -> torch.Tensor:
+        """Prefill rows [L, H] of a prompt.Prompt: embed_rows of its ids, plus the codec terms that are vectors (a
+        cloned voice's x-vector row, F(reference frame) rows of the in-context layout)."""
+        rows = self.embed_rows(prompt.text_ids, prompt.codec_ids)
+        if prompt.speaker_embedding is not None:
+            rows[prompt.speaker_row] += prompt.speaker_embedding.to(device=rows.device, dtype=rows.dtype)
+        if prompt.ref_codes is not None:
+            start = prompt.ref_row
+            rows[start:start + len(prompt.ref_codes)] += self.frame_embeddings(prompt.ref_codes)
+        return rows
+
+    def frame_embeddings(self, codes) -> torch.Tensor:
+        """F(frame) for every frame of codes [R, 16]: [R, H], each summed in codebook order."""
+        idx = torch.as_tensor(codes, dtype=torch.long, device=self.codec_head.weight.device)
+        parts = [self.model.codec_embedding(idx[:, 0])]
+        parts += [self.code_predictor.model.codec_embedding[j - 1](idx[:, j]) for j in range(1, idx.shape[1])]
+        return torch.stack(parts, dim=1).sum(1)
+
     def frame_embedding(self, codes: list[int]) -> torch.Tensor:
         """F(frame) = C(g0) + sum_j cp_emb[j-1][g_j]: [H], summed in codebook order."""
         parts = [self.model.codec_embedding.weight[codes[0]]]

@@ -7,18 +7,20 @@ model.safetensors, preprocessor_config.json}. The structure is real (16 codebook
 control ids, speakers and languages, 1920 samples per frame); only the widths are small. The official qwen-tts
 package loads these folders, which is how the parity tests compare the two implementations.
 
-Not written yet: the speaker encoder of Base checkpoints (the official loader initialises it randomly and warns) and
-the speech tokenizer's encoder; both serve voice cloning only.
+Base checkpoints (`model_type="base"`) also carry the speaker encoder ("speaker_encoder.*" in model.safetensors,
+narrow channels in the tiny ones) for voice cloning.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from ..speaker_encoder import SpeakerEncoderConfig, speaker_encoder_shapes
 from ..tokenizer import build_tiny_tokenizer, write_tokenizer_files
 from .codec import PREPROCESSOR_CONFIG, random_speech_tokenizer_weights, tiny_speech_tokenizer_config, write_speech_tokenizer
 
@@ -36,6 +38,10 @@ LANGUAGES = {"english": 2050, "german": 2053, "spanish": 2054, "chinese": 2055, 
 # the 1.7B-like model has a small_to_mtp_projection (64 -> 32) like the real 1.7B (2048 -> 1024).
 TINY_SIZES = {"0.6b": (32, 64, 48), "1.7b": (64, 96, 48)}
 TINY_HEADS, TINY_KV_HEADS, TINY_HEAD_DIM, TINY_LAYERS, TINY_CP_HIDDEN, TINY_CP_FFN = 4, 2, 16, 2, 32, 64
+# The tiny speaker encoder: the real ECAPA-TDNN structure (kernels, dilations, Res2Net scale 8) with narrow channels.
+TINY_SPEAKER_ENCODER = dict(enc_channels=[32, 32, 32, 32, 96], enc_kernel_sizes=[5, 3, 3, 3, 1],
+                            enc_dilations=[1, 2, 3, 4, 1], enc_attention_channels=16, enc_res2net_scale=8,
+                            enc_se_channels=16)
 
 
 def tiny_config(size: str, model_type: str, text_vocab_size: int, special_ids: dict[str, int]) -> dict:
@@ -68,7 +74,7 @@ def tiny_config(size: str, model_type: str, text_vocab_size: int, special_ids: d
         talker_config=talker, torch_dtype="float32", transformers_version="4.57.3",
     )
     if model_type == "base":
-        config["speaker_encoder_config"] = dict(enc_dim=hidden, sample_rate=24000)
+        config["speaker_encoder_config"] = dict(enc_dim=hidden, sample_rate=24000, **TINY_SPEAKER_ENCODER)
     return config
 
 
@@ -141,6 +147,11 @@ def random_weights(config: dict, seed: int, dtype: torch.dtype = torch.float32,
     if hidden != cp_hidden:
         w["talker.code_predictor.small_to_mtp_projection.weight"] = randn(cp_hidden, hidden) / hidden ** 0.5
         w["talker.code_predictor.small_to_mtp_projection.bias"] = 0.1 * randn(cp_hidden)
+    if config["tts_model_type"] == "base":
+        # Fan-in scaled convolutions and small biases; the x-vector lands near the codec embeddings' unit scale.
+        for name, shape in speaker_encoder_shapes(SpeakerEncoderConfig.from_dict(config["speaker_encoder_config"])).items():
+            fan_in = 1 if name.endswith("bias") else math.prod(shape[1:])
+            w[name] = randn(*shape) * (0.1 if name.endswith("bias") else fan_in ** -0.5)
     return {k: v.contiguous() for k, v in w.items()}
 
 
@@ -190,7 +201,7 @@ def real_config(size: str, model_type: str, special_ids: dict[str, int]) -> dict
         rope_scaling={"interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"})
     config["torch_dtype"] = "bfloat16"
     if model_type == "base":
-        config["speaker_encoder_config"] = dict(enc_dim=hidden, sample_rate=24000)
+        config["speaker_encoder_config"] = dict(enc_dim=hidden, sample_rate=24000)  # the official channel defaults
     return config
 
 
