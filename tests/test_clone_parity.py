@@ -106,3 +106,62 @@ def test_x_vector_only_prompt_and_greedy_codes_equal_official(models, size, layo
     assert prefill.shape == ref_prefill.shape
     torch.testing.assert_close(prefill, ref_prefill, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(our_codes(ours, prompt), ref_codes)
+
+
+@pytest.mark.parametrize("seconds", [2.0, 3.37])
+def test_reference_codes_equal_official_encode(models, seconds):
+    ours, official, encoder = models("0.6b")
+    audio = reference_clip(seconds, seed=1)
+    ref = official.model.speech_tokenizer.encode(audio, sr=24000).audio_codes[0].numpy()
+    codes = encoder.reference_codes(audio)
+    assert codes.shape == (int(np.ceil(len(audio) / 1920)), 16) == ref.shape
+    assert len(np.unique(codes[:, 0])) > 3, "degenerate fixture: the codes should vary over time"
+    np.testing.assert_array_equal(codes, ref)
+
+
+# (size, layout, reference seconds, text). Interleaved: a short reference leaves text rows for the decode steps
+# (text rows > reference frames + 1); a long reference with a short text fits all the text in the prefill.
+ICL_CASES = [("0.6b", "prefill", 2.0, TEXT), ("0.6b", "interleaved", 0.5, TEXT), ("0.6b", "interleaved", 4.0, "Hi."),
+             ("1.7b", "prefill", 2.0, TEXT), ("1.7b", "interleaved", 0.5, TEXT)]
+
+
+@pytest.mark.parametrize("size,layout,seconds,text", ICL_CASES)
+def test_in_context_prompt_and_greedy_codes_equal_official(models, size, layout, seconds, text):
+    ours, official, encoder = models(size)
+    voice = encoder.clone(reference_clip(seconds, seed=2), ref_text=REF_TEXT, name="tone")
+    assert voice.in_context
+    ref_codes, ref_prefill = official_clone(official, text=text, voice=voice, layout=layout)
+    assert ref_codes.shape == (FRAMES, 16), "the official run stopped early"
+
+    prompt = ours.prompt(text, voice=voice, language="english", text_layout=layout)
+    if layout == "interleaved":
+        assert bool(prompt.trailing_text_ids) == (text == TEXT)
+    prefill = ours.talker.embed_prompt(prompt)
+    assert prefill.shape == ref_prefill.shape
+    torch.testing.assert_close(prefill, ref_prefill, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(our_codes(ours, prompt), ref_codes)
+
+
+def test_streamed_in_context_audio_equals_official_joint_decode_with_the_reference_cut(models):
+    ours, official, encoder = models("0.6b")
+    voice = encoder.clone(reference_clip(1.5, seed=3), ref_text=REF_TEXT)
+    frames = 8
+    stream = ours.stream(TEXT, voice=voice, language="english", do_sample=False, max_new_tokens=frames,
+                         chunk_schedule=(1, 3))
+    chunks = list(stream)
+    assert chunks[0].num_frames == 1, "the first chunk is still one frame"
+    pcm = np.concatenate([c.pcm for c in chunks])
+    codes = np.stack(stream.codes)
+    assert codes.shape == (frames, 16)
+
+    joint = np.concatenate([voice.ref_codes, codes])
+    wavs, sr = official.model.speech_tokenizer.decode([{"audio_codes": torch.from_numpy(joint)}])
+    ref_len = len(voice.ref_codes)
+    cut = int(ref_len / len(joint) * wavs[0].shape[0])  # the official generate_voice_clone cut
+    assert abs(cut - ref_len * 1920) <= 1
+    official_new = wavs[0][ref_len * 1920:]
+    assert len(pcm) == len(official_new) == frames * 1920
+    assert np.abs(pcm / 32767.0 - official_new).max() <= 1e-4 + 0.5 / 32767  # PCM16 rounding
+    # The float path, whole utterance: equal to 1e-4 without the int16 rounding.
+    audio = ours.decode(codes, prime_codes=voice.ref_codes)
+    assert np.abs(audio - official_new).max() <= 1e-4

@@ -12,6 +12,7 @@ from typing import Any
 
 from .codec import CodecDecoderConfig
 from .sampling import SamplingParams
+from .codec_encoder import CodecEncoderConfig
 from .speaker_encoder import SpeakerEncoderConfig
 
 MODEL_TYPES = ("custom_voice", "voice_design", "base")
@@ -161,6 +162,7 @@ class ModelConfig:
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     speaker_embedding_dim: int | None = None  # Base models: x-vector width (= talker hidden)
     speaker_encoder: SpeakerEncoderConfig | None = None  # Base models only
+    codec_encoder: CodecEncoderConfig | None = None  # Base models only: encodes reference audio (voice cloning)
 
     @property
     def languages(self) -> list[str]:
@@ -222,10 +224,11 @@ class ModelConfig:
         for spk, dialect in dialects.items():
             if dialect not in languages:
                 raise ConfigError(f"talker_config: speaker {spk!r} has dialect {dialect!r} with no codec_language_id")
-        spk_dim, speaker_encoder = None, None
+        spk_dim, speaker_encoder, codec_encoder = None, None, None
         if model_type == "base":
             try:
                 speaker_encoder = SpeakerEncoderConfig.from_dict(config.get("speaker_encoder_config") or {})
+                codec_encoder = CodecEncoderConfig.from_json_dict(codec_config)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"config.json: {exc}") from exc
             spk_dim = speaker_encoder.enc_dim
@@ -245,4 +248,5 @@ class ModelConfig:
             generation=GenerationDefaults.from_dict(generation_config or {}),
             speaker_embedding_dim=spk_dim,
             speaker_encoder=speaker_encoder,
+            codec_encoder=codec_encoder,
         )

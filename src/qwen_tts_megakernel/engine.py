@@ -35,6 +35,7 @@ from .config import ModelConfig
 from .model import KVCache, Talker
 from .prompt import Prompt, build_prompt
 from .sampling import RandomStream, SamplingParams, TalkerRules, sample_code_predictor, sample_talker
+from .voices import resolve_voice
 
 BACKENDS = ("reference", "megakernel")
 STOP_REASONS = ("eos", "max_new_tokens", "length_guard", "cancelled")
@@ -156,6 +157,7 @@ class GenerationResult:
     seed: int
     num_text_tokens: int
     elapsed_s: float
+    prime_codes: np.ndarray | None = None  # in-context cloned voice: the reference frames the audio continues
 
 
 @dataclass
@@ -228,6 +230,7 @@ class Synthesizer:
         self.backend = backend
         self.codec = codec
         self.talker = talker  # embeds prompt rows for every backend
+        self.voice_library = None  # stored cloned voices (voices.py), opened on first use by a Base model
         self.sample_rate = codec.sample_rate
         self.samples_per_frame = codec.samples_per_frame
 
@@ -299,8 +302,8 @@ class Synthesizer:
 
     def prompt(self, text: str, *, voice: str | None = None, language: str | None = "auto",
                instruct: str | None = None, text_layout: str = "prefill") -> Prompt:
-        return build_prompt(self.config, self.tokenizer, text, voice=voice, language=language, instruct=instruct,
-                            text_layout=text_layout)
+        return build_prompt(self.config, self.tokenizer, text, voice=resolve_voice(self, voice), language=language,
+                            instruct=instruct, text_layout=text_layout)
 
     @torch.inference_mode()
     def _open(self, prompt: Prompt, params: SamplingParams, rng: RandomStream, max_frames: int):
@@ -355,7 +358,8 @@ class Synthesizer:
         frames = list(self.frames(request, seed=seed, random_table=random_table, report=report))
         codes = np.stack(frames) if frames else np.zeros((0, self.config.talker.num_code_groups), dtype=np.int64)
         return GenerationResult(codes=codes, stop_reason=report["stop_reason"], seed=seed,
-                                num_text_tokens=report["num_text_tokens"], elapsed_s=time.perf_counter() - start)
+                                num_text_tokens=report["num_text_tokens"], elapsed_s=time.perf_counter() - start,
+                                prime_codes=request.prompt.ref_codes)
 
     def stream(self, text: str, *, voice: str | None = None, language: str | None = "auto",
                instruct: str | None = None, seed: int | None = None, do_sample: bool = True,
@@ -374,11 +378,15 @@ class Synthesizer:
         start = time.perf_counter()
         frames = self.frames(request, seed=seed, cancel=cancel, report=report)
         speech = SpeechStream(_chunks=iter(()), seed=seed)
-        speech._chunks = self._chunks(frames, tuple(int(n) for n in chunk_schedule), start, speech, report)
+        speech._chunks = self._chunks(frames, tuple(int(n) for n in chunk_schedule), start, speech, report,
+                                      request.prompt.ref_codes)
         return speech
 
-    def _chunks(self, frames, schedule, start, speech: SpeechStream, report: dict) -> Iterator[AudioChunk]:
+    def _chunks(self, frames, schedule, start, speech: SpeechStream, report: dict,
+                prime_codes: np.ndarray | None = None) -> Iterator[AudioChunk]:
         decoder = StreamingCodecDecoder(self.codec)
+        if prime_codes is not None:  # in-context voice: continue from the reference frames, emit only new audio
+            decoder.push(torch.from_numpy(prime_codes).to(self.codec_device))
         pending: list[np.ndarray] = []
         emitted = 0
         chunks_sent = 0
@@ -413,15 +421,20 @@ class Synthesizer:
     def synthesize(self, text: str, **kwargs) -> tuple[np.ndarray, int]:
         """The whole utterance as float32 in [-1, 1] and its sample rate (24000)."""
         result = self.generate_codes(text, **kwargs)
-        return self.decode(result.codes), self.sample_rate
+        return self.decode(result.codes, prime_codes=result.prime_codes), self.sample_rate
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """Whole-utterance codec decode of codes [T, 16] -> float32 samples [T * 1920]."""
+    def decode(self, codes: np.ndarray, prime_codes: np.ndarray | None = None) -> np.ndarray:
+        """Whole-utterance codec decode of codes [T, 16] -> float32 samples [T * 1920]. With `prime_codes`
+        [R, 16] (an in-context voice's reference frames) the decoder continues from them; their audio is cut."""
         if len(codes) == 0:
             return np.zeros(0, dtype=np.float32)
+        skip = 0
+        if prime_codes is not None:
+            skip = len(prime_codes) * self.samples_per_frame
+            codes = np.concatenate([prime_codes, codes])
         with torch.inference_mode():
             audio = self.codec.decode(torch.as_tensor(np.asarray(codes), device=self.codec_device))
-        return audio.float().cpu().numpy()
+        return audio[skip:].float().cpu().numpy()
 
 
 def pick_seed(seed: int | None) -> int:

@@ -121,8 +121,8 @@ def resolve_voice(config: ModelConfig, voice: str | ClonedVoice | None) -> str |
         raise PromptError(f"unknown voice {voice!r}: a Base model speaks in cloned voices; add one with "
                           "`qwen-tts-mk voices add` or POST /v1/audio/voices")
     if config.model_type == "base":
-        raise PromptError("a Base model needs a voice: the name of a cloned voice (`qwen-tts-mk voices add` or "
-                          "POST /v1/audio/voices)")
+        raise PromptError("a Base model needs a voice (voice cloning): the name of a stored voice (add one with "
+                          "`qwen-tts-mk voices add` or POST /v1/audio/voices)")
     return None
 
 

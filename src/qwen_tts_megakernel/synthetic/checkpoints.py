@@ -18,8 +18,9 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from ..codec_encoder import CodecEncoderConfig, codec_encoder_shapes
 from ..speaker_encoder import SpeakerEncoderConfig, speaker_encoder_shapes
 from ..tokenizer import build_tiny_tokenizer, write_tokenizer_files
 from .codec import PREPROCESSOR_CONFIG, random_speech_tokenizer_weights, tiny_speech_tokenizer_config, write_speech_tokenizer
@@ -155,6 +156,34 @@ def random_weights(config: dict, seed: int, dtype: torch.dtype = torch.float32,
     return {k: v.contiguous() for k, v in w.items()}
 
 
+def random_codec_encoder_weights(codec_config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random "encoder.*" tensors (the speech tokenizer's Mimi encoder) with the official names and shapes: fan-in
+    scaled convolutions and linears, LayerNorms near identity, LayerScales 0.05..0.2, unit-scale codebooks."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    out = {}
+    for name, shape in sorted(codec_encoder_shapes(CodecEncoderConfig.from_json_dict(codec_config)).items()):
+        leaf = name.rsplit(".", 1)[1]
+        if leaf == "initialized":
+            t = torch.ones(shape)
+        elif leaf == "cluster_usage":
+            t = 0.5 + 1.5 * torch.rand(*shape, generator=gen)
+        elif leaf == "embed_sum":
+            t = torch.randn(*shape, generator=gen)
+        elif leaf == "scale":  # LayerScale
+            t = 0.05 + 0.15 * torch.rand(*shape, generator=gen)
+        elif "layernorm" in name:
+            t = (1.0 if leaf == "weight" else 0.0) + 0.1 * torch.randn(*shape, generator=gen)
+        elif leaf == "bias":
+            t = 0.02 * torch.randn(*shape, generator=gen)
+        else:
+            t = torch.randn(*shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+        out[name] = t
+    for name in out:  # codebook rows embed_sum / cluster_usage at unit scale
+        if name.endswith("embed_sum"):
+            out[name] = out[name] * out[name.replace("embed_sum", "cluster_usage")][:, None]
+    return {k: v.float().contiguous() for k, v in out.items()}
+
+
 def _write_checkpoint(out: Path, config: dict, weights: dict[str, torch.Tensor], tokenizer, special_ids: dict,
                       codec_config: dict, codec_seed: int) -> Path:
     """Every file of the official layout: configs, weights, tokenizer files, speech_tokenizer/."""
@@ -164,7 +193,11 @@ def _write_checkpoint(out: Path, config: dict, weights: dict[str, torch.Tensor],
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2), "utf-8")
     (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2), "utf-8")
     save_file({k: v.cpu() for k, v in weights.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    write_speech_tokenizer(out / "speech_tokenizer", codec_config, seed=codec_seed)
+    codec_dir = write_speech_tokenizer(out / "speech_tokenizer", codec_config, seed=codec_seed)
+    if config["tts_model_type"] == "base":  # the encoder too: in-context cloning encodes reference audio
+        codec = load_file(str(codec_dir / "model.safetensors"))
+        codec.update(random_codec_encoder_weights(codec_config, codec_seed))
+        save_file(codec, str(codec_dir / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 
@@ -237,7 +270,10 @@ def random_checkpoint(size: str = "0.6b", model_type: str = "custom_voice", seed
     tokenizer, special_ids = build_tiny_tokenizer()
     config = real_config(size, model_type, special_ids)
     codec_config = real_speech_tokenizer_config()
+    codec_weights = random_speech_tokenizer_weights(codec_config, seed + 1)
+    if model_type == "base":
+        codec_weights.update(random_codec_encoder_weights(codec_config, seed + 1))
     return Checkpoint(path=None, config=ModelConfig.from_dicts(config, codec_config, GENERATION_CONFIG),
                       weights=random_weights(config, seed, torch.bfloat16, device),
-                      codec_weights=random_speech_tokenizer_weights(codec_config, seed + 1),
+                      codec_weights=codec_weights,
                       tokenizer=TextTokenizer(tokenizer))
