@@ -15,7 +15,8 @@ generated as soon as the token it reads exists. LiveUtterance keeps that invaria
     text_layout="interleaved")` with the same seed (when the two tokenize the same way).
 
 Backends whose streams cannot take appended text rows (no `append_text_rows`) fall back to waiting for flush and
-then speaking the whole text, still in the interleaved layout. Backends whose streams read a text row before the
+then speaking the whole text, still in the interleaved layout. So do in-context cloned voices (prompt.py): their
+prefill holds the first text rows next to the reference frames. Backends whose streams read a text row before the
 frame that uses it (`reads_text_ahead`: the megakernel, whose launch k builds launch k+1's input) are told whether
 more text follows: `open_stream(..., text_final=False)` and `stream.end_text()` once tts_eos was appended; until
 then they never read past the rows they have (megakernel/backend.py, TextTrack), so the codes are the same.
@@ -29,8 +30,9 @@ import numpy as np
 import torch
 
 from .engine import Synthesizer, check_max_new_tokens, frame_limit
-from .prompt import PromptError, build_prompt
+from .prompt import ClonedVoice, PromptError, build_prompt
 from .sampling import RandomStream
+from .voices import resolve_voice
 
 # A commit point: whitespace followed by a non-space character (the start of the next word).
 _BOUNDARY = re.compile(r"\s(?=\S)")
@@ -53,9 +55,11 @@ class LiveUtterance:
                  instruct: str | None = None, seed: int = 0, max_new_tokens: int | None = None,
                  do_sample: bool = True, **sampling):
         self.synth = synth
-        self.voice, self.language, self.instruct = voice, language, instruct
+        self.voice, self.language, self.instruct = resolve_voice(synth, voice), language, instruct
         # Validate voice, language and instruct now, with a placeholder text.
-        synth.prompt("a", voice=voice, language=language, instruct=instruct, text_layout="interleaved")
+        synth.prompt("a", voice=self.voice, language=language, instruct=instruct, text_layout="interleaved")
+        # An in-context cloned voice: the codec continues from its reference frames; speech waits for flush.
+        self.prime_codes = self.voice.ref_codes if isinstance(self.voice, ClonedVoice) else None
         self.params = synth.sampling_params(do_sample=do_sample, **sampling)
         self.max_new_tokens = check_max_new_tokens(max_new_tokens, synth.config.generation.max_new_tokens)
         self.seed = seed
@@ -118,20 +122,26 @@ class LiveUtterance:
         if self.done or self.empty:
             return False
         if self.stream is None:
-            return bool(self.tokens) and (self.flushed or self._appendable)
+            return bool(self.tokens) and (self.flushed or (self._appendable and self.prime_codes is None))
         return self.flushed or len(self.tokens) > self.frames
 
     @torch.inference_mode()
     def _open(self) -> None:
         synth = self.synth
-        # The interleaved prefill depends on the text only through its last row, T(token 0) + C(codec_bos).
-        prompt = build_prompt(synth.config, synth.tokenizer, "a", voice=self.voice, language=self.language,
-                              instruct=self.instruct, text_layout="interleaved")
-        prompt.text_ids[-1] = self.tokens[0]
+        if self.prime_codes is not None:  # in-context voice, whole text known (ready() waited for flush)
+            prompt = build_prompt(synth.config, synth.tokenizer, self.text, voice=self.voice, language=self.language,
+                                  instruct=self.instruct, text_layout="interleaved")
+            self._tokens_fed, self._eos_fed = len(self.tokens), True
+            trailing = prompt.trailing_text_ids
+        else:
+            # The interleaved prefill depends on the text only through its last row, T(token 0) + C(codec_bos).
+            prompt = build_prompt(synth.config, synth.tokenizer, "a", voice=self.voice, language=self.language,
+                                  instruct=self.instruct, text_layout="interleaved")
+            prompt.text_ids[-1] = self.tokens[0]
+            trailing = self._take_trailing_ids()
         talker = synth.talker
-        prefill = talker.embed_rows(prompt.text_ids, prompt.codec_ids)
+        prefill = talker.embed_prompt(prompt)
         pad_row = talker.text_rows([synth.config.ids.tts_pad])[0]
-        trailing = self._take_trailing_ids()
         text_rows = talker.text_rows(trailing) if trailing else prefill[:0]
         extra = {}
         if self._tell_text_end:

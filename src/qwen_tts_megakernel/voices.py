@@ -184,8 +184,9 @@ def check_voice_name(name: object, field: str = "name") -> str:
 class VoiceLibrary:
     """Stored voices in one folder, safe for concurrent use by several processes (module docstring)."""
 
-    def __init__(self, directory: str | Path, fingerprint: str):
-        self.dir = Path(directory).expanduser()
+    def __init__(self, directory: str | Path | None, fingerprint: str):
+        """`directory`: None for default_voice_dir(). `fingerprint`: the speaker encoder voices must come from."""
+        self.dir = Path(directory).expanduser() if directory else default_voice_dir()
         self.fingerprint = fingerprint
         self._cache: dict[str, tuple[int, ClonedVoice]] = {}  # name -> (folder inode, voice)
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from ..live import LiveUtterance
 from ..prompt import PromptError
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .protocol import BadRequest, ServerSettings, SpeechParams, Validator, wav_header
+from .voices_api import voices_router
 from .worker import EngineWorker, Job, LiveJob, QueueFull, TextJob
 
 log = logging.getLogger("qwen_tts_megakernel.server")
@@ -176,14 +177,8 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         metrics.frames_per_second.set(worker.frames_per_second())
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/audio/voices")
-    async def voices(request: Request):
-        if not authorized(request.headers):
-            return unauthorized()
-        cfg = synth.config
-        return {"model": model_name, "model_type": cfg.model_type, "model_size": cfg.model_size,
-                "voices": sorted(synth.voices), "languages": synth.languages,
-                "supports_instructions": bool(cfg.supports_instruct), "sample_rate": sample_rate}
+    app.include_router(voices_router(synth, model_name=model_name, authorized=authorized,
+                                     unauthorized=unauthorized, error=error))
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -74,6 +74,7 @@ class Job:
         self._outstanding = 0  # chunks emitted and not yet taken by the consumer
         self._lock = threading.Lock()
         self._decoder: StreamingCodecDecoder | None = None
+        self._prime_codes: np.ndarray | None = None  # in-context cloned voice: the decoder continues from these
         self.worker: "EngineWorker | None" = None
 
     # Consumer side (event loop) ------------------------------------------------------------------------------------
@@ -151,6 +152,8 @@ class Job:
         # The same decode as Synthesizer._chunks, so the bytes equal the in-process stream's.
         if self._decoder is None:
             self._decoder = StreamingCodecDecoder(self.synth.codec)
+            if self._prime_codes is not None:
+                self._decoder.push(torch.from_numpy(self._prime_codes).to(self.synth.codec_device))
         codes = torch.from_numpy(np.stack(self._pending)).to(self.synth.codec_device)
         audio = self._decoder.push(codes).float().cpu().numpy()
         now = time.perf_counter()
@@ -206,6 +209,7 @@ class TextJob(Job):
         self._seed = seed
         self._report: dict = {}
         self._frames = synth.frames(request, seed=seed, report=self._report)
+        self._prime_codes = request.prompt.ref_codes
 
     def _next_codes(self):
         try:
@@ -232,6 +236,7 @@ class LiveJob(Job):
     def __init__(self, synth: Synthesizer, loop, *, utterance: LiveUtterance, endpoint: str, **kw):
         super().__init__(synth, loop, endpoint=endpoint, **kw)
         self.utterance = utterance
+        self._prime_codes = utterance.prime_codes
         self._text_lock = threading.Lock()
         self._inbox: list[str] = []
         self._flush_requested = False
