@@ -46,7 +46,8 @@ class SpeakerEncoderConfig:
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
         cfg = cls(**values)
         if not len(cfg.enc_channels) == len(cfg.enc_kernel_sizes) == len(cfg.enc_dilations):
-            raise ValueError("speaker_encoder_config: enc_channels, enc_kernel_sizes and enc_dilations differ in length")
+            raise ValueError("speaker_encoder_config: enc_channels, enc_kernel_sizes and enc_dilations differ in "
+                             "length")
         if cfg.mel_dim != N_MELS or cfg.sample_rate != SAMPLE_RATE:
             raise ValueError(f"speaker_encoder_config: only {N_MELS} mels at {SAMPLE_RATE} Hz exist, got "
                              f"{cfg.mel_dim} mels at {cfg.sample_rate} Hz")

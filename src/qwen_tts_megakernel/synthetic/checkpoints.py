@@ -149,10 +149,10 @@ def random_weights(config: dict, seed: int, dtype: torch.dtype = torch.float32,
         w["talker.code_predictor.small_to_mtp_projection.weight"] = randn(cp_hidden, hidden) / hidden ** 0.5
         w["talker.code_predictor.small_to_mtp_projection.bias"] = 0.1 * randn(cp_hidden)
     if config["tts_model_type"] == "base":
-        # Fan-in scaled convolutions and small biases; the x-vector lands near the codec embeddings' unit scale.
-        for name, shape in speaker_encoder_shapes(SpeakerEncoderConfig.from_dict(config["speaker_encoder_config"])).items():
-            fan_in = 1 if name.endswith("bias") else math.prod(shape[1:])
-            w[name] = randn(*shape) * (0.1 if name.endswith("bias") else fan_in ** -0.5)
+        # The speaker encoder: fan-in scaled convolutions, small biases.
+        encoder = SpeakerEncoderConfig.from_dict(config["speaker_encoder_config"])
+        for name, shape in speaker_encoder_shapes(encoder).items():
+            w[name] = randn(*shape) * (0.1 if name.endswith("bias") else math.prod(shape[1:]) ** -0.5)
     return {k: v.contiguous() for k, v in w.items()}
 
 
