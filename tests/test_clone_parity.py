@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_tts_megakernel.engine import Synthesizer
+from qwen_tts_megakernel.engine import PromptSource, Request, Synthesizer
 from qwen_tts_megakernel.prompt import ClonedVoice
-from qwen_tts_megakernel.sampling import RandomStream
 from qwen_tts_megakernel.synthetic import write_tiny_model
 from qwen_tts_megakernel.voices import VoiceEncoder
 
@@ -76,11 +75,14 @@ def official_clone(official, *, text, voice: ClonedVoice, layout, frames=FRAMES)
 
 
 def our_codes(ours, prompt, frames=FRAMES):
-    stream = ours._open(prompt, ours.sampling_params(do_sample=False), RandomStream(0), frames)
+    """Greedy codes of our reference backend, stepped through the backend contract."""
+    request = Request(prompt=prompt, params=ours.sampling_params(do_sample=False), limit=frames,
+                      limit_reason="max_new_tokens")
+    [stream] = ours.backend.open([PromptSource(request, seed=0).spec(ours.embedder, ours.config)])
     try:
-        return np.stack([stream.next_frame() for _ in range(frames)])
+        return np.stack([ours.backend.step([stream]).codes[0] for _ in range(frames)])
     finally:
-        stream.close()
+        ours.backend.close(stream)
 
 
 @pytest.mark.parametrize("size", ["0.6b", "1.7b"])
@@ -102,7 +104,7 @@ def test_x_vector_only_prompt_and_greedy_codes_equal_official(models, size, layo
     assert ref_codes.shape == (FRAMES, 16), "the official run stopped early"
 
     prompt = ours.prompt(TEXT, voice=voice, language="english", text_layout=layout)
-    prefill = ours.talker.embed_prompt(prompt)
+    prefill = ours.embedder.embed_prompt(prompt)
     assert prefill.shape == ref_prefill.shape
     torch.testing.assert_close(prefill, ref_prefill, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(our_codes(ours, prompt), ref_codes)
@@ -136,7 +138,7 @@ def test_in_context_prompt_and_greedy_codes_equal_official(models, size, layout,
     prompt = ours.prompt(text, voice=voice, language="english", text_layout=layout)
     if layout == "interleaved":
         assert bool(prompt.trailing_text_ids) == (text == TEXT)
-    prefill = ours.talker.embed_prompt(prompt)
+    prefill = ours.embedder.embed_prompt(prompt)
     assert prefill.shape == ref_prefill.shape
     torch.testing.assert_close(prefill, ref_prefill, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(our_codes(ours, prompt), ref_codes)

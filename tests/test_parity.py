@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_tts_megakernel.engine import Synthesizer
-from qwen_tts_megakernel.sampling import RandomStream
+from qwen_tts_megakernel.engine import PromptSource, Request, Synthesizer
 from qwen_tts_megakernel.synthetic import write_tiny_model
 
 pytestmark = pytest.mark.parity
@@ -88,12 +87,13 @@ def test_greedy_codes_logits_and_audio_match_official(models, size, model_type, 
     # Our stream, step by step, so we can read the logits of every talker pass.
     prompt = ours.prompt(TEXT, voice=speaker, language=language, instruct=instruct, text_layout=layout)
     params = ours.sampling_params(do_sample=False)
-    stream = ours._open(prompt, params, RandomStream(0), FRAMES)
+    request = Request(prompt=prompt, params=params, limit=FRAMES, limit_reason="max_new_tokens")
+    [stream] = ours.backend.open([PromptSource(request, seed=0).spec(ours.embedder, ours.config)])
     our_codes, our_logits = [], []
     for _ in range(FRAMES):
-        our_codes.append(stream.next_frame())
+        our_codes.append(ours.backend.step([stream]).codes[0])
         our_logits.append(stream.last_logits)
-    stream.close()
+    ours.backend.close(stream)
 
     # The prefill rows are the official talker's first input.
     prefill = ours.talker.embed_rows(prompt.text_ids, prompt.codec_ids)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -29,23 +31,37 @@ def synth(tiny_dir):
     return Synthesizer.from_pretrained(str(tiny_dir), device="cpu")
 
 
-def drive(u: LiveUtterance, pieces, flush=True):
-    frames = []
-    for piece in pieces:
-        u.append(piece)
-        while u.ready():
-            codes = u.next_frame()
-            if codes is None:
+class LiveRun:
+    """A live-text utterance on the synthesizer's engine: text goes in with add(), frames come out."""
+
+    def __init__(self, synth, u: LiveUtterance):
+        self.u = u
+        self.events = synth.submit(u, audio=False, frames=True)
+        self.frames: list[np.ndarray] = []
+        self.stop_reason = None
+
+    def add(self, text: str, flush: bool = False) -> None:
+        self.u.add_text(text)
+        if flush:
+            self.u.request_flush()
+        self.events.job.wake()
+
+    def take(self, timeout: float) -> bool:
+        """Take events for up to `timeout` seconds; True once the utterance is done."""
+        deadline = time.monotonic() + timeout
+        while self.stop_reason is None and time.monotonic() < deadline:
+            try:
+                kind, payload = self.events.queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
                 break
-            frames.append(codes)
-    if flush:
-        u.flush()
-        while u.ready():
-            codes = u.next_frame()
-            if codes is None:
-                break
-            frames.append(codes)
-    return frames
+            if kind == "frame":
+                self.frames.append(payload)
+                self.events.job.taken()
+            elif kind == "done":
+                self.stop_reason = payload.stop_reason
+            elif kind == "error":
+                raise AssertionError(payload)
+        return self.stop_reason is not None
 
 
 @pytest.mark.parametrize("split", ["whole", "words", "chars"])
@@ -54,27 +70,34 @@ def test_live_text_equals_whole_text_interleaved(synth, split):
               "chars": list(TEXT)}[split]
     assert "".join(pieces) == TEXT
     expected = synth.generate_codes(TEXT, seed=7, max_new_tokens=30, text_layout="interleaved")
-    u = LiveUtterance(synth, seed=7, max_new_tokens=30)
-    frames = drive(u, pieces)
-    assert u.stop_reason == "max_new_tokens"
-    assert np.array_equal(np.stack(frames), expected.codes)
+    run = LiveRun(synth, LiveUtterance(synth, seed=7, max_new_tokens=30))
+    for piece in pieces:
+        run.add(piece)
+        run.take(0.01)
+    run.add("", flush=True)
+    assert run.take(120)
+    assert run.stop_reason == "max_new_tokens"
+    assert np.array_equal(np.stack(run.frames), expected.codes)
 
 
 def test_live_waits_for_text(synth):
     u = LiveUtterance(synth, seed=1, max_new_tokens=12)
-    u.append("Hel")
-    assert not u.ready()  # no committed word yet: nothing to speak
-    u.append("lo wor")
-    assert u.ready()  # "Hello" is committed (the space starts the next word)
-    n_tokens = len(u.tokens)
-    frames = drive(u, [""], flush=False)
-    assert len(frames) == n_tokens and not u.ready()  # one frame per committed token, then it waits
-    u.append("ld.")
-    u.flush()
-    frames += drive(u, [""], flush=False)
+    run = LiveRun(synth, u)
+    run.add("Hel")
+    run.take(0.5)
+    assert run.frames == []  # no committed word yet: nothing to speak
+    run.add("lo wor")  # "Hello" is committed (the space starts the next word)
+    deadline = time.monotonic() + 60
+    while not u.tokens or len(run.frames) < len(u.tokens):
+        assert time.monotonic() < deadline
+        run.take(0.1)
+    run.take(0.5)
+    assert len(run.frames) == len(u.tokens)  # one frame per committed token, then it waits
+    run.add("ld.", flush=True)
+    assert run.take(120)
     expected = synth.generate_codes("Hello world.", seed=1, max_new_tokens=12, text_layout="interleaved")
-    assert u.stop_reason == expected.stop_reason == "max_new_tokens"
-    assert np.array_equal(np.stack(frames), expected.codes)
+    assert run.stop_reason == expected.stop_reason == "max_new_tokens"
+    assert np.array_equal(np.stack(run.frames), expected.codes)
 
 
 def test_live_rejects_bad_settings(synth):
@@ -89,7 +112,11 @@ def test_live_rejects_bad_settings(synth):
     u = LiveUtterance(synth)
     u.append("   ")
     u.flush()
-    assert u.empty and not u.ready()
+    assert u.empty and not u.ready_to_open()
+    run = LiveRun(synth, LiveUtterance(synth))
+    run.add("   ", flush=True)
+    with pytest.raises(AssertionError, match="empty"):
+        run.take(30)
 
 
 def test_serve_without_a_model_says_how_to_get_one(tmp_path):

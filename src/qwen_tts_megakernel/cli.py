@@ -166,7 +166,11 @@ def cmd_bench(args) -> int:
         from .tools.server_bench import run_bench_server
 
         return run_bench_server(args)
-    raise UsageError("bench needs one of --all, --decode or --server")
+    if args.load:
+        from .tools.load_bench import run_bench_load
+
+        return run_bench_load(args)
+    raise UsageError("bench needs one of --all, --decode, --server or --load")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", action="store_true", help="megakernel decode step vs reference baselines")
     p.add_argument("--server", action="store_true", help="server time to first chunk and RTF over loopback")
     p.add_argument("--all", action="store_true", help="everything vs the alternatives, one process (GPU)")
+    p.add_argument("--load", action="store_true",
+                   help="a fleet of calls over loopback: closed and open loop, listener underruns (GPU)")
+    p.add_argument("--backends", nargs="+", default=None, help="--load: backends to run (default: megakernel)")
+    p.add_argument("--models", nargs="+", default=None, help="--load: models (default: random:0.6b)")
+    p.add_argument("--levels", nargs="+", type=int, default=None,
+                   help="--load: closed-loop stream counts (default: 1 8 16 32 64 128)")
+    p.add_argument("--rates", nargs="+", type=float, default=None,
+                   help="--load: open-loop requests per second, tried in order until p95 TTFA > 200 ms")
+    p.add_argument("--protocols", nargs="+", default=None, choices=["http", "ws"], help="--load: default both")
+    p.add_argument("--frames", type=int, default=None, help="--load: frames per request (default 100 = 8 s)")
     p.add_argument("--runs", type=int, default=5, help="repetitions per measurement (--all)")
     p.add_argument("--only", nargs="+", default=None, metavar="SECTION",
                    help="--all: run just these sections (decode, streaming, ttfc_breakdown, streaming_plot, "

@@ -195,47 +195,19 @@ class Talker(nn.Module):
         p = self.codec_head.weight
         return KVCache(self.config.talker, capacity, p.device, p.dtype)
 
-    # Input rows -------------------------------------------------------------------------------------------------
+    # Input rows (the same math as PromptEmbedder, over this talker's tables) ----------------------------------
+
+    def embedder(self) -> "PromptEmbedder":
+        return PromptEmbedder.of_talker(self)
 
     def text_rows(self, ids: list[int]) -> torch.Tensor:
-        """T(ids) = text_projection(text_embedding(ids)): [n, H]."""
-        idx = torch.tensor(ids, dtype=torch.long, device=self.codec_head.weight.device)
-        return self.text_projection(self.model.text_embedding(idx))
-
-    def codec_rows(self, ids: list[int]) -> torch.Tensor:
-        """C(ids) = codec_embedding(ids): [n, H]."""
-        idx = torch.tensor(ids, dtype=torch.long, device=self.codec_head.weight.device)
-        return self.model.codec_embedding(idx)
+        return self.embedder().text_rows(ids)
 
     def embed_rows(self, text_ids: list[int | None], codec_ids: list[int | None]) -> torch.Tensor:
-        """Prefill rows [L, H]: T(text) + C(codec), a missing id contributing nothing."""
-        p = self.codec_head.weight
-        rows = torch.zeros(len(text_ids), self.config.talker.hidden_size, device=p.device, dtype=p.dtype)
-        t_pos = [i for i, t in enumerate(text_ids) if t is not None]
-        c_pos = [i for i, c in enumerate(codec_ids) if c is not None]
-        if t_pos:
-            rows[t_pos] = self.text_rows([text_ids[i] for i in t_pos])
-        if c_pos:
-            rows[c_pos] = rows[c_pos] + self.codec_rows([codec_ids[i] for i in c_pos])
-        return rows
+        return self.embedder().embed_rows(text_ids, codec_ids)
 
     def embed_prompt(self, prompt) -> torch.Tensor:
-        """Prefill rows [L, H] of a prompt.Prompt: embed_rows of its ids, plus the codec terms that are vectors (a
-        cloned voice's x-vector row, F(reference frame) rows of the in-context layout)."""
-        rows = self.embed_rows(prompt.text_ids, prompt.codec_ids)
-        if prompt.speaker_embedding is not None:
-            rows[prompt.speaker_row] += prompt.speaker_embedding.to(device=rows.device, dtype=rows.dtype)
-        if prompt.ref_codes is not None:
-            start = prompt.ref_row
-            rows[start:start + len(prompt.ref_codes)] += self.frame_embeddings(prompt.ref_codes)
-        return rows
-
-    def frame_embeddings(self, codes) -> torch.Tensor:
-        """F(frame) for every frame of codes [R, 16]: [R, H], each summed in codebook order."""
-        idx = torch.as_tensor(codes, dtype=torch.long, device=self.codec_head.weight.device)
-        parts = [self.model.codec_embedding(idx[:, 0])]
-        parts += [self.code_predictor.model.codec_embedding[j - 1](idx[:, j]) for j in range(1, idx.shape[1])]
-        return torch.stack(parts, dim=1).sum(1)
+        return self.embedder().embed_prompt(prompt)
 
     def frame_embedding(self, codes: list[int]) -> torch.Tensor:
         """F(frame) = C(g0) + sum_j cp_emb[j-1][g_j]: [H], summed in codebook order."""
@@ -249,3 +221,89 @@ class Talker(nn.Module):
         """rows [L, H] -> (post-norm hidden of the last row [H], fp32 codec logits of the last row [3072])."""
         hidden = self.model(rows, cache)[-1]
         return hidden, self.codec_head(hidden).float()
+
+
+class PromptEmbedder(nn.Module):
+    """Turns a prompt's ids into talker input rows: the talker's two input tables and its text projection, and
+    nothing else, so a backend that keeps its own copy of the talker (the megakernel) needs only these here.
+
+    Built from a Talker (sharing its modules) or from the official tensors alone (from_state_dict)."""
+
+    def __init__(self, text_embedding: nn.Embedding, text_projection: TextProjection, codec_embedding: nn.Embedding,
+                 frame_tables: nn.ModuleList | None = None):
+        super().__init__()
+        self.text_embedding, self.text_projection, self.codec_embedding = text_embedding, text_projection, codec_embedding
+        # Base models: the code predictor's 15 input tables, for F(reference frame) rows of in-context voices.
+        self.frame_tables = frame_tables
+
+    @classmethod
+    def of_talker(cls, talker: "Talker") -> "PromptEmbedder":
+        return cls(talker.model.text_embedding, talker.text_projection, talker.model.codec_embedding,
+                   talker.code_predictor.model.codec_embedding)
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, weights: dict[str, torch.Tensor], device=None,
+                        dtype: torch.dtype = torch.float32) -> "PromptEmbedder":
+        t = config.talker
+        with torch.device("meta"):
+            embedder = cls(nn.Embedding(t.text_vocab_size, t.text_hidden_size),
+                           TextProjection(t.text_hidden_size, t.hidden_size), nn.Embedding(t.vocab_size, t.hidden_size))
+        names = {"text_embedding.weight": "talker.model.text_embedding.weight",
+                 "codec_embedding.weight": "talker.model.codec_embedding.weight"}
+        names |= {f"text_projection.{k}": f"talker.text_projection.{k}"
+                  for k in ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias")}
+        if config.model_type == "base":
+            cp = config.code_predictor
+            with torch.device("meta"):
+                embedder.frame_tables = nn.ModuleList(nn.Embedding(cp.vocab_size, t.hidden_size)
+                                                      for _ in range(cp.num_code_groups - 1))
+            names |= {f"frame_tables.{j}.weight": f"talker.code_predictor.model.codec_embedding.{j}.weight"
+                      for j in range(cp.num_code_groups - 1)}
+        embedder.load_state_dict({ours: weights[theirs] for ours, theirs in names.items()}, strict=True, assign=True)
+        return embedder.to(device=device, dtype=dtype).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.codec_embedding.weight.device
+
+    def text_rows(self, ids: list[int]) -> torch.Tensor:
+        """T(ids) = text_projection(text_embedding(ids)): [n, H]."""
+        idx = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return self.text_projection(self.text_embedding(idx))
+
+    def codec_rows(self, ids: list[int]) -> torch.Tensor:
+        """C(ids) = codec_embedding(ids): [n, H]."""
+        return self.codec_embedding(torch.tensor(ids, dtype=torch.long, device=self.device))
+
+    def embed_prompt(self, prompt) -> torch.Tensor:
+        """Prefill rows [L, H] of a prompt.Prompt: embed_rows of its ids, plus the codec terms that are vectors (a
+        cloned voice's x-vector row, F(reference frame) rows of the in-context layout)."""
+        rows = self.embed_rows(prompt.text_ids, prompt.codec_ids)
+        if prompt.speaker_embedding is not None:
+            rows[prompt.speaker_row] += prompt.speaker_embedding.to(device=rows.device, dtype=rows.dtype)
+        if prompt.ref_codes is not None:
+            start = prompt.ref_row
+            rows[start:start + len(prompt.ref_codes)] += self.frame_rows(prompt.ref_codes)
+        return rows
+
+    def frame_rows(self, codes) -> torch.Tensor:
+        """F(frame) = C(g0) + sum_j cp_emb[j-1][g_j] for every frame of codes [R, 16]: [R, H], summed in codebook
+        order (needs frame_tables: Base models)."""
+        if self.frame_tables is None:
+            raise ValueError("reference frames need the code predictor's input tables (Base models only)")
+        idx = torch.as_tensor(codes, dtype=torch.long, device=self.device)
+        parts = [self.codec_embedding(idx[:, 0])]
+        parts += [self.frame_tables[j - 1](idx[:, j]) for j in range(1, idx.shape[1])]
+        return torch.stack(parts, dim=1).sum(1)
+
+    def embed_rows(self, text_ids: list[int | None], codec_ids: list[int | None]) -> torch.Tensor:
+        """Prefill rows [L, H]: T(text) + C(codec), a missing id contributing nothing."""
+        w = self.codec_embedding.weight
+        rows = torch.zeros(len(text_ids), w.shape[1], device=w.device, dtype=w.dtype)
+        t_pos = [i for i, t in enumerate(text_ids) if t is not None]
+        c_pos = [i for i, c in enumerate(codec_ids) if c is not None]
+        if t_pos:
+            rows[t_pos] = self.text_rows([text_ids[i] for i in t_pos])
+        if c_pos:
+            rows[c_pos] = rows[c_pos] + self.codec_rows([codec_ids[i] for i in c_pos])
+        return rows

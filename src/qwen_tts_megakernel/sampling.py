@@ -130,12 +130,24 @@ def draw(scores: torch.Tensor, u: float) -> int:
     return int(order[pos])
 
 
+class SamplingError(ValueError):
+    """The scores of one stream's step cannot be sampled (none finite, or NaN): that stream ends with this error."""
+
+
 def choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
            u: float) -> int:
-    """Greedy argmax or one sampled draw from already-constrained fp32 logits [V]."""
+    """Greedy argmax or one sampled draw from already-constrained fp32 logits [V]. Raises SamplingError instead of
+    returning a code when the scores are NaN or none is finite."""
+    if torch.isnan(logits).any():
+        raise SamplingError("the model produced NaN scores")
     if not do_sample:
+        if not torch.isfinite(logits).any():
+            raise SamplingError("no finite score to choose from")
         return int(torch.argmax(logits))
-    return draw(warp(logits, temperature, top_k, top_p), u)
+    scores = warp(logits, temperature, top_k, top_p)
+    if torch.isnan(scores).any() or not torch.isfinite(scores.max()):
+        raise SamplingError(f"no finite score after temperature {temperature}, top-k {top_k}, top-p {top_p}")
+    return draw(scores, u)
 
 
 def sample_talker(logits: torch.Tensor, past_tokens: torch.Tensor, step: int, params: SamplingParams,

@@ -31,8 +31,9 @@ from ..live import LiveUtterance
 from ..prompt import PromptError
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .protocol import BadRequest, ServerSettings, SpeechParams, Validator, wav_header
+from ..engine import EngineUnavailable
 from .voices_api import voices_router
-from .worker import EngineWorker, Job, LiveJob, QueueFull, TextJob
+from .worker import EngineWorker, LiveJob, QueueFull, ServerJob, TextJob
 
 log = logging.getLogger("qwen_tts_megakernel.server")
 
@@ -109,7 +110,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         return error(503, "the server is at capacity (all stream slots and queue places taken); retry shortly",
                      kind="queue_full", headers={"Retry-After": str(settings.retry_after_s)})
 
-    async def audio_events(job: Job):
+    async def audio_events(job: ServerJob):
         """Yields (kind, payload) until done; cancels the job if the consumer goes away."""
         try:
             while True:
@@ -125,7 +126,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         return {"X-Sample-Rate": str(sample_rate), "X-Audio-Encoding": "pcm_s16le", "X-Audio-Channels": "1",
                 "X-Seed": str(job.seed()), "Cache-Control": "no-store"}
 
-    async def pcm_body(job: Job, with_wav_header: bool):
+    async def pcm_body(job: ServerJob, with_wav_header: bool):
         if with_wav_header:
             yield wav_header(sample_rate)
         async for kind, payload in audio_events(job):
@@ -163,11 +164,10 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
 
     @app.get("/health")
     async def health():
-        alive = worker.alive
-        body = {"status": "ok" if alive else "worker_stopped", "model": model_name,
-                "model_type": synth.config.model_type, "backend": getattr(synth.backend, "name", "?"),
-                "sample_rate": sample_rate, "active_streams": len(worker._active),
-                "queue_depth": len(worker._waiting)}
+        alive, reason = worker.health()
+        body = {"status": "ok" if alive else "unavailable", "reason": reason, "model": model_name,
+                "model_type": synth.config.model_type, "sample_rate": sample_rate,
+                "active_streams": worker.active_count, "queue_depth": worker.waiting_count}
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics")
@@ -175,6 +175,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         if not authorized(request.headers):
             return unauthorized()
         metrics.frames_per_second.set(worker.frames_per_second())
+        worker.update_gauges()
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(voices_router(synth, model_name=model_name, authorized=authorized,
@@ -195,7 +196,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         engine_request = validator.prepare(params, "text")
         try:
             job = submit_text_job(params, engine_request, "tts_stream")
-        except QueueFull:
+        except (QueueFull, EngineUnavailable):
             return busy()
         return StreamingResponse(pcm_body(job, False), media_type="application/octet-stream",
                                  headers=audio_headers(job))
@@ -209,7 +210,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         engine_request = validator.prepare(params, "input")
         try:
             job = submit_text_job(params, engine_request, "openai_speech")
-        except QueueFull:
+        except (QueueFull, EngineUnavailable):
             return busy()
         wav = response_format == "wav"
         if stream_format == "sse":
@@ -359,7 +360,7 @@ class WsSession:
                       max_buffered_chunks=self.settings.max_buffered_chunks)
         try:
             self.worker.submit(job)
-        except QueueFull:
+        except (QueueFull, EngineUnavailable):
             self.metrics.errors_total.labels(kind="queue_full").inc()
             await self.send_json({"type": "error", "context_id": cid,
                                   "message": "the server is at capacity; retry this context shortly"})

@@ -1,99 +1,33 @@
-"""The engine worker: one thread owns the model and interleaves every active stream frame by frame.
+"""The server's side of the engine: asyncio handles for engine jobs, and the engine's metrics.
 
-Requests become Jobs. A Job is admitted into a bounded queue (EngineWorker.submit raises QueueFull when
-`max_active + max_queue` jobs are already held: the server answers 503 with Retry-After). Up to `max_active`
-jobs are active; each round of the worker loop generates one frame for every active job that can make progress,
-so a long utterance never delays another stream's first chunk by more than one frame per active stream.
-
-A job makes no progress (and costs nothing) while
-  * its consumer has not taken `max_buffered_chunks` chunks yet (backpressure from a slow client), or
-  * it is a live (streamed text) job waiting for its next text token.
-
-Events go back to the asyncio side through `loop.call_soon_threadsafe` into the job's asyncio.Queue:
-  ("chunk", AudioChunk)  ("done", info dict)  ("error", message)
-Cancellation (client disconnect, WS cancel) sets job.cancel_event; the worker ends the job before its next frame
-and frees its backend stream.
+The engine (engine/scheduler.py) owns scheduling; this module only adapts it to asyncio. A ServerJob wraps one
+engine Job: the engine's events arrive on an asyncio.Queue through `loop.call_soon_threadsafe`, and taking a chunk
+off that queue is what releases the engine's backpressure. Events: ("chunk", AudioChunk), ("done", JobInfo),
+("error", message).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import threading
-import time
-from dataclasses import dataclass
 
-import numpy as np
-import torch
-
-from ..codec import StreamingCodecDecoder
-from ..engine import DEFAULT_CHUNK_SCHEDULE, AudioChunk, Request, Synthesizer, float_to_pcm16
+from ..engine import DEFAULT_CHUNK_SCHEDULE, EngineFull, Job, PromptSource, Request, Synthesizer
 from ..live import LiveUtterance
 
 log = logging.getLogger("qwen_tts_megakernel.server")
 
-
-class QueueFull(Exception):
-    """The worker holds as many jobs as it may; try again later."""
+QueueFull = EngineFull  # every slot and queue place taken: the server answers 503 with Retry-After
 
 
-@dataclass
-class JobInfo:
-    """What the worker reports when a job ends."""
+class ServerJob:
+    """One stream of one request (HTTP) or context (WebSocket), consumed from the event loop."""
 
-    stop_reason: str
-    frames: int
-    audio_seconds: float
-    time_to_first_audio_ms: float | None
-    elapsed_ms: float
-    seed: int
-    num_text_tokens: int
-
-
-class Job:
-    """One utterance: a frame source (whole text or live text) plus the chunk schedule and codec decoder."""
-
-    def __init__(self, synth: Synthesizer, loop: asyncio.AbstractEventLoop, *, endpoint: str,
+    def __init__(self, synth: Synthesizer, loop: asyncio.AbstractEventLoop, source, *, endpoint: str,
                  chunk_schedule: tuple[int, ...] = DEFAULT_CHUNK_SCHEDULE, max_buffered_chunks: int = 64):
-        self.synth = synth
-        self.loop = loop
-        self.endpoint = endpoint
+        self.synth, self.loop, self.endpoint = synth, loop, endpoint
         self.events: asyncio.Queue = asyncio.Queue()
-        self.cancel_event = threading.Event()
-        self.schedule = chunk_schedule
-        self.max_buffered_chunks = max_buffered_chunks
-        self.created = time.perf_counter()
-        self.started: float | None = None
-        self.first_audio: float | None = None
-        self.frames = 0
-        self.samples = 0
-        self.finished = False
-        self._pending: list[np.ndarray] = []
-        self._chunks_sent = 0
-        self._outstanding = 0  # chunks emitted and not yet taken by the consumer
-        self._lock = threading.Lock()
-        self._decoder: StreamingCodecDecoder | None = None
-        self._prime_codes: np.ndarray | None = None  # in-context cloned voice: the decoder continues from these
-        self.worker: "EngineWorker | None" = None
-
-    # Consumer side (event loop) ------------------------------------------------------------------------------------
-
-    async def next_event(self):
-        event = await self.events.get()
-        if event[0] == "chunk":
-            with self._lock:
-                self._outstanding -= 1
-            if self.worker is not None:
-                self.worker.wake()
-        return event
-
-    def cancel(self) -> None:
-        self.cancel_event.set()
-        if self.worker is not None:
-            self.worker.wake()
-
-    # Worker side ---------------------------------------------------------------------------------------------------
+        self.job = Job(source, self._emit, label=endpoint, chunk_schedule=chunk_schedule, audio=True,
+                       max_buffered=max_buffered_chunks)
 
     def _emit(self, event) -> None:
         try:
@@ -101,286 +35,105 @@ class Job:
         except RuntimeError:  # the event loop is gone (server shutting down)
             pass
 
-    def ready(self) -> bool:
-        if self.finished:
-            return False
-        if self.cancel_event.is_set():
-            return True
-        with self._lock:
-            if self._outstanding >= self.max_buffered_chunks:
-                return False
-        return self._source_ready()
+    async def next_event(self):
+        event = await self.events.get()
+        if event[0] == "chunk":
+            self.job.taken()
+        return event
 
-    def _source_ready(self) -> bool:
-        return True
-
-    def _next_codes(self) -> np.ndarray | None:
-        raise NotImplementedError
-
-    def _stop_reason(self) -> str:
-        raise NotImplementedError
-
-    def _close_source(self) -> None:
-        raise NotImplementedError
+    def cancel(self) -> None:
+        self.job.cancel()
 
     def seed(self) -> int:
-        raise NotImplementedError
+        return self.job.source.seed
 
-    def num_text_tokens(self) -> int:
-        return 0
-
-    def step(self) -> bool:
-        """Generate at most one frame; emit a chunk when the schedule says so. Returns True when the job ended."""
-        if self.started is None:
-            self.started = time.perf_counter()
-        if self.cancel_event.is_set():
-            self._finish("cancelled")
-            return True
-        codes = self._next_codes()
-        if codes is None:
-            if self._pending:
-                self._flush_chunk()
-            self._finish(self._stop_reason())
-            return True
-        self.frames += 1
-        self._pending.append(codes)
-        if len(self._pending) >= self.schedule[min(self._chunks_sent, len(self.schedule) - 1)]:
-            self._flush_chunk()
-        return False
-
-    def _flush_chunk(self) -> None:
-        # The same decode as Synthesizer._chunks, so the bytes equal the in-process stream's.
-        if self._decoder is None:
-            self._decoder = StreamingCodecDecoder(self.synth.codec)
-            if self._prime_codes is not None:
-                self._decoder.push(torch.from_numpy(self._prime_codes).to(self.synth.codec_device))
-        codes = torch.from_numpy(np.stack(self._pending)).to(self.synth.codec_device)
-        audio = self._decoder.push(codes).float().cpu().numpy()
-        now = time.perf_counter()
-        chunk = AudioChunk(pcm=float_to_pcm16(audio), sample_rate=self.synth.sample_rate,
-                           first_frame=self.frames - len(self._pending), num_frames=len(self._pending),
-                           time_s=now - self.created)
-        self._pending.clear()
-        self._chunks_sent += 1
-        if self.first_audio is None:
-            self.first_audio = now
-            if self.worker is not None:
-                self.worker.metrics.observe_first_chunk(self.endpoint, now - self.created)
-        self.samples += len(chunk.pcm)
-        with self._lock:
-            self._outstanding += 1
-        self._emit(("chunk", chunk))
-
-    def _finish(self, reason: str) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        try:
-            self._close_source()
-        except Exception:  # noqa: BLE001 - closing must never take the worker down
-            log.exception("closing a stream failed")
-        self._decoder = None
-        now = time.perf_counter()
-        info = JobInfo(stop_reason=reason, frames=self.frames, audio_seconds=self.samples / self.synth.sample_rate,
-                       time_to_first_audio_ms=None if self.first_audio is None
-                       else 1000 * (self.first_audio - self.created),
-                       elapsed_ms=1000 * (now - self.created), seed=self.seed(),
-                       num_text_tokens=self.num_text_tokens())
-        if self.worker is not None:
-            self.worker.metrics.observe_done(self, info, compute_s=now - (self.started or now))
-        log.info("%s stream done: %s, %d frames, %.2f s audio, first audio %s ms, %.0f ms", self.endpoint, reason,
-                 info.frames, info.audio_seconds,
-                 "-" if info.time_to_first_audio_ms is None else f"{info.time_to_first_audio_ms:.0f}",
-                 info.elapsed_ms)
-        self._emit(("done", info))
-
-    def fail(self, message: str) -> None:
-        if self.finished:
-            return
-        self._emit(("error", message))
-        self._finish("error")
+    @property
+    def finished(self) -> bool:
+        return self.job.finished
 
 
-class TextJob(Job):
-    """Whole text known up front: drives the engine's own per-frame generator."""
+
+class TextJob(ServerJob):
+    """Whole text known up front."""
 
     def __init__(self, synth: Synthesizer, loop, *, request: Request, seed: int, endpoint: str, **kw):
-        super().__init__(synth, loop, endpoint=endpoint, **kw)
-        self._seed = seed
-        self._report: dict = {}
-        self._frames = synth.frames(request, seed=seed, report=self._report)
-        self._prime_codes = request.prompt.ref_codes
-
-    def _next_codes(self):
-        try:
-            return next(self._frames)
-        except StopIteration:
-            return None
-
-    def _stop_reason(self) -> str:
-        return self._report.get("stop_reason", "cancelled")
-
-    def _close_source(self) -> None:
-        self._frames.close()
-
-    def seed(self) -> int:
-        return self._seed
-
-    def num_text_tokens(self) -> int:
-        return self._report.get("num_text_tokens", 0)
+        super().__init__(synth, loop, PromptSource(request, seed), endpoint=endpoint, **kw)
 
 
-class LiveJob(Job):
+class LiveJob(ServerJob):
     """Streamed text (WebSocket contexts): text arrives in deltas, speech starts before the text is complete."""
 
     def __init__(self, synth: Synthesizer, loop, *, utterance: LiveUtterance, endpoint: str, **kw):
-        super().__init__(synth, loop, endpoint=endpoint, **kw)
+        super().__init__(synth, loop, utterance, endpoint=endpoint, **kw)
         self.utterance = utterance
-        self._prime_codes = utterance.prime_codes
-        self._text_lock = threading.Lock()
-        self._inbox: list[str] = []
-        self._flush_requested = False
-        self.empty_error = False
 
-    # Called from the event loop.
     def add_text(self, text: str) -> None:
-        with self._text_lock:
-            self._inbox.append(text)
-        if self.worker is not None:
-            self.worker.wake()
+        self.utterance.add_text(text)
+        self.job.wake()
 
     def request_flush(self) -> None:
-        with self._text_lock:
-            self._flush_requested = True
-        if self.worker is not None:
-            self.worker.wake()
+        self.utterance.request_flush()
+        self.job.wake()
 
-    # Worker side: text is tokenized on the worker thread, which owns the utterance.
-    def _drain_inbox(self) -> None:
-        with self._text_lock:
-            inbox, self._inbox = self._inbox, []
-            flush = self._flush_requested
-        if inbox:
-            self.utterance.append("".join(inbox))
-        if flush:
-            self.utterance.flush()
 
-    def _source_ready(self) -> bool:
-        self._drain_inbox()
-        if self.utterance.empty:
-            return True  # step() reports it
-        return self.utterance.ready()
+class MetricsObserver:
+    """The engine's observer hooks -> the server's Prometheus metrics."""
 
-    def step(self) -> bool:
-        if not self.cancel_event.is_set() and self.utterance.empty:
-            self.fail("text is empty: nothing to speak")
-            return True
-        return super().step()
+    def __init__(self, metrics):
+        self.metrics = metrics
 
-    def _next_codes(self):
-        return self.utterance.next_frame()
+    def first_chunk(self, job, seconds: float) -> None:
+        self.metrics.observe_first_chunk(job.label, seconds)
 
-    def _stop_reason(self) -> str:
-        return self.utterance.stop_reason or "cancelled"
+    def done(self, job, info, compute_s: float) -> None:
+        self.metrics.observe_done(job, info, compute_s)
 
-    def _close_source(self) -> None:
-        self.utterance.cancel()
+    def frames(self, count: int) -> None:
+        self.metrics.frames_total.inc(count)
 
-    def seed(self) -> int:
-        return self.utterance.seed
-
-    def num_text_tokens(self) -> int:
-        return len(self.utterance.tokens)
+    def failed(self, job, message: str) -> None:
+        self.metrics.errors_total.labels(kind="stream_failed").inc()
 
 
 class EngineWorker:
-    """The single thread that owns the Synthesizer."""
+    """The server's view of the synthesizer's engine: submit jobs, health, load figures."""
 
     def __init__(self, synth: Synthesizer, metrics, *, max_active: int = 16, max_queue: int = 32):
         self.synth = synth
         self.metrics = metrics
-        self.max_active = max_active
-        self.max_queue = max_queue
-        self._waiting: collections.deque[Job] = collections.deque()
-        self._active: list[Job] = []
-        self._cond = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="tts-engine-worker", daemon=True)
-        self._frame_times: collections.deque[float] = collections.deque()
+        settings = synth.engine_settings
+        settings.max_active, settings.max_queue = max_active, max_queue
+        self.engine = synth.engine
+        self.engine.observer = MetricsObserver(metrics)
 
     def start(self) -> None:
-        self._thread.start()
+        self.engine.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
+        self.engine.stop(timeout)
+
+    def health(self) -> tuple[bool, str]:
+        return self.engine.health()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self.engine.health()[0]
 
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
+    @property
+    def active_count(self) -> int:
+        return self.engine.active_count
 
-    def submit(self, job: Job) -> None:
-        with self._cond:
-            held = len(self._waiting) + len(self._active)
-            if held >= self.max_active + self.max_queue:
-                raise QueueFull(f"{held} streams in progress or queued")
-            job.worker = self
-            self._waiting.append(job)
-            self._update_gauges()
-            self._cond.notify_all()
+    @property
+    def waiting_count(self) -> int:
+        return self.engine.waiting_count
 
-    def _update_gauges(self) -> None:
-        self.metrics.active_streams.set(len(self._active))
-        self.metrics.queue_depth.set(len(self._waiting))
+    def submit(self, job: ServerJob) -> None:
+        """Raises QueueFull (503) or EngineUnavailable."""
+        self.engine.submit(job.job)
 
     def frames_per_second(self) -> float:
-        now = time.perf_counter()
-        while self._frame_times and now - self._frame_times[0] > 5.0:
-            self._frame_times.popleft()
-        return len(self._frame_times) / 5.0
+        return self.engine.frames_per_second()
 
-    def _run(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            with self._cond:
-                while self._waiting and len(self._active) < self.max_active:
-                    self._active.append(self._waiting.popleft())
-                # Jobs cancelled while still waiting end without ever touching the model.
-                for job in [j for j in self._waiting if j.cancel_event.is_set()]:
-                    self._waiting.remove(job)
-                    job._finish("cancelled")
-                self._update_gauges()
-                if self._stop:
-                    break
-                # Streams still waiting for their first audio go first: a newcomer's first chunk never waits
-                # behind a whole round of long-running streams.
-                ready = sorted((j for j in self._active if j.ready()), key=lambda j: j.first_audio is not None)
-                if not ready:
-                    self._cond.wait(timeout=0.25)
-                    continue
-            ended = []
-            for job in ready:
-                try:
-                    frames_before = job.frames
-                    if job.step():
-                        ended.append(job)
-                    if job.frames > frames_before:
-                        self._frame_times.append(time.perf_counter())
-                        self.metrics.frames_total.inc()
-                except Exception as exc:  # noqa: BLE001 - one bad stream must not stop the others
-                    log.exception("stream failed")
-                    self.metrics.errors_total.labels(kind="internal").inc()
-                    job.fail(f"internal error: {type(exc).__name__}: {exc}")
-                    ended.append(job)
-            if ended:
-                with self._cond:
-                    self._active = [j for j in self._active if j not in ended]
-                    self._update_gauges()
-        for job in list(self._active) + list(self._waiting):
-            job._finish("cancelled")
+    def update_gauges(self) -> None:
+        self.metrics.active_streams.set(self.engine.active_count)
+        self.metrics.queue_depth.set(self.engine.waiting_count)

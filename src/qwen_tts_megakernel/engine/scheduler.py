@@ -1,0 +1,455 @@
+"""The engine: one scheduler thread owns the backend and the codec and carries every stream (continuous batching).
+
+Each engine step, at a frame boundary:
+  1. cancelled jobs end (their backend and codec state freed); a job whose consumer stopped taking events for
+     `consumer_stall_s` while its buffer is full ends with an error; jobs queued past `queue_timeout_s` fail;
+  2. waiting jobs are admitted while slots are free and the measured step time says every admitted stream stays
+     ahead of real time (admission control; `max_active` caps it);
+  3. admitted jobs whose text is ready are opened together: one batched prefill (`backend.open`), bounded by
+     `max_prefill_rows` per step so the running streams keep real time;
+  4. live-text jobs hand the backend the text rows that arrived;
+  5. ONE `backend.step` generates the next frame of every job that can make progress (not backpressured, its
+     next text token present, under its frame limit);
+  6. ONE `codec.push` decodes the pending frames of every job whose chunk is due (first chunk = 1 frame, then
+     the job's chunk schedule), and the chunks go out;
+  7. jobs that ended send their last chunk and ("done", info).
+Everything done for one job runs under that job's own error handling: a failure ends that job with ("error",
+message) and never the others. A BackendError (the backend as a whole broke) fails every open job, then the engine
+rebuilds the backend with `backend_factory` if it has one; if that fails too, `health()` reports why and submit()
+refuses new work.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from ..backends.base import Backend, BackendError
+from ..config import ModelConfig
+from ..model import PromptEmbedder
+from .jobs import Job, JobInfo, AudioChunk, float_to_pcm16
+
+log = logging.getLogger("qwen_tts_megakernel.engine")
+
+FRAME_SECONDS = 0.08
+
+
+class EngineFull(Exception):
+    """Every stream slot and queue place is taken; try again later (the server answers 503 with Retry-After)."""
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot take work (its backend broke and could not be rebuilt, or it was stopped)."""
+
+
+@dataclass
+class EngineSettings:
+    max_active: int = 64  # streams stepped together (also capped by the backend's slots)
+    max_queue: int = 64  # streams waiting for a slot; beyond that submit() raises EngineFull
+    queue_timeout_s: float = 30.0  # a job waiting longer for a slot fails
+    consumer_stall_s: float = 10.0  # a job whose consumer took nothing for this long with a full buffer fails
+    max_buffered: int = 64  # events a job may have outstanding before it pauses (backpressure)
+    realtime_admission: bool = True  # hold new streams back while the measured step time says they would fall
+    realtime_headroom: float = 0.8  # behind real time: admit while the predicted step stays under 0.8 x 80 ms
+    max_prefill_rows: int = 4096  # prompt rows opened per engine step
+
+
+class EngineObserver(Protocol):
+    def first_chunk(self, job: Job, seconds: float) -> None: ...
+    def done(self, job: Job, info: JobInfo, compute_s: float) -> None: ...
+    def frames(self, count: int) -> None: ...
+    def failed(self, job: Job, message: str) -> None: ...
+
+
+class _NoObserver:
+    def first_chunk(self, job, seconds): pass
+    def done(self, job, info, compute_s): pass
+    def frames(self, count): pass
+    def failed(self, job, message): pass
+
+
+class StepTimes:
+    """Wall time of an engine step by batch size (an exponential average per power-of-two bucket): what admission
+    control predicts from."""
+
+    def __init__(self, alpha: float = 0.2):
+        self.alpha = alpha
+        self.by_bucket: dict[int, float] = {}
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return 1 << max(0, (batch - 1).bit_length())
+
+    def record(self, batch: int, seconds: float) -> None:
+        b = self.bucket(batch)
+        old = self.by_bucket.get(b)
+        self.by_bucket[b] = seconds if old is None else old + self.alpha * (seconds - old)
+
+    def predict(self, batch: int) -> float | None:
+        """The expected step time at `batch` streams: the bucket's average, else the largest smaller bucket's
+        scaled linearly (pessimistic: batching makes steps sub-linear); None before any measurement."""
+        b = self.bucket(batch)
+        if b in self.by_bucket:
+            return self.by_bucket[b]
+        smaller = [k for k in self.by_bucket if k < b]
+        if not smaller:
+            return None
+        k = max(smaller)
+        return self.by_bucket[k] * batch / k
+
+
+class Engine:
+    """Owns the GPU: submit() jobs from any thread; the scheduler thread does all model work."""
+
+    def __init__(self, backend: Backend, codec, embedder: PromptEmbedder, config: ModelConfig, *,
+                 sample_rate: int, settings: EngineSettings | None = None,
+                 backend_factory: Callable[[], Backend] | None = None):
+        self.backend, self.codec, self.embedder, self.config = backend, codec, embedder, config
+        self.sample_rate = sample_rate
+        self.settings = settings or EngineSettings()
+        self.backend_factory = backend_factory
+        self.observer: EngineObserver = _NoObserver()
+        self.step_times = StepTimes()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._active: list[Job] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._unhealthy: str | None = None
+        self._frame_times: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
+        self.eos_id = config.ids.codec_eos
+
+    # Control (any thread) --------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop = False
+                self._thread = threading.Thread(target=self._run, name="tts-engine", daemon=True)
+                self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def health(self) -> tuple[bool, str]:
+        """(True, "ok") or (False, why the engine cannot serve)."""
+        if self._unhealthy is not None:
+            return False, self._unhealthy
+        if self._thread is None or not self._thread.is_alive():
+            return False, "the engine thread is not running"
+        return True, "ok"
+
+    def submit(self, job: Job) -> None:
+        """Queue a job (it starts at the next frame boundary). Raises EngineFull or EngineUnavailable."""
+        ok, why = self.health()
+        if not ok:
+            raise EngineUnavailable(why)
+        with self._cond:
+            held = len(self._waiting) + len(self._active)
+            if held >= self.settings.max_active + self.settings.max_queue:
+                raise EngineFull(f"{held} streams in progress or queued")
+            job.wake = self.wake
+            job.max_buffered = min(job.max_buffered, self.settings.max_buffered)
+            self._waiting.append(job)
+            self._cond.notify_all()
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    def frames_per_second(self, window_s: float = 5.0) -> float:
+        now = time.perf_counter()
+        return sum(n for t, n in list(self._frame_times) if now - t <= window_s) / window_s
+
+    # The scheduler thread --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while True:
+                with self._cond:
+                    if self._stop:
+                        break
+                    self._admit()
+                    jobs = list(self._active)
+                progressed = self._step(jobs) if jobs else False
+                with self._cond:
+                    self._active = [j for j in self._active if not j.finished]
+                    if not progressed and not self._stop:
+                        self._cond.wait(timeout=0.05)
+        except Exception as exc:  # noqa: BLE001 - a bug in the scheduler itself: report it, fail everyone
+            log.exception("the engine scheduler stopped")
+            self._unhealthy = f"the engine scheduler stopped: {type(exc).__name__}: {exc}"
+        finally:
+            with self._cond:
+                jobs = list(self._active) + list(self._waiting)
+                self._active, self._waiting = [], collections.deque()
+            for job in jobs:
+                self._finish(job, "cancelled" if self._unhealthy is None else "error",
+                             None if self._unhealthy is None else self._unhealthy)
+
+    def _admit(self) -> None:
+        """Under the lock: drop cancelled or expired waiting jobs, move waiting jobs into the active set."""
+        s, now = self.settings, time.perf_counter()
+        for job in list(self._waiting):
+            if job.cancel_event.is_set():
+                self._waiting.remove(job)
+                self._finish(job, "cancelled")
+            elif now - job.created > s.queue_timeout_s:
+                self._waiting.remove(job)
+                self._finish(job, "error", f"waited {s.queue_timeout_s:g} s for a free stream slot")
+        limit = min(s.max_active, self.backend.max_streams)
+        while self._waiting and len(self._active) < limit:
+            if s.realtime_admission and self._active and not self._keeps_real_time(len(self._active) + 1):
+                break
+            self._active.append(self._waiting.popleft())
+
+    def _keeps_real_time(self, batch: int) -> bool:
+        predicted = self.step_times.predict(batch)
+        return predicted is None or predicted <= self.settings.realtime_headroom * FRAME_SECONDS
+
+    def _step(self, jobs: list[Job]) -> bool:
+        """One engine step over the active jobs. Returns whether anything happened."""
+        progressed = self._end_cancelled_and_stalled(jobs)
+        jobs = [j for j in jobs if not j.finished]
+        progressed |= self._open_ready(jobs)
+        self._feed_text(jobs)
+        stepping = [j for j in jobs if self._can_step(j)]
+        if stepping:
+            started = time.perf_counter()
+            self._generate(stepping)
+            self._decode([j for j in jobs if not j.finished and j.chunk_due() and j.audio])
+            self.step_times.record(len(stepping), time.perf_counter() - started)
+            progressed = True
+        else:
+            due = [j for j in jobs if not j.finished and j.chunk_due() and j.audio]
+            if due:
+                self._decode(due)
+                progressed = True
+        for job in jobs:
+            if not job.finished and job.end_reason is not None and not (job.audio and job.pending):
+                self._finish(job, job.end_reason)
+                progressed = True
+        return progressed
+
+    def _end_cancelled_and_stalled(self, jobs: list[Job]) -> bool:
+        ended = False
+        now = time.perf_counter()
+        for job in jobs:
+            if job.cancel_event.is_set():
+                self._finish(job, "cancelled")
+                ended = True
+            elif (job.outstanding >= job.max_buffered
+                  and now - job.last_taken > self.settings.consumer_stall_s):
+                self._finish(job, "error", f"the client took no audio for {self.settings.consumer_stall_s:g} s")
+                ended = True
+        return ended
+
+    def _open_ready(self, jobs: list[Job]) -> bool:
+        """Prefill the jobs whose text is ready, batched, within the step's row budget."""
+        specs, opening, rows = [], [], 0
+        for job in jobs:
+            if job.handle is not None or job.end_reason is not None:
+                continue
+            try:
+                job.source.prepare()
+                if job.source.empty:
+                    raise ValueError("text is empty: nothing to speak")
+                if not job.source.ready_to_open():
+                    continue
+                spec = job.source.spec(self.embedder, self.config)
+            except Exception as exc:  # noqa: BLE001 - this job's text or prompt is bad: end it alone
+                self._fail(job, exc)
+                continue
+            if opening and rows + len(spec.prefill) > self.settings.max_prefill_rows:
+                break
+            specs.append(spec)
+            opening.append(job)
+            rows += len(spec.prefill)
+        if not opening:
+            return False
+        try:
+            handles = self.backend.open(specs)
+        except BackendError as exc:
+            self._backend_broke(exc)
+            return True
+        except Exception:  # noqa: BLE001 - open one by one, so one bad spec fails only its own job
+            handles = []
+            for job, spec in zip(opening, specs):
+                try:
+                    handles.extend(self.backend.open([spec]))
+                except BackendError as exc:
+                    self._backend_broke(exc)
+                    return True
+                except Exception as exc:  # noqa: BLE001
+                    handles.append(None)
+                    self._fail(job, exc)
+        for job, spec, handle in zip(opening, specs, handles):
+            if handle is None:
+                continue
+            job.handle = handle
+            # The KV cache bounds the frames: the prompt's rows and one position per frame (frame 0 reuses the
+            # last prompt row's position).
+            job.max_frames = min(spec.max_frames, self.backend.max_seq_len - len(spec.prefill) + 1)
+            job.started = time.perf_counter()
+            if job.audio:
+                try:
+                    job.codec_handle = self.codec.open(getattr(job.source, "prime_codes", None))
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(job, exc)
+        return True
+
+    def _feed_text(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if job.handle is None or job.finished:
+                continue
+            try:
+                job.source.prepare()
+                rows, end = job.source.text_update(self.embedder)
+                if rows is not None and len(rows):
+                    self.backend.append_text(job.handle, rows)
+                if end:
+                    self.backend.end_text(job.handle)
+            except BackendError as exc:
+                self._backend_broke(exc)
+                return
+            except Exception as exc:  # noqa: BLE001
+                self._fail(job, exc)
+
+    def _can_step(self, job: Job) -> bool:
+        if job.handle is None or job.finished or job.end_reason is not None:
+            return False
+        if job.outstanding >= job.max_buffered:
+            return False  # backpressure: the consumer is behind
+        limit, reason = job.source.limit()
+        if job.frames >= limit:
+            job.end_reason = reason
+            return False
+        if job.frames >= job.max_frames:
+            job.end_reason = "max_new_tokens"
+            return False
+        return job.source.can_step(job.frames)
+
+    def _generate(self, jobs: list[Job]) -> None:
+        try:
+            out = self.backend.step([j.handle for j in jobs])
+        except BackendError as exc:
+            self._backend_broke(exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - the step as a whole failed: fail its jobs, keep the engine
+            log.exception("backend step failed")
+            for job in jobs:
+                self._fail(job, exc)
+            return
+        generated = 0
+        for i, job in enumerate(jobs):
+            if i in out.failed:
+                self._fail(job, out.failed[i])
+                continue
+            codes = out.codes[i]
+            if codes[0] == self.eos_id:
+                job.end_reason = "eos"
+                continue
+            job.frames += 1
+            generated += 1
+            if job.want_frames:
+                job.send(("frame", codes.copy()), counted=not job.audio)
+            if job.audio:
+                job.pending.append(codes.copy())
+        if generated:
+            self._frame_times.append((time.perf_counter(), generated))
+            self.observer.frames(generated)
+
+    def _decode(self, jobs: list[Job]) -> None:
+        """One codec call for every job whose chunk is due; a failing push is retried job by job so that one
+        job's failure ends only that job."""
+        jobs = [j for j in jobs if j.codec_handle is not None]
+        if not jobs:
+            return
+        try:
+            pcm = self.codec.push([j.codec_handle for j in jobs], [np.stack(j.pending) for j in jobs])
+        except Exception:  # noqa: BLE001
+            pcm = []
+            for job in jobs:
+                try:
+                    pcm.append(self.codec.push([job.codec_handle], [np.stack(job.pending)])[0])
+                except Exception as exc:  # noqa: BLE001
+                    pcm.append(None)
+                    self._fail(job, exc)
+        now = time.perf_counter()
+        for job, audio in zip(jobs, pcm):
+            if audio is None or job.finished:
+                continue
+            chunk = AudioChunk(pcm=float_to_pcm16(audio), sample_rate=self.sample_rate,
+                               first_frame=job.frames - len(job.pending), num_frames=len(job.pending),
+                               time_s=now - job.created)
+            job.pending.clear()
+            job.chunks_sent += 1
+            job.samples += len(chunk.pcm)
+            if job.first_audio is None:
+                job.first_audio = now
+                self.observer.first_chunk(job, now - job.created)
+            job.send(("chunk", chunk))
+
+    # Ending jobs ----------------------------------------------------------------------------------------------
+
+    def _fail(self, job: Job, error: Exception | str) -> None:
+        message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        if not isinstance(error, (str, ValueError)):
+            log.error("stream failed: %s", message, exc_info=error)
+        self.observer.failed(job, message)
+        self._finish(job, "error", message)
+
+    def _finish(self, job: Job, reason: str, error: str | None = None) -> None:
+        if job.finished:
+            return
+        job.finished = True
+        job.end_reason = reason
+        for free, handle in ((self.backend.close, job.handle), (self.codec.close, job.codec_handle)):
+            if handle is not None:
+                try:
+                    free(handle)
+                except Exception:  # noqa: BLE001 - freeing must never stop the engine
+                    log.exception("freeing a stream failed")
+        job.handle = job.codec_handle = None
+        job.pending.clear()
+        if error is not None:
+            job.send(("error", error), counted=False)
+        info = job.info(reason, self.sample_rate)
+        self.observer.done(job, info, time.perf_counter() - (job.started or time.perf_counter()))
+        job.send(("done", info), counted=False)
+
+    def _backend_broke(self, exc: BaseException) -> None:
+        """The backend is unusable: every job that holds backend state fails; rebuild or report unhealthy."""
+        log.error("backend failed: %s", exc)
+        for job in list(self._active):
+            if job.handle is not None and not job.finished:
+                job.handle = None  # its state died with the backend
+                self._finish(job, "error", f"the engine's backend failed: {exc}")
+        if self.backend_factory is None:
+            self._unhealthy = f"the backend failed and cannot be rebuilt: {exc}"
+            return
+        try:
+            self.backend = self.backend_factory()
+            log.warning("backend rebuilt after: %s", exc)
+        except Exception as rebuild_exc:  # noqa: BLE001
+            self._unhealthy = f"the backend failed ({exc}) and rebuilding it failed ({rebuild_exc})"

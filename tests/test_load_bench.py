@@ -1,0 +1,58 @@
+"""The load benchmark's listener model and one small closed-loop run against a real server (tiny checkpoint)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from qwen_tts_megakernel.engine import Synthesizer  # noqa: E402
+from qwen_tts_megakernel.synthetic import write_tiny_model  # noqa: E402
+from qwen_tts_megakernel.testing.server import running_server  # noqa: E402
+from qwen_tts_megakernel.tools.load_bench import BYTES_PER_SECOND, Fleet, markdown, underruns  # noqa: E402
+
+SECOND = BYTES_PER_SECOND  # bytes of one second of audio
+
+
+def test_underruns_of_a_stream_that_keeps_ahead_is_zero():
+    # 0.5 s of audio every 0.25 s: always ahead.
+    arrivals = [(i * 0.25, SECOND // 2) for i in range(8)]
+    assert underruns(arrivals, 0.0) == (0, 0.0)
+
+
+def test_underruns_counts_each_gap_and_its_length():
+    # 0.1 s of audio, then the next piece 0.3 s later: 0.2 s of silence, twice.
+    arrivals = [(0.0, SECOND // 10), (0.3, SECOND // 10), (0.6, SECOND // 10)]
+    count, silent = underruns(arrivals, 0.0)
+    assert count == 2 and silent == pytest.approx(0.4)
+
+
+def test_a_jitter_buffer_absorbs_a_late_piece():
+    arrivals = [(0.0, SECOND // 10), (0.25, SECOND // 10)]
+    assert underruns(arrivals, 0.0)[0] == 1
+    assert underruns(arrivals, 0.2) == (0, 0.0)
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_load")
+    write_tiny_model(path, "0.6b", "custom_voice", seed=0)
+    synth = Synthesizer.from_pretrained(str(path), device="cpu")
+    with running_server(synth) as (base_url, _app):
+        yield base_url
+
+
+@pytest.mark.parametrize("protocol", ["http", "ws"])
+def test_closed_loop_run_reports_every_figure(url, protocol):
+    result = asyncio.run(Fleet(url, frames=6).closed_loop(protocol, streams=3, requests_per_stream=1))
+    assert result["ok"] == result["requests"] == 3, result["errors"]
+    assert result["audio_s"] == pytest.approx(3 * 6 * 0.08)
+    assert 0 < result["ttfa_ms"]["p50"] <= result["ttfa_ms"]["p95"] <= result["ttfa_ms"]["p99"]
+    assert result["audio_s_per_s"] > 0
+    assert set(result["underruns_200ms"]) == {"count", "seconds", "streams_with_any"}
+    report = {"device": "cpu", "date": "d", "commit": "c", "frames": 6,
+              "runs": [{"backend": "reference", "model": "tiny", "results": [{**result, "shape": "closed",
+                                                                              "streams": 3}]}]}
+    assert "| closed | " + protocol + " | 3 streams | 3/3 |" in markdown(report)
