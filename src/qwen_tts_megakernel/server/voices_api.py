@@ -34,10 +34,14 @@ def voices_router(synth: Synthesizer, *, model_name: str, authorized: Callable[.
     cfg = synth.config
     can_clone = cfg.model_type == "base"
     encoder: list[VoiceEncoder] = []  # made on the first upload
-    lock = asyncio.Lock()  # one clone at a time: encoding is short, and the encoders are not shared state-safe
+    lock = asyncio.Lock()  # one clone at a time: uploads share one VoiceEncoder
 
     def stored() -> list[dict]:
-        return library_for(synth).list() if can_clone else []
+        """Stored voices this model can use (made with its speaker encoder)."""
+        if not can_clone:
+            return []
+        library = library_for(synth)
+        return [m for m in library.list() if m.get("speaker_encoder") == library.fingerprint]
 
     @router.get("/v1/audio/voices")
     async def list_voices(request: Request):
