@@ -5,7 +5,7 @@ prefill, so the kernel needs nothing new; these tests check it on random Base we
     prefill (x-vector only and in-context, both text layouts), with the bounds of `qwen-tts-mk validate`;
   * time to first audio with a stored x-vector voice within 2 ms of a built-in speaker (same shapes, same text).
     The in-context voice's time is printed, not bounded: its prefill is longer by the reference frames and
-    transcript (its primed codec state is decoded once per voice and then copied).
+    transcript, and opening its codec stream decodes the reference frames (priming).
 
 Run on the GPU machine: pytest -q -s -m gpu tests/test_clone_gpu.py
 """

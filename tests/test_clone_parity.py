@@ -164,7 +164,7 @@ def test_streamed_in_context_audio_equals_official_joint_decode_with_the_referen
     official_new = wavs[0][ref_len * 1920:]
     assert len(pcm) == len(official_new) == frames * 1920
     assert np.abs(pcm / 32767.0 - official_new).max() <= 1e-4 + 0.5 / 32767  # PCM16 rounding
-    # Again: the engine reuses the voice's primed codec state (decoded once per voice), same bytes.
+    # A second stream of the same voice primes its own codec state: the same bytes.
     again = ours.stream(TEXT, voice=voice, language="english", do_sample=False, max_new_tokens=frames,
                         chunk_schedule=(1, 3))
     assert np.concatenate([c.pcm for c in again]).tobytes() == pcm.tobytes()

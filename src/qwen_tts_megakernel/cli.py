@@ -41,7 +41,7 @@ def write_wav(path: str | Path, pcm16: np.ndarray, sample_rate: int) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"HF id or local folder (default {DEFAULT_MODEL})")
-    p.add_argument("--backend", default="reference", choices=["reference", "megakernel"])
+    p.add_argument("--backend", default="reference", choices=["reference", "graphed", "megakernel"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="talker precision (default: bfloat16 on CUDA, float32 on CPU)")
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a site directory holding the official qwen-tts and its pinned transformers (--all)")
     p.add_argument("--model", default=None)
     p.add_argument("--random-weights", default="0.6b", choices=["0.6b", "1.7b"])
-    p.add_argument("--backend", default=None, choices=["reference", "megakernel"])
+    p.add_argument("--backend", default=None, choices=["reference", "graphed", "megakernel"])
     p.add_argument("--device", default=None)
     p.add_argument("--output-dir", default="benchmarks/results")
     p.set_defaults(func=cmd_bench)
