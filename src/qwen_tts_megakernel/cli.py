@@ -2,7 +2,9 @@
 
     qwen-tts-mk tiny-model DIR [--size 0.6b|1.7b] [--type custom_voice|voice_design|base] [--seed N] [--force]
     qwen-tts-mk say "text" -o out.wav [--model M] [--voice V] [--language L] [--instruct I] [--seed N] ...
-    qwen-tts-mk voices [--model M]
+    qwen-tts-mk voices [list] [--model M] [--voices-dir D]
+    qwen-tts-mk voices add NAME REF.wav [--text "transcript"] [--x-vector-only] [--model M] [--voices-dir D]
+    qwen-tts-mk voices remove NAME [--voices-dir D]
     qwen-tts-mk serve [--model M] [--backend B] [--host 127.0.0.1] [--port 8001] [--api-key K]
     qwen-tts-mk validate (--model M | --random-weights 0.6b) [--batch 1,2,7,16,64]
     qwen-tts-mk bench (--all | --decode | --server)
@@ -288,11 +290,56 @@ def cmd_say(args) -> int:
 
 def cmd_voices(args) -> int:
     from .checkpoint import load_checkpoint
+    from .voices import VoiceLibrary, speaker_encoder_fingerprint
 
-    cfg = load_checkpoint(args.model).config
+    checkpoint = load_checkpoint(args.model)
+    cfg = checkpoint.config
     print(f"model type: {cfg.model_type} ({cfg.model_size})")
-    print("voices:", ", ".join(cfg.speakers) if cfg.speakers else "(none: describe the voice with --instruct)")
+    if cfg.model_type == "base":
+        library = VoiceLibrary(args.voices_dir, speaker_encoder_fingerprint(checkpoint))
+        stored = [f"{m['name']} ({m['layout'].replace('_', ' ')})" for m in library.list()
+                  if m.get("speaker_encoder") == library.fingerprint]
+        print(f"stored voices in {library.dir}:", ", ".join(stored) if stored else
+              "(none: add one with `qwen-tts-mk voices add NAME REF.wav --text TRANSCRIPT`)")
+    else:
+        print("voices:", ", ".join(cfg.speakers) if cfg.speakers else "(none: describe the voice with --instruct)")
     print("languages:", ", ".join(cfg.languages))
+    return 0
+
+
+def cmd_voices_add(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .voices import (VoiceEncoder, VoiceLibrary, check_voice_name, read_reference_audio,
+                         speaker_encoder_fingerprint)
+
+    name = check_voice_name(args.name)
+    if args.x_vector_only == bool(args.text):
+        raise UsageError("give the clip's transcript with --text (in-context cloning, best quality), or "
+                         "--x-vector-only (the speaker embedding alone)")
+    try:
+        data = Path(args.ref).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.ref}: {exc.strerror or exc}") from exc
+    checkpoint = load_checkpoint(args.model)
+    library = VoiceLibrary(args.voices_dir, speaker_encoder_fingerprint(checkpoint))
+    if name in library:
+        raise UsageError(f"a voice named {name!r} already exists in {library.dir}")
+    audio = read_reference_audio(data, field=args.ref)
+    start = time.perf_counter()
+    voice = VoiceEncoder.from_checkpoint(checkpoint).clone(audio, ref_text=args.text, name=name)
+    library.add(name, voice, duration_s=round(len(audio) / 24000, 3))
+    kind = f"in-context, {len(voice.ref_codes)} reference frames" if voice.in_context else "x-vector only"
+    print(f"added voice {name!r} ({kind}; {len(audio) / 24000:.1f} s clip, encoded in "
+          f"{time.perf_counter() - start:.2f} s) to {library.dir}")
+    return 0
+
+
+def cmd_voices_remove(args) -> int:
+    from .voices import VoiceLibrary
+
+    library = VoiceLibrary(args.voices_dir, fingerprint="")
+    library.remove(args.name)
+    print(f"removed voice {args.name.lower()!r} from {library.dir}")
     return 0
 
 
@@ -396,9 +443,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling; greedy degenerates)")
     p.set_defaults(func=cmd_say)
 
-    p = sub.add_parser("voices", help="list the voices and languages of a model")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="a Hugging Face id or a local folder")
+    p = sub.add_parser("voices", help="list a model's voices and languages; add or remove cloned voices")
+    voices_dir = dict(type=Path, default=None, help="stored voices (default: $QWEN_TTS_MK_VOICES_DIR or "
+                                                    "~/.cache/qwen-tts-megakernel/voices)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a Hugging Face id or a local folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--voices-dir", **voices_dir)
     p.set_defaults(func=cmd_voices)
+    actions = p.add_subparsers(dest="action")
+    voices_dir["default"] = argparse.SUPPRESS  # given before or after the action, either works
+    a = actions.add_parser("list", help="built-in speakers, stored voices and languages")
+    a.add_argument("--model", default=argparse.SUPPRESS)
+    a.add_argument("--voices-dir", **voices_dir)
+    a.set_defaults(func=cmd_voices)
+    a = actions.add_parser("add", help="clone a voice from a reference clip (Base models) and store it")
+    a.add_argument("name", help="1-64 of a-z, 0-9, '_', '-'")
+    a.add_argument("ref", help="reference clip: wav, flac, ogg/opus or mp3, 1-30 s (3-10 s of clear speech)")
+    a.add_argument("--text", default=None, help="what the clip says (in-context cloning)")
+    a.add_argument("--x-vector-only", action="store_true", help="use the speaker embedding alone (no transcript)")
+    a.add_argument("--model", default=argparse.SUPPRESS)
+    a.add_argument("--voices-dir", **voices_dir)
+    a.set_defaults(func=cmd_voices_add)
+    a = actions.add_parser("remove", help="delete a stored voice")
+    a.add_argument("name")
+    a.add_argument("--voices-dir", **voices_dir)
+    a.set_defaults(func=cmd_voices_remove)
 
     p = sub.add_parser("serve", help="run the streaming HTTP/WebSocket server")
     _add_model_args(p)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .sampling import SamplingParams
+from .codec_encoder import CodecEncoderConfig
+from .speaker_encoder import SpeakerEncoderConfig
 
 MODEL_TYPES = ("custom_voice", "voice_design", "base")
 MODEL_SIZES = ("0b6", "1b7")
@@ -243,6 +245,8 @@ class ModelConfig:
     language_ids: dict[str, int] = field(default_factory=dict)  # language (lower case) -> codec id
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     speaker_embedding_dim: int | None = None  # Base models: x-vector width (= talker hidden)
+    speaker_encoder: SpeakerEncoderConfig | None = None  # Base models only
+    codec_encoder: CodecEncoderConfig | None = None  # Base models only: encodes reference audio (voice cloning)
 
     @property
     def languages(self) -> list[str]:
@@ -304,9 +308,17 @@ class ModelConfig:
         for spk, dialect in dialects.items():
             if dialect not in languages:
                 raise ConfigError(f"talker_config: speaker {spk!r} has dialect {dialect!r} with no codec_language_id")
-        spk_dim = None
+        spk_dim, speaker_encoder, codec_encoder = None, None, None
         if model_type == "base":
-            spk_dim = int((config.get("speaker_encoder_config") or {}).get("enc_dim", talker.hidden_size))
+            try:
+                speaker_encoder = SpeakerEncoderConfig.from_dict(config.get("speaker_encoder_config") or {})
+                codec_encoder = CodecEncoderConfig.from_json_dict(codec_config)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"config.json: {exc}") from exc
+            spk_dim = speaker_encoder.enc_dim
+            if spk_dim != talker.hidden_size:
+                raise ConfigError(f"speaker_encoder_config: enc_dim {spk_dim} differs from the talker hidden size "
+                                  f"{talker.hidden_size}")
         return cls(
             model_type=model_type,
             model_size=model_size,
@@ -319,4 +331,6 @@ class ModelConfig:
             language_ids=languages,
             generation=GenerationDefaults.from_dict(generation_config or {}),
             speaker_embedding_dim=spk_dim,
+            speaker_encoder=speaker_encoder,
+            codec_encoder=codec_encoder,
         )

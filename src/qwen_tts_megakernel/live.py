@@ -16,6 +16,9 @@ generated as soon as the token it reads exists. LiveUtterance is the engine's fr
     text given all at once and flushed produces the same codes as `Synthesizer.stream(text,
     text_layout="interleaved")` with the same seed (when the two tokenize the same way).
 
+An in-context cloned voice (prompt.py) waits for flush and then speaks the whole text: its prefill holds the first
+text rows next to the reference frames. Its `prime_codes` make the codec continue from the reference frames.
+
 Text arrives on the consumer's thread (add_text, request_flush: an inbox under a lock); everything else runs on the
 engine's scheduler thread, which drains the inbox in prepare().
 """
@@ -33,8 +36,9 @@ from .engine import Synthesizer, check_max_new_tokens, frame_limit
 from .engine.jobs import prompt_rows
 from .model import PromptEmbedder
 from .pacing import TextPacer, TextPacing
-from .prompt import PromptError, build_prompt
+from .prompt import ClonedVoice, PromptError, build_prompt
 from .sampling import RandomStream
+from .voices import resolve_voice
 
 # A commit point: whitespace followed by a non-space character (the start of the next word).
 _BOUNDARY = re.compile(r"\s(?=\S)")
@@ -47,9 +51,10 @@ class LiveUtterance:
                  instruct: str | None = None, seed: int = 0, max_new_tokens: int | None = None,
                  do_sample: bool = True, pacing: TextPacing = TextPacing(), **sampling):
         self.config, self.tokenizer = synth.config, synth.tokenizer
-        self.voice, self.language, self.instruct = voice, language, instruct
+        self.voice, self.language, self.instruct = resolve_voice(synth, voice), language, instruct
         # Validate voice, language and instruct now, with a placeholder text.
-        synth.prompt("a", voice=voice, language=language, instruct=instruct, text_layout="interleaved")
+        synth.prompt("a", voice=self.voice, language=language, instruct=instruct, text_layout="interleaved")
+        self.prime_codes = self.voice.ref_codes if isinstance(self.voice, ClonedVoice) else None
         self.params = synth.sampling_params(do_sample=do_sample, **sampling)
         self.max_new_tokens = check_max_new_tokens(max_new_tokens, synth.config.generation.max_new_tokens)
         self.seed = seed
@@ -129,14 +134,19 @@ class LiveUtterance:
         return self.flushed and not self.tokens
 
     def ready_to_open(self) -> bool:
-        return bool(self.tokens)
+        return bool(self.tokens) and (self.flushed or self.prime_codes is None)
 
     def spec(self, embedder: PromptEmbedder, config: ModelConfig) -> StreamSpec:
-        # The interleaved prefill depends on the text only through its last row, T(token 0) + C(codec_bos).
-        prompt = build_prompt(config, self.tokenizer, "a", voice=self.voice, language=self.language,
-                              instruct=self.instruct, text_layout="interleaved")
-        prompt.text_ids[-1] = self.tokens[0]
-        prompt.trailing_text_ids = self._take_trailing_ids()
+        if self.prime_codes is not None:  # in-context voice, the whole text known (ready_to_open waited for flush)
+            prompt = build_prompt(config, self.tokenizer, self.text, voice=self.voice, language=self.language,
+                                  instruct=self.instruct, text_layout="interleaved")
+            self._tokens_fed, self._eos_fed = len(self.tokens), True
+        else:
+            # The interleaved prefill depends on the text only through its last row, T(token 0) + C(codec_bos).
+            prompt = build_prompt(config, self.tokenizer, "a", voice=self.voice, language=self.language,
+                                  instruct=self.instruct, text_layout="interleaved")
+            prompt.text_ids[-1] = self.tokens[0]
+            prompt.trailing_text_ids = self._take_trailing_ids()
         prefill, text_rows, pad_row = prompt_rows(embedder, config, prompt)
         self._end_told = self._eos_fed
         return StreamSpec(prefill=prefill, text_rows=text_rows, pad_row=pad_row, params=self.params, rng=self.rng,

@@ -206,6 +206,9 @@ class Talker(nn.Module):
     def embed_rows(self, text_ids: list[int | None], codec_ids: list[int | None]) -> torch.Tensor:
         return self.embedder().embed_rows(text_ids, codec_ids)
 
+    def embed_prompt(self, prompt) -> torch.Tensor:
+        return self.embedder().embed_prompt(prompt)
+
     def frame_embedding(self, codes: list[int]) -> torch.Tensor:
         """F(frame) = C(g0) + sum_j cp_emb[j-1][g_j]: [H], summed in codebook order."""
         parts = [self.model.codec_embedding.weight[codes[0]]]
@@ -226,13 +229,17 @@ class PromptEmbedder(nn.Module):
 
     Built from a Talker (sharing its modules) or from the official tensors alone (from_state_dict)."""
 
-    def __init__(self, text_embedding: nn.Embedding, text_projection: TextProjection, codec_embedding: nn.Embedding):
+    def __init__(self, text_embedding: nn.Embedding, text_projection: TextProjection, codec_embedding: nn.Embedding,
+                 frame_tables: nn.ModuleList | None = None):
         super().__init__()
         self.text_embedding, self.text_projection, self.codec_embedding = text_embedding, text_projection, codec_embedding
+        # Base models: the code predictor's 15 input tables, for F(reference frame) rows of in-context voices.
+        self.frame_tables = frame_tables
 
     @classmethod
     def of_talker(cls, talker: "Talker") -> "PromptEmbedder":
-        return cls(talker.model.text_embedding, talker.text_projection, talker.model.codec_embedding)
+        return cls(talker.model.text_embedding, talker.text_projection, talker.model.codec_embedding,
+                   talker.code_predictor.model.codec_embedding)
 
     @classmethod
     def from_state_dict(cls, config: ModelConfig, weights: dict[str, torch.Tensor], device=None,
@@ -245,6 +252,13 @@ class PromptEmbedder(nn.Module):
                  "codec_embedding.weight": "talker.model.codec_embedding.weight"}
         names |= {f"text_projection.{k}": f"talker.text_projection.{k}"
                   for k in ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias")}
+        if config.model_type == "base":
+            cp = config.code_predictor
+            with torch.device("meta"):
+                embedder.frame_tables = nn.ModuleList(nn.Embedding(cp.vocab_size, t.hidden_size)
+                                                      for _ in range(cp.num_code_groups - 1))
+            names |= {f"frame_tables.{j}.weight": f"talker.code_predictor.model.codec_embedding.{j}.weight"
+                      for j in range(cp.num_code_groups - 1)}
         embedder.load_state_dict({ours: weights[theirs] for ours, theirs in names.items()}, strict=True, assign=True)
         return embedder.to(device=device, dtype=dtype).eval()
 
@@ -260,6 +274,27 @@ class PromptEmbedder(nn.Module):
     def codec_rows(self, ids: list[int]) -> torch.Tensor:
         """C(ids) = codec_embedding(ids): [n, H]."""
         return self.codec_embedding(torch.tensor(ids, dtype=torch.long, device=self.device))
+
+    def embed_prompt(self, prompt) -> torch.Tensor:
+        """Prefill rows [L, H] of a prompt.Prompt: embed_rows of its ids, plus the codec terms that are vectors (a
+        cloned voice's x-vector row, F(reference frame) rows of the in-context layout)."""
+        rows = self.embed_rows(prompt.text_ids, prompt.codec_ids)
+        if prompt.speaker_embedding is not None:
+            rows[prompt.speaker_row] += prompt.speaker_embedding.to(device=rows.device, dtype=rows.dtype)
+        if prompt.ref_codes is not None:
+            start = prompt.ref_row
+            rows[start:start + len(prompt.ref_codes)] += self.frame_rows(prompt.ref_codes)
+        return rows
+
+    def frame_rows(self, codes) -> torch.Tensor:
+        """F(frame) = C(g0) + sum_j cp_emb[j-1][g_j] for every frame of codes [R, 16]: [R, H], summed in codebook
+        order (needs frame_tables: Base models)."""
+        if self.frame_tables is None:
+            raise ValueError("reference frames need the code predictor's input tables (Base models only)")
+        idx = torch.as_tensor(codes, dtype=torch.long, device=self.device)
+        parts = [self.codec_embedding(idx[:, 0])]
+        parts += [self.frame_tables[j - 1](idx[:, j]) for j in range(1, idx.shape[1])]
+        return torch.stack(parts, dim=1).sum(1)
 
     def embed_rows(self, text_ids: list[int | None], codec_ids: list[int | None]) -> torch.Tensor:
         """Prefill rows [L, H]: T(text) + C(codec), a missing id contributing nothing."""

@@ -99,7 +99,7 @@ def float_to_pcm16(audio: np.ndarray) -> np.ndarray:
 def prompt_rows(embedder: PromptEmbedder, config: ModelConfig, prompt: Prompt
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A prompt's talker rows: prefill [L, H], trailing text rows [T, H] and the tts_pad row [H]."""
-    prefill = embedder.embed_rows(prompt.text_ids, prompt.codec_ids)
+    prefill = embedder.embed_prompt(prompt)
     text_rows = embedder.text_rows(prompt.trailing_text_ids) if prompt.trailing_text_ids else prefill[:0]
     return prefill, text_rows, embedder.text_rows([config.ids.tts_pad])[0]
 
@@ -115,6 +115,11 @@ class PromptSource:
     @property
     def num_text_tokens(self) -> int:
         return self.request.prompt.num_text_tokens
+
+    @property
+    def prime_codes(self) -> np.ndarray | None:
+        """An in-context cloned voice's reference frames: the codec continues from them."""
+        return self.request.prompt.ref_codes
 
     def prepare(self) -> None:
         pass

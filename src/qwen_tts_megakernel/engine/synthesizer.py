@@ -29,6 +29,7 @@ from ..config import ModelConfig
 from ..model import PromptEmbedder, Talker
 from ..prompt import Prompt, build_prompt
 from ..sampling import SamplingParams
+from ..voices import resolve_voice
 from .jobs import DEFAULT_CHUNK_SCHEDULE, AudioChunk, Job, PromptSource, Request, check_max_new_tokens, frame_limit
 from .scheduler import Engine, EngineSettings
 
@@ -48,6 +49,7 @@ class GenerationResult:
     seed: int
     num_text_tokens: int
     elapsed_s: float
+    prime_codes: np.ndarray | None = None  # in-context cloned voice: the reference frames the audio continues
 
 
 class JobEvents:
@@ -141,6 +143,7 @@ class Synthesizer:
         self.engine_settings = engine_settings or EngineSettings()
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
+        self.voice_library = None  # stored cloned voices (voices.py), opened on first use by a Base model
 
     @classmethod
     def from_pretrained(cls, model: str, *, backend: str = "reference", device: str | torch.device | None = None,
@@ -255,8 +258,8 @@ class Synthesizer:
 
     def prompt(self, text: str, *, voice: str | None = None, language: str | None = "auto",
                instruct: str | None = None, text_layout: str = "prefill") -> Prompt:
-        return build_prompt(self.config, self.tokenizer, text, voice=voice, language=language, instruct=instruct,
-                            text_layout=text_layout)
+        return build_prompt(self.config, self.tokenizer, text, voice=resolve_voice(self, voice), language=language,
+                            instruct=instruct, text_layout=text_layout)
 
     def prepare(self, text: str, *, voice: str | None = None, language: str | None = "auto",
                 instruct: str | None = None, do_sample: bool = True, max_new_tokens: int | None = None,
@@ -316,7 +319,8 @@ class Synthesizer:
         frames = list(self.frames(request, seed=seed, random_table=random_table, report=report))
         codes = np.stack(frames) if frames else np.zeros((0, self.config.talker.num_code_groups), dtype=np.int64)
         return GenerationResult(codes=codes, stop_reason=report["stop_reason"], seed=seed,
-                                num_text_tokens=report["num_text_tokens"], elapsed_s=time.perf_counter() - start)
+                                num_text_tokens=report["num_text_tokens"], elapsed_s=time.perf_counter() - start,
+                                prime_codes=request.prompt.ref_codes)
 
     def stream(self, text: str, *, voice: str | None = None, language: str | None = "auto",
                instruct: str | None = None, seed: int | None = None, do_sample: bool = True,
@@ -338,15 +342,20 @@ class Synthesizer:
     def synthesize(self, text: str, **kwargs) -> tuple[np.ndarray, int]:
         """The whole utterance as float32 in [-1, 1] and its sample rate (24000)."""
         result = self.generate_codes(text, **kwargs)
-        return self.decode(result.codes), self.sample_rate
+        return self.decode(result.codes, prime_codes=result.prime_codes), self.sample_rate
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """Whole-utterance codec decode of codes [T, 16] -> float32 samples [T * 1920]."""
+    def decode(self, codes: np.ndarray, prime_codes: np.ndarray | None = None) -> np.ndarray:
+        """Whole-utterance codec decode of codes [T, 16] -> float32 samples [T * 1920]. With `prime_codes`
+        [R, 16] (an in-context voice's reference frames) the decoder continues from them; their audio is cut."""
         if len(codes) == 0:
             return np.zeros(0, dtype=np.float32)
+        skip = 0
+        if prime_codes is not None:
+            skip = len(prime_codes) * self.samples_per_frame
+            codes = np.concatenate([prime_codes, codes])
         with torch.inference_mode():
             audio = self.codec.decode(torch.as_tensor(np.asarray(codes), device=self.codec_device))
-        return audio.float().cpu().numpy()
+        return audio[skip:].float().cpu().numpy()
 
 
 def pick_seed(seed: int | None) -> int:

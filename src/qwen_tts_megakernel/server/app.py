@@ -39,6 +39,7 @@ from .audio_formats import AudioEncoder
 from ..engine import EngineUnavailable
 from .protocol import (LOOPBACK_HOSTS, BadRequest, ServerSettings, SpeechParams, StreamedText, Validator, parse_json,
                        shown)
+from .voices_api import voices_router
 from .worker import EngineWorker, LiveJob, QueueFull, ServerJob, TextJob
 
 log = logging.getLogger("qwen_tts_megakernel.server")
@@ -340,14 +341,8 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         worker.update_gauges()
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/audio/voices")
-    async def voices(request: Request):
-        if not authorized(request.headers):
-            return unauthorized()
-        cfg = synth.config
-        return {"model": model_name, "model_type": cfg.model_type, "model_size": cfg.model_size,
-                "voices": sorted(synth.voices), "voice_aliases": validator.voice_aliases, "languages": synth.languages,
-                "supports_instructions": bool(cfg.supports_instruct), "sample_rate": sample_rate}
+    app.include_router(voices_router(synth, model_name=model_name, authorized=authorized,
+                                     unauthorized=unauthorized, error=error, voice_aliases=validator.voice_aliases))
 
     @app.get("/v1/models")
     async def models(request: Request):

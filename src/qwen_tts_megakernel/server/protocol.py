@@ -303,11 +303,20 @@ class Validator:
             value = value.get("id")
         if value is None or value == "":
             if self.synth.config.model_type == "base":
-                raise BadRequest(name, "this Base model needs a reference voice (voice cloning), which is not "
-                                       "implemented")
+                raise BadRequest(name, f"this Base model needs '{name}': the name of a stored cloned voice "
+                                       "(POST /v1/audio/voices)")
             return None
         if not isinstance(value, str):
             raise BadRequest(name, f"'{name}' must be a string, got {type(value).__name__}")
+        if self.synth.config.model_type == "base":  # stored cloned voices, by the name resolution all entry points use
+            from ..prompt import PromptError
+            from ..voices import resolve_voice
+
+            try:
+                resolve_voice(self.synth, value)
+            except PromptError as exc:
+                raise BadRequest(name, str(exc)) from exc
+            return value.lower()
         voices = self.synth.voices
         value = self.voice_aliases.get(value.lower(), value)
         if not voices:

@@ -7,18 +7,21 @@ model.safetensors, preprocessor_config.json}. The structure is real (16 codebook
 control ids, speakers and languages, 1920 samples per frame); only the widths are small. The official qwen-tts
 package loads these folders, which is how the parity tests compare the two implementations.
 
-Not written yet: the speaker encoder of Base checkpoints (the official loader initialises it randomly and warns) and
-the speech tokenizer's encoder; both serve voice cloning only.
+Base checkpoints (`model_type="base"`) also carry the speaker encoder ("speaker_encoder.*" in model.safetensors,
+narrow channels in the tiny ones) for voice cloning.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from ..codec_encoder import CodecEncoderConfig, codec_encoder_shapes
+from ..speaker_encoder import SpeakerEncoderConfig, speaker_encoder_shapes
 from ..tokenizer import build_tiny_tokenizer, write_tokenizer_files
 from .codec import PREPROCESSOR_CONFIG, random_speech_tokenizer_weights, tiny_speech_tokenizer_config, write_speech_tokenizer
 
@@ -36,6 +39,10 @@ LANGUAGES = {"english": 2050, "german": 2053, "spanish": 2054, "chinese": 2055, 
 # the 1.7B-like model has a small_to_mtp_projection (64 -> 32) like the real 1.7B (2048 -> 1024).
 TINY_SIZES = {"0.6b": (32, 64, 48), "1.7b": (64, 96, 48)}
 TINY_HEADS, TINY_KV_HEADS, TINY_HEAD_DIM, TINY_LAYERS, TINY_CP_HIDDEN, TINY_CP_FFN = 4, 2, 16, 2, 32, 64
+# The tiny speaker encoder: the real ECAPA-TDNN structure (kernels, dilations, Res2Net scale 8) with narrow channels.
+TINY_SPEAKER_ENCODER = dict(enc_channels=[32, 32, 32, 32, 96], enc_kernel_sizes=[5, 3, 3, 3, 1],
+                            enc_dilations=[1, 2, 3, 4, 1], enc_attention_channels=16, enc_res2net_scale=8,
+                            enc_se_channels=16)
 
 
 def tiny_config(size: str, model_type: str, text_vocab_size: int, special_ids: dict[str, int]) -> dict:
@@ -68,7 +75,7 @@ def tiny_config(size: str, model_type: str, text_vocab_size: int, special_ids: d
         talker_config=talker, torch_dtype="float32", transformers_version="4.57.3",
     )
     if model_type == "base":
-        config["speaker_encoder_config"] = dict(enc_dim=hidden, sample_rate=24000)
+        config["speaker_encoder_config"] = dict(enc_dim=hidden, sample_rate=24000, **TINY_SPEAKER_ENCODER)
     return config
 
 
@@ -141,7 +148,40 @@ def random_weights(config: dict, seed: int, dtype: torch.dtype = torch.float32,
     if hidden != cp_hidden:
         w["talker.code_predictor.small_to_mtp_projection.weight"] = randn(cp_hidden, hidden) / hidden ** 0.5
         w["talker.code_predictor.small_to_mtp_projection.bias"] = 0.1 * randn(cp_hidden)
+    if config["tts_model_type"] == "base":
+        # The speaker encoder: fan-in scaled convolutions, small biases.
+        encoder = SpeakerEncoderConfig.from_dict(config["speaker_encoder_config"])
+        for name, shape in speaker_encoder_shapes(encoder).items():
+            w[name] = randn(*shape) * (0.1 if name.endswith("bias") else math.prod(shape[1:]) ** -0.5)
     return {k: v.contiguous() for k, v in w.items()}
+
+
+def random_codec_encoder_weights(codec_config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random "encoder.*" tensors (the speech tokenizer's Mimi encoder) with the official names and shapes: fan-in
+    scaled convolutions and linears, LayerNorms near identity, LayerScales 0.05..0.2, unit-scale codebooks."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    out = {}
+    for name, shape in sorted(codec_encoder_shapes(CodecEncoderConfig.from_json_dict(codec_config)).items()):
+        leaf = name.rsplit(".", 1)[1]
+        if leaf == "initialized":
+            t = torch.ones(shape)
+        elif leaf == "cluster_usage":
+            t = 0.5 + 1.5 * torch.rand(*shape, generator=gen)
+        elif leaf == "embed_sum":
+            t = torch.randn(*shape, generator=gen)
+        elif leaf == "scale":  # LayerScale
+            t = 0.05 + 0.15 * torch.rand(*shape, generator=gen)
+        elif "layernorm" in name:
+            t = (1.0 if leaf == "weight" else 0.0) + 0.1 * torch.randn(*shape, generator=gen)
+        elif leaf == "bias":
+            t = 0.02 * torch.randn(*shape, generator=gen)
+        else:
+            t = torch.randn(*shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+        out[name] = t
+    for name in out:  # codebook rows embed_sum / cluster_usage at unit scale
+        if name.endswith("embed_sum"):
+            out[name] = out[name] * out[name.replace("embed_sum", "cluster_usage")][:, None]
+    return {k: v.float().contiguous() for k, v in out.items()}
 
 
 def _write_checkpoint(out: Path, config: dict, weights: dict[str, torch.Tensor], tokenizer, special_ids: dict,
@@ -153,7 +193,11 @@ def _write_checkpoint(out: Path, config: dict, weights: dict[str, torch.Tensor],
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2), "utf-8")
     (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2), "utf-8")
     save_file({k: v.cpu() for k, v in weights.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    write_speech_tokenizer(out / "speech_tokenizer", codec_config, seed=codec_seed)
+    codec_dir = write_speech_tokenizer(out / "speech_tokenizer", codec_config, seed=codec_seed)
+    if config["tts_model_type"] == "base":  # the encoder too: in-context cloning encodes reference audio
+        codec = load_file(str(codec_dir / "model.safetensors"))
+        codec.update(random_codec_encoder_weights(codec_config, codec_seed))
+        save_file(codec, str(codec_dir / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 
@@ -190,7 +234,7 @@ def real_config(size: str, model_type: str, special_ids: dict[str, int]) -> dict
         rope_scaling={"interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"})
     config["torch_dtype"] = "bfloat16"
     if model_type == "base":
-        config["speaker_encoder_config"] = dict(enc_dim=hidden, sample_rate=24000)
+        config["speaker_encoder_config"] = dict(enc_dim=hidden, sample_rate=24000)  # the official channel defaults
     return config
 
 
@@ -226,7 +270,10 @@ def random_checkpoint(size: str = "0.6b", model_type: str = "custom_voice", seed
     tokenizer, special_ids = build_tiny_tokenizer()
     config = real_config(size, model_type, special_ids)
     codec_config = real_speech_tokenizer_config()
+    codec_weights = random_speech_tokenizer_weights(codec_config, seed + 1)
+    if model_type == "base":
+        codec_weights.update(random_codec_encoder_weights(codec_config, seed + 1))
     return Checkpoint(path=None, config=ModelConfig.from_dicts(config, codec_config, GENERATION_CONFIG),
                       weights=random_weights(config, seed, torch.bfloat16, device),
-                      codec_weights=random_speech_tokenizer_weights(codec_config, seed + 1),
+                      codec_weights=codec_weights,
                       tokenizer=TextTokenizer(tokenizer))
