@@ -4,8 +4,9 @@
     qwen-tts-mk say "text" -o out.wav [--model M] [--voice V] [--language L] [--instruct I] [--seed N] ...
     qwen-tts-mk voices [--model M]
     qwen-tts-mk serve [--model M] [--backend B] [--host 127.0.0.1] [--port 8001] [--api-key K]
+                      [--ray [--replicas N | --autoscale MIN..MAX] [--gpus-per-replica 1]]
     qwen-tts-mk validate (--model M | --random-weights 0.6b)
-    qwen-tts-mk bench (--all | --decode | --server)
+    qwen-tts-mk bench (--all | --decode | --server | --load | --serve-overhead)
 
 Errors a user can fix (unknown voice, missing model, empty text, ...) print one line naming the problem and exit
 with status 2, never a traceback.
@@ -95,6 +96,12 @@ def cmd_voices(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if args.ray:
+        from .server.ray_serve import run_serve_ray
+
+        return run_serve_ray(args)
+    if args.replicas is not None or args.autoscale is not None:
+        raise UsageError("--replicas and --autoscale need --ray")
     from .server.app import run_serve
 
     return run_serve(args)
@@ -123,7 +130,11 @@ def cmd_bench(args) -> int:
         from .tools.load_bench import run_bench_load
 
         return run_bench_load(args)
-    raise UsageError("bench needs one of --all, --decode, --server or --load")
+    if args.serve_overhead:
+        from .tools.serve_overhead import run_bench_serve_overhead
+
+        return run_bench_serve_overhead(args)
+    raise UsageError("bench needs one of --all, --decode, --server, --load or --serve-overhead")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve: one engine per replica (GPU), one address")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=None, help="--ray: replicas (default 1)")
+    scale.add_argument("--autoscale", default=None, metavar="MIN..MAX", help="--ray: replicas follow the load")
+    p.add_argument("--gpus-per-replica", type=float, default=1.0, help="--ray: 0 serves on CPUs (default 1)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="--ray: (default 1)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("validate", help="compare the megakernel with the reference backend on the GPU")
@@ -174,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="everything vs the alternatives, one process (GPU)")
     p.add_argument("--load", action="store_true",
                    help="a fleet of calls over loopback: closed and open loop, listener underruns (GPU)")
+    p.add_argument("--serve-overhead", action="store_true",
+                   help="time to first audio added by Ray Serve over the direct server, 1 and 16 streams ([ray])")
     p.add_argument("--backends", nargs="+", default=None, help="--load: backends to run (default: megakernel)")
     p.add_argument("--models", nargs="+", default=None, help="--load: models (default: random:0.6b)")
     p.add_argument("--levels", nargs="+", type=int, default=None,

@@ -6,10 +6,11 @@
 Each replica builds its own Synthesizer (on the GPU Ray gives it, or the CPU) and serves create_app() unchanged:
 chunked HTTP, the OpenAI speech API, the WebSocket with its contexts, voices, /metrics of that replica, /health.
 Serve routes each request to the replica with the fewest ongoing requests; a replica declares the engine's
-admission limit (max_active + max_queue) as its `max_ongoing_requests`, and when every replica is full the proxy
-queues a bounded number of requests, then answers 503 with Retry-After (as a single server does). A replica whose
-engine reports unhealthy fails Serve's health check and is replaced. Every HTTP response names the replica that
-served it in an `X-Replica` header.
+admission limit (max_active + max_queue) as its `max_ongoing_requests`; requests find no free replica wait in the
+proxy, up to one replica's capacity of them (a burst being routed also waits there), and past that the proxy
+answers 503 with Retry-After (as a single server does). A replica whose
+engine reports unhealthy fails Serve's health check and is replaced. Every HTTP response and WebSocket handshake names
+the replica that serves it in an `X-Replica` header.
 """
 
 from __future__ import annotations
@@ -67,18 +68,18 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 
 
 class ReplicaHeader:
-    """ASGI middleware: every HTTP response carries `X-Replica: <replica id>` (streams are not buffered)."""
+    """ASGI middleware: every HTTP response and WebSocket handshake carries `X-Replica: <replica id>`."""
 
     def __init__(self, app, replica: str):
         self.app = app
         self.header = (REPLICA_HEADER.encode(), replica.encode())
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
 
         async def send_tagged(message):
-            if message["type"] == "http.response.start":
+            if message["type"] in ("http.response.start", "websocket.accept"):
                 message = dict(message, headers=[*message.get("headers", []), self.header])
             await send(message)
 
@@ -124,7 +125,7 @@ def deployment(options: ReplicaOptions):
             replica_health(self.fastapi_app)
 
     s = options.settings
-    config = dict(name=DEPLOYMENT_NAME, max_ongoing_requests=options.capacity, max_queued_requests=max(1, s.max_queue),
+    config = dict(name=DEPLOYMENT_NAME, max_ongoing_requests=options.capacity, max_queued_requests=max(1, options.capacity),
                   backpressure_config={"status_code": 503, "retry_after_s": s.retry_after_s},
                   health_check_period_s=options.health_check_period_s,
                   health_check_timeout_s=options.health_check_timeout_s,
@@ -173,12 +174,13 @@ def options_from(*, model: str, backend: str = "reference", device: str | None =
     settings = ServerSettings()
     for name, value in (("max_active", max_active), ("max_queue", max_queue), ("max_text_chars", max_text_chars)):
         if value is not None:
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or value < (0 if name == "max_queue" else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if name == 'max_queue' else 1}, got {value!r}")
             setattr(settings, name, value)
     env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
     if voices_dir:  # the voice library every replica reads and writes: a path shared by all of them
         env[ENV_PREFIX + "VOICES_DIR"] = str(voices_dir)
+    api_key = api_key or os.environ.get(ENV_PREFIX + "API_KEY") or None
     return ReplicaOptions(model=model, backend=backend, device=device, dtype=dtype, api_key=api_key,
                           settings=settings, replicas=replicas,
                           autoscale=parse_autoscale(autoscale) if autoscale else None,
