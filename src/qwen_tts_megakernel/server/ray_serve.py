@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -214,6 +215,9 @@ def run_serve_ray(args) -> int:
     if not _is_loopback(args.host) and not api_key:
         log.warning("binding %s without --api-key: anyone who can reach this port can use the server", args.host)
     device = args.device
+    if args.gpus_per_replica > 0 and device not in (None, "cuda"):
+        raise ValueError(f"--device {device} with --ray: Ray gives each replica its own GPU; leave --device out "
+                         "(or --gpus-per-replica 0 --device cpu)")
     if device is None and args.gpus_per_replica == 0:
         device = "cpu"
     options = options_from(model=args.model, backend=args.backend, device=device, dtype=args.dtype, api_key=api_key,
@@ -228,6 +232,7 @@ def run_serve_ray(args) -> int:
              else f"{options.replicas} replica(s)")
     print(f"deploying {shape} of {args.model} ({args.backend} backend, {options.gpus_per_replica} GPU and "
           f"{options.cpus_per_replica} CPU each, {options.capacity} streams each)...", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop request tears the application down too
     try:
         start(options, host=args.host, port=args.port)
         print(f"serving on http://{args.host}:{args.port} (WebSocket ws://{args.host}:{args.port}{WS_PATH}); "
@@ -237,6 +242,6 @@ def run_serve_ray(args) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        serve.delete(APP_NAME)  # only this application: a shared cluster keeps its other deployments
         ray.shutdown()
     return 0
