@@ -317,3 +317,39 @@ def test_killed_replica_fails_its_streams_others_finish_and_it_comes_back(cluste
         time.sleep(0.5)
     assert victim not in seen
     assert len(seen) == 2, seen
+
+
+@pytest.mark.ray
+def test_unhealthy_engine_fails_the_health_check_and_serve_replaces_the_replica(cluster, model_dir):
+    from qwen_tts_megakernel.server.ray_serve import deployment
+
+    _, serve = cluster
+    options = options_from(model=str(model_dir), device="cpu", replicas=1, gpus_per_replica=0, cpus_per_replica=0.1,
+                           max_active=1, max_queue=0)
+    options.health_check_period_s = 1.0
+    base = deployment(options)
+
+    class Breakable(base.func_or_class):
+        """The product replica plus two handle methods the test calls: its identity, and breaking its engine."""
+
+        def identity(self) -> str:
+            return self.replica_id
+
+        def stop_engine(self) -> None:
+            self.fastapi_app.state.worker.stop()
+
+    handle = serve.run(base.options(func_or_class=Breakable, name="Breakable").bind(options), name="breakable",
+                       route_prefix=None)
+    try:
+        first = handle.identity.remote().result(timeout_s=60)
+        handle.stop_engine.remote().result(timeout_s=60)
+        deadline, replacement = time.monotonic() + 120, first
+        while replacement == first and time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                replacement = handle.identity.remote().result(timeout_s=30)
+            except Exception:  # noqa: BLE001 - the broken replica is being stopped
+                pass
+        assert replacement != first
+    finally:
+        serve.delete("breakable")

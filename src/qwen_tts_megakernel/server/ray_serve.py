@@ -5,12 +5,11 @@
 
 Each replica builds its own Synthesizer (on the GPU Ray gives it, or the CPU) and serves create_app() unchanged:
 chunked HTTP, the OpenAI speech API, the WebSocket with its contexts, voices, /metrics of that replica, /health.
-Serve routes each request to the replica with the fewest ongoing requests; a replica declares the engine's
-admission limit (max_active + max_queue) as its `max_ongoing_requests`; requests find no free replica wait in the
-proxy, up to one replica's capacity of them (a burst being routed also waits there), and past that the proxy
-answers 503 with Retry-After (as a single server does). A replica whose
-engine reports unhealthy fails Serve's health check and is replaced. Every HTTP response and WebSocket handshake names
-the replica that serves it in an `X-Replica` header.
+Serve routes each request to a replica with the fewest ongoing requests. A replica declares its engine's admission
+limit (max_active + max_queue) as `max_ongoing_requests`; requests that find every replica full wait in the proxy,
+up to one replica's capacity of them, and past that the proxy answers 503 with Retry-After (as a single server
+does). A replica whose engine reports unhealthy fails Serve's health check and is replaced. Every HTTP response and
+WebSocket handshake names the replica that serves it in an `X-Replica` header.
 """
 
 from __future__ import annotations
@@ -117,8 +116,8 @@ def deployment(options: ReplicaOptions):
         def __serve_build_asgi_app__(self):
             from .app import create_app
 
-            self.fastapi_app = create_app(self.synth, model_name=self.options.model, api_key=self.options.api_key,
-                                  settings=self.options.settings)
+            self.fastapi_app = create_app(self.synth, model_name=self.options.model,
+                                          api_key=self.options.api_key, settings=self.options.settings)
             self.fastapi_app.add_middleware(ReplicaHeader, replica=self.replica_id)
             return self.fastapi_app
 
@@ -126,7 +125,8 @@ def deployment(options: ReplicaOptions):
             replica_health(self.fastapi_app)
 
     s = options.settings
-    config = dict(name=DEPLOYMENT_NAME, max_ongoing_requests=options.capacity, max_queued_requests=max(1, options.capacity),
+    config = dict(name=DEPLOYMENT_NAME, max_ongoing_requests=options.capacity,
+                  max_queued_requests=options.capacity,  # per proxy: requests waiting for a free replica
                   backpressure_config={"status_code": 503, "retry_after_s": s.retry_after_s},
                   health_check_period_s=options.health_check_period_s,
                   health_check_timeout_s=options.health_check_timeout_s,
