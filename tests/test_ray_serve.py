@@ -26,7 +26,7 @@ pytest.importorskip("fastapi")
 from qwen_tts_megakernel.cli import main as cli_main  # noqa: E402
 from qwen_tts_megakernel.engine import Synthesizer  # noqa: E402
 from qwen_tts_megakernel.server.ray_serve import (APP_NAME, DEPLOYMENT_NAME, REPLICA_HEADER,  # noqa: E402
-                                                  options_from, parse_autoscale, replica_health)
+                                                  app_builder, options_from, parse_autoscale, replica_health)
 from qwen_tts_megakernel.synthetic import write_tiny_model  # noqa: E402
 from qwen_tts_megakernel.testing.server import free_port  # noqa: E402
 
@@ -134,8 +134,12 @@ def test_autoscale_and_option_errors_name_the_field():
         options_from(model="m", replicas=0)
     with pytest.raises(ValueError, match="max_active"):
         options_from(model="m", max_active=0)
-    options = options_from(model="m", max_active=4, max_queue=0, voices_dir="/shared/voices")
-    assert options.capacity == 4
+    with pytest.raises(ValueError, match="device cuda:1"):
+        options_from(model="m", device="cuda:1")
+    with pytest.raises(ValueError, match="unknown application args"):
+        app_builder({"model": "m", "replica": 2})
+    options = options_from(model="m", max_active=4, max_queue=0, gpus_per_replica=0, voices_dir="/shared/voices")
+    assert options.capacity == 4 and options.device == "cpu"
     assert options.env["QWEN_TTS_MK_VOICES_DIR"] == "/shared/voices"
 
 
@@ -145,7 +149,7 @@ def test_cli_scale_flags_need_ray(capsys):
 
 
 @pytest.mark.parametrize("flags, message", [(["--autoscale", "4..1"], "--autoscale must be MIN..MAX"),
-                                            (["--device", "cuda:1"], "--device cuda:1 with --ray")])
+                                            (["--device", "cuda:1"], "device cuda:1 with Ray")])
 def test_cli_ray_flag_errors_are_one_line(capsys, flags, message):
     pytest.importorskip("ray.serve")
     assert cli_main(["serve", "--ray", "--model", "m", *flags]) == 2

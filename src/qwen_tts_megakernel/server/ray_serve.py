@@ -172,6 +172,11 @@ def options_from(*, model: str, backend: str = "reference", device: str | None =
         raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
     if gpus_per_replica < 0 or cpus_per_replica < 0:
         raise ValueError("gpus_per_replica and cpus_per_replica must be >= 0")
+    if gpus_per_replica > 0 and device not in (None, "cuda"):
+        raise ValueError(f"device {device} with Ray: Ray gives each replica its own GPU; leave the device out "
+                         "(or set gpus_per_replica 0 and device cpu)")
+    if gpus_per_replica == 0 and device is None:
+        device = "cpu"  # no GPU reserved: never take one
     settings = ServerSettings()
     for name, value in (("max_active", max_active), ("max_queue", max_queue), ("max_text_chars", max_text_chars)):
         if value is not None:
@@ -214,14 +219,8 @@ def run_serve_ray(args) -> int:
     api_key = getattr(args, "api_key", None) or os.environ.get("QWEN_TTS_MK_API_KEY") or None
     if not _is_loopback(args.host) and not api_key:
         log.warning("binding %s without --api-key: anyone who can reach this port can use the server", args.host)
-    device = args.device
-    if args.gpus_per_replica > 0 and device not in (None, "cuda"):
-        raise ValueError(f"--device {device} with --ray: Ray gives each replica its own GPU; leave --device out "
-                         "(or --gpus-per-replica 0 --device cpu)")
-    if device is None and args.gpus_per_replica == 0:
-        device = "cpu"
-    options = options_from(model=args.model, backend=args.backend, device=device, dtype=args.dtype, api_key=api_key,
-                           replicas=args.replicas or 1, autoscale=args.autoscale,
+    options = options_from(model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                           api_key=api_key, replicas=args.replicas or 1, autoscale=args.autoscale,
                            gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                            voices_dir=getattr(args, "voices_dir", None),
                            max_active=getattr(args, "max_active", None), max_queue=getattr(args, "max_queue", None),
