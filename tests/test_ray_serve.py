@@ -143,6 +143,20 @@ def test_autoscale_and_option_errors_name_the_field():
     assert options.env["QWEN_TTS_MK_VOICES_DIR"] == "/shared/voices"
 
 
+def test_deployment_declares_capacity_resources_and_scaling():
+    pytest.importorskip("ray.serve")
+    from qwen_tts_megakernel.server.ray_serve import deployment
+
+    fixed = deployment(options_from(model="m", replicas=3, max_active=4, max_queue=2))
+    assert fixed.num_replicas == 3 and fixed.max_ongoing_requests == 6 and fixed.max_queued_requests == 6
+    assert fixed.ray_actor_options["num_gpus"] == 1.0
+    assert fixed.backpressure_config.status_code == 503 and fixed.backpressure_config.retry_after_s == 1
+    scaled = deployment(options_from(model="m", autoscale="1..3", gpus_per_replica=0, max_active=4, max_queue=2))
+    autoscaling = scaled._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 3, 4)
+    assert scaled.ray_actor_options["num_gpus"] == 0
+
+
 def test_cli_scale_flags_need_ray(capsys):
     assert cli_main(["serve", "--replicas", "2"]) == 2
     assert "--replicas and --autoscale need --ray" in capsys.readouterr().err
