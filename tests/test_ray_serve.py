@@ -148,8 +148,10 @@ def test_deployment_declares_capacity_resources_and_scaling():
     from qwen_tts_megakernel.server.ray_serve import deployment
 
     fixed = deployment(options_from(model="m", replicas=3, max_active=4, max_queue=2))
+    fixed_limit = options_from(model="m").settings.max_new_tokens_limit  # frames of the longest stream
     assert fixed.num_replicas == 3 and fixed.max_ongoing_requests == 6 and fixed.max_queued_requests == 6
     assert fixed.ray_actor_options["num_gpus"] == 1.0
+    assert fixed._deployment_config.graceful_shutdown_timeout_s > 0.08 * fixed_limit
     assert fixed.backpressure_config.status_code == 503 and fixed.backpressure_config.retry_after_s == 1
     scaled = deployment(options_from(model="m", autoscale="1..3", gpus_per_replica=0, max_active=4, max_queue=2))
     autoscaling = scaled._deployment_config.autoscaling_config

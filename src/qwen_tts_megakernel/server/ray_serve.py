@@ -28,6 +28,7 @@ log = logging.getLogger("qwen_tts_megakernel.server")
 APP_NAME = "qwen-tts"
 DEPLOYMENT_NAME = "TTSReplica"
 REPLICA_HEADER = "x-replica"
+FRAME_SECONDS = 0.08
 ENV_PREFIX = "QWEN_TTS_MK_"  # server limits, the voice library directory: forwarded to every replica
 
 
@@ -129,6 +130,8 @@ def deployment(options: ReplicaOptions):
                   max_queued_requests=options.capacity,  # per proxy: requests waiting for a free replica
                   backpressure_config={"status_code": 503, "retry_after_s": s.retry_after_s},
                   health_check_period_s=options.health_check_period_s,
+                  # A replica being removed (downscaling, redeploy) finishes its streams first, up to the longest one.
+                  graceful_shutdown_timeout_s=s.max_new_tokens_limit * FRAME_SECONDS + 10.0,
                   health_check_timeout_s=options.health_check_timeout_s,
                   ray_actor_options={"num_gpus": options.gpus_per_replica, "num_cpus": options.cpus_per_replica,
                                      "runtime_env": {"env_vars": dict(options.env)}})
