@@ -4,7 +4,8 @@ Every endpoint answers through Serve's proxy with the audio a direct in-process 
 OpenAI, SSE, WebSocket contexts fed in deltas, a cancelled context); 16 concurrent streams are shared by both
 replicas; when every replica is full the proxy answers 503 with Retry-After; killing a replica mid-stream ends its
 clients' streams with an error while the other replica's streams finish with their exact audio, and Serve starts a
-replacement. Without ray[serve] installed the Ray tests are skipped; the option and health checks run anyway.
+replacement; a replica whose engine stops fails its health check and is replaced. Without ray[serve] installed the
+Ray tests are skipped; the option, CLI and health-check tests run anyway.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

@@ -45,7 +45,8 @@ def compare(direct: list[dict], served: list[dict]) -> list[dict]:
     """One row per (protocol, streams): TTFA p50/p95 direct, through Serve, and added by Serve."""
     out = []
     for d, s in zip(direct, served):
-        assert (d["protocol"], d["streams"]) == (s["protocol"], s["streams"])
+        if (d["protocol"], d["streams"]) != (s["protocol"], s["streams"]):
+            raise ValueError(f"rows out of step: {d['protocol']} x{d['streams']} vs {s['protocol']} x{s['streams']}")
         row = {"protocol": d["protocol"], "streams": d["streams"], "ok_direct": f"{d['ok']}/{d['requests']}",
                "ok_serve": f"{s['ok']}/{s['requests']}"}
         for q in ("p50", "p95"):
