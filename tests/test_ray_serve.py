@@ -26,7 +26,8 @@ pytest.importorskip("fastapi")
 from qwen_tts_megakernel.cli import main as cli_main  # noqa: E402
 from qwen_tts_megakernel.engine import Synthesizer  # noqa: E402
 from qwen_tts_megakernel.server.ray_serve import (APP_NAME, DEPLOYMENT_NAME, REPLICA_HEADER,  # noqa: E402
-                                                  app_builder, options_from, parse_autoscale, replica_health)
+                                                  app_builder, options_from, parse_autoscale, replica_actor_name,
+                                                  replica_health)
 from qwen_tts_megakernel.synthetic import write_tiny_model  # noqa: E402
 from qwen_tts_megakernel.testing.server import free_port  # noqa: E402
 
@@ -308,8 +309,7 @@ def test_killed_replica_fails_its_streams_others_finish_and_it_comes_back(cluste
     survivors = [c for c in calls if c.replica != victim]
     assert on_victim and survivors, [c.replica for c in calls]
 
-    ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#{victim}", namespace="serve"),
-             no_restart=True)
+    ray.kill(ray.get_actor(replica_actor_name(victim), namespace="serve"), no_restart=True)
 
     with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):  # the body is cut, not ended
         for _ in pieces:

@@ -87,6 +87,11 @@ class ReplicaHeader:
         await self.app(scope, receive, send_tagged)
 
 
+def replica_actor_name(replica: str) -> str:
+    """The Ray actor (namespace "serve") of the replica an `X-Replica` header names: for ray.get_actor/ray.kill."""
+    return f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#{replica}"
+
+
 def replica_health(app) -> None:
     """Serve's check_health: raise (so Serve replaces the replica) when the engine cannot serve."""
     alive, reason = app.state.worker.health()
