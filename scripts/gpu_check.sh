@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check of the megakernel in one call (fits 10 minutes on an H100/H200):
-#   GPU tests (megakernel, codec graphs) -> validate (random full-size 0.6B weights) -> bench --decode
-#   -> kernel variants side by side, when given as arguments (NAME:DEFINES, see scripts/mk_variants.sh)
-#   -> section trace of one frame (MK_TRACE=1 build) -> codec push timing (eager vs graphs).
+# Every GPU check of the batched megakernel in one call (about 7 minutes on an H200), most important first:
+#   validate --batch (0.6B, 1.7B) -> GPU tests -> bench --decode --batch (0.6B) -> stage breakdown (dev/)
+#   -> bench --decode --batch (1.7B). A step that could end past the deadline ($DEADLINE s, default 540) is skipped.
 # Results land in benchmarks/results/; with $OUT set (the device machine), logs and this run's result files are
 # packed into $OUT/gpu_check.tgz, because only a few files come back from there.
-#   run(command="bash scripts/gpu_check.sh base: ring5:MK_RING=5", carry=[".mkcache"])
+#   run(command="cd .wt-mk && bash scripts/gpu_check.sh", carry=[".wt-mk"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -13,11 +12,13 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 if [ -d .mkcache ]; then export QWEN_TTS_MK_CACHE="$PWD/.mkcache"; fi
 LOG="${OUT:-/tmp/mk_out}/logs"; mkdir -p "$LOG" benchmarks/results
 PY=${PYTHON:-python3}
+DEADLINE=${DEADLINE:-540}
 touch /tmp/gpu_check_start
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>&1 | tee "$LOG/gpu.txt"
 rc=0
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $LOG/NAME.log, remember a failure
   local name=$1 secs=$2; shift 2
+  if [ $((SECONDS + secs)) -gt "$DEADLINE" ]; then echo "== $name: skipped (deadline)"; return; fi
   echo "== $name"
   local t0=$SECONDS
   timeout "$secs" "$@" 2>&1 | tee "$LOG/$name.log"
@@ -25,16 +26,17 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $LOG/NAME.lo
   echo "== $name: exit $st, $((SECONDS - t0)) s"
   [ "$st" -eq 0 ] || rc=1
 }
-step tests 240 $PY -m pytest -q -m gpu tests/test_megakernel.py tests/test_codec_graph.py --maxfail=6 ${PYTEST_ARGS:-}
-step validate 150 $PY -m qwen_tts_megakernel.tools.validate --random-weights 0.6b --frames 64 \
-  --output benchmarks/results/validate-random-0.6b.json
-step bench 150 $PY -m qwen_tts_megakernel.tools.mk_bench --decode --random-weights 0.6b \
-  --output-dir benchmarks/results
-if [ $# -gt 0 ]; then
-  OUT="$LOG" step variants 400 bash scripts/mk_variants.sh "$@"
-fi
-step trace 120 $PY -m qwen_tts_megakernel.tools.mk_trace --output benchmarks/results/trace-random-0.6b.json
-step codec_timing 120 $PY -m qwen_tts_megakernel.tools.codec_timing --out benchmarks/results/codec-timing.json
+step validate 120 $PY -m qwen_tts_megakernel.tools.validate --random-weights 0.6b --batch 1,2,7,16,64 --frames 6 \
+  --output benchmarks/results/validate-random-0.6b-batch.json
+step validate17 80 $PY -m qwen_tts_megakernel.tools.validate --random-weights 1.7b --batch 1,2,7,16,64 --frames 3 \
+  --output benchmarks/results/validate-random-1.7b-batch.json
+step tests 170 $PY -m pytest -q -m gpu tests/test_megakernel.py --maxfail=4 ${PYTEST_K:+-k "$PYTEST_K"}
+step bench 60 $PY -m qwen_tts_megakernel.tools.mk_bench --decode --random-weights 0.6b --batch 1,2,4,8,16,32,64 \
+  --frames 50 --output-dir benchmarks/results
+step breakdown 45 env QWEN_TTS_MK_DEFINES=MK_DEV_TIMING=1 $PY dev/mk_breakdown.py --batch 1,16,64 \
+  --out benchmarks/results/breakdown-random-0.6b.json
+step bench17 50 $PY -m qwen_tts_megakernel.tools.mk_bench --decode --random-weights 1.7b --batch 1,16,64 \
+  --frames 30 --output-dir benchmarks/results
 echo "gpu_check rc=$rc"
 if [ -n "${OUT:-}" ]; then
   find benchmarks/results -maxdepth 1 -type f -newer /tmp/gpu_check_start > /tmp/gpu_check_files

@@ -1,6 +1,6 @@
 """Build the megakernel library here (nvcc, no GPU needed) into a cache folder that travels to the GPU machine.
 
-    python scripts/mk_prebuild.py --arch 90a --cache .mkcache "" "MK_RING=5" ...
+    python scripts/mk_prebuild.py --arch 90a --cache .mkcache "" "MK_DEV_TIMING=1" ...
 Each argument is one QWEN_TTS_MK_DEFINES string ("" = the committed defaults); the libraries land where
 build.load_library looks for them when QWEN_TTS_MK_CACHE points at the cache folder.
 """

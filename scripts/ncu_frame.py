@@ -1,11 +1,10 @@
 """Driver for profiling one megakernel frame with Nsight Compute (scripts/ncu_frame.sh runs it under ncu).
 
-Launches a few full frames (random full-size 0.6B weights, greedy, no EOS) on one stream; ncu skips the first
+Launches a few full frames (random full-size 0.6B weights) of one stream; ncu skips the first
 launches and profiles one.
 """
 
-import torch
-
+from qwen_tts_megakernel.backends.base import StreamSpec
 from qwen_tts_megakernel.megakernel.backend import MegakernelBackend
 from qwen_tts_megakernel.tools.validate import random_config, random_prompt, random_weights
 from qwen_tts_megakernel.sampling import RandomStream, SamplingParams
@@ -14,15 +13,16 @@ from qwen_tts_megakernel.sampling import RandomStream, SamplingParams
 def main() -> None:
     config = random_config("0.6b")
     weights = random_weights(config, seed=0, device="cuda")
-    backend = MegakernelBackend(config, weights, device="cuda", max_seq_len=1024)
+    backend = MegakernelBackend(config, weights, device="cuda", max_streams=1, max_seq_len=1024,
+                                prefill_graphs=False)
     prefill, text, pad = random_prompt(config, n_prefill=12, n_text=64)
-    stream = backend.open_stream(prefill, text, pad, SamplingParams(), RandomStream(7), lookahead=0)
-    stream.struct.min_new_tokens = 1 << 40  # never stop at EOS
-    for k in range(6):
-        backend.launch(stream.struct, k, stream.L - 1 + k)
+    h = backend.open([StreamSpec(prefill=prefill, text_rows=text, pad_row=pad, params=SamplingParams(),
+                                 rng=RandomStream(7), max_frames=6)])[0]
+    launch = backend._entries([h])
+    for _ in range(6):
+        backend.launch(launch)  # the same position each time: timing only
     backend.stream.synchronize()
-    stream.launched = 6
-    stream.close()
+    backend.close(h)
     print("launched 6 frames")
 
 

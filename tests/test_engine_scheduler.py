@@ -17,7 +17,7 @@ from qwen_tts_megakernel.backends.base import BackendError
 from qwen_tts_megakernel.backends.reference import ReferenceBackend
 from qwen_tts_megakernel.engine import (EngineFull, EngineSettings, EngineUnavailable, Job, PromptSource,
                                         StreamError, Synthesizer)
-from qwen_tts_megakernel.engine.codec_streams import PerStreamCodec
+from qwen_tts_megakernel.codec import StreamingCodec
 from qwen_tts_megakernel.engine.scheduler import Engine
 from qwen_tts_megakernel.engine.synthesizer import JobEvents
 from qwen_tts_megakernel.sampling import SamplingError
@@ -57,7 +57,7 @@ class FaultyBackend(ReferenceBackend):
         return super().frame(stream)
 
 
-class FaultyCodec(PerStreamCodec):
+class FaultyCodec(StreamingCodec):
     """Fails every push that includes the stream opened `victim`-th (0-based) once it has pushed `after` times."""
 
     def __init__(self, decoder, victim: int, after: int):
@@ -79,7 +79,7 @@ class FaultyCodec(PerStreamCodec):
 
 
 def engine_with(synth, backend=None, codec=None, **settings) -> Engine:
-    engine = Engine(backend or ReferenceBackend(synth.talker), codec or PerStreamCodec(synth.codec), synth.embedder,
+    engine = Engine(backend or ReferenceBackend(synth.talker), codec or StreamingCodec(synth.codec), synth.embedder,
                     synth.config, sample_rate=synth.sample_rate,
                     settings=EngineSettings(realtime_admission=False, **settings))
     engine.start()

@@ -3,8 +3,9 @@ buckets, text rows of a running stream, the live-text protocol against a CPU mod
 runs on the CPU.
 
 GPU: building blocks (reductions, sampling, Philox) against sampling.py; whole frames against the reference backend;
-10,000 consecutive launches; two instances in one process; a mis-sized launch that must error, not hang; prefill
-graphs against the eager prefill; reused slots; text appended while a stream runs.
+batch invariance with streams joining and leaving; a failing stream beside healthy ones; 10,000 consecutive
+launches; two instances in one process; mis-sized launches that must raise, not hang; prefill graphs against the
+eager prefill; reused slots; text appended while a stream runs.
 """
 
 import ctypes
@@ -13,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_tts_megakernel.engine import ReferenceStream, Synthesizer
+from qwen_tts_megakernel.backends.base import BackendError, StreamSpec
+from qwen_tts_megakernel.backends.reference import ReferenceBackend
+from qwen_tts_megakernel.engine import Synthesizer
 from qwen_tts_megakernel.live import LiveUtterance
 from qwen_tts_megakernel.megakernel.backend import (
     PAD,
@@ -26,6 +29,7 @@ from qwen_tts_megakernel.megakernel.backend import (
 )
 from qwen_tts_megakernel.megakernel.build import load_library
 from qwen_tts_megakernel.tools.validate import (
+    kernel_batch_run,
     kernel_run,
     random_config,
     random_prompt,
@@ -112,6 +116,20 @@ def test_sampling_matches_python(lib, n, top_k, top_p):
 
 
 @gpu
+def test_more_ties_at_the_top_k_cut_than_candidates_is_deterministic(lib):
+    """300 scores tied at the top: the candidates are the 256 lowest ids, the same in every trial."""
+    n, trials = 3072, 64
+    logits = torch.randn(trials, n, generator=torch.Generator().manual_seed(3))
+    tied = torch.randperm(n, generator=torch.Generator().manual_seed(4))[:300]
+    logits[:, tied] = 10.0
+    u = np.random.default_rng(1).random(trials)
+    got = _sample_gpu(lib, logits, mode=1, top_k=50, temperature=1.0, u=u)
+    kept = np.sort(tied.numpy())[:256]
+    want = kept[np.minimum((u * 256).astype(int), 255)]  # equal weights: the draw picks rank floor(u * 256)
+    assert (got == want).all(), (got[:8], want[:8])
+
+
+@gpu
 def test_philox_matches_python(lib):
     seed = 0x1234_5678_9ABC_DEF0
     frames = 5
@@ -123,7 +141,7 @@ def test_philox_matches_python(lib):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Whole frames on random full-size (0.6B) weights
+# Whole frames on random full-size (0.6B) weights, through the backend contract (open / step / close)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +154,17 @@ def model():
 @pytest.fixture(scope="module")
 def backend(model):
     config, weights = model
-    return MegakernelBackend(config, weights, device="cuda", max_seq_len=2048)
+    return MegakernelBackend(config, weights, device="cuda", max_streams=8, max_seq_len=2048)
+
+
+def _spec(prompt, seed, frames, table=None, **kw):
+    prefill, text, pad = prompt
+    return StreamSpec(prefill=prefill, text_rows=text, pad_row=pad, params=SamplingParams(),
+                      rng=RandomStream(seed, table), max_frames=frames, **kw)
+
+
+def _codes(be, prompt, seed, frames):
+    return kernel_batch_run(be, [_spec(prompt, seed, frames)], frames, debug=False)[0][0]
 
 
 @gpu
@@ -150,8 +178,7 @@ def test_frames_match_reference(model, backend):
     table = uniform_table(99, frames)
     params = SamplingParams()
     ref, rh, rl = reference_run(talker, prefill, text, pad, params, table, frames)
-    forced = ref
-    mk, mh, ml = kernel_run(backend, prefill, text, pad, params, table, len(ref), forced=forced)
+    mk, mh, ml = kernel_run(backend, prefill, text, pad, params, table, len(ref), forced=ref)
     for k in range(len(ref)):
         assert rel_err(mh[k], rh[k]) < 1e-2, (k, rel_err(mh[k], rh[k]))
         assert rel_err(ml[k], rl[k]) < 1e-2, (k, rel_err(ml[k], rl[k]))
@@ -161,17 +188,54 @@ def test_frames_match_reference(model, backend):
 @gpu
 def test_philox_mode_equals_table_mode(model, backend):
     config, _ = model
-    prefill, text, pad = random_prompt(config, seed=6)
+    prompt = random_prompt(config, seed=6)
     frames = 6
-    a = backend.open_stream(prefill, text, pad, SamplingParams(), RandomStream(42))
-    ca = [a.next_frame() for _ in range(frames)]
-    a.close()
-    b = backend.open_stream(prefill, text, pad, SamplingParams(), RandomStream(42, uniform_table(42, frames)))
-    cb = [b.next_frame() for _ in range(frames)]
-    b.close()
-    assert np.array_equal(np.array(ca), np.array(cb))
+    ca = _codes(backend, prompt, 42, frames)
+    cb = kernel_batch_run(backend, [_spec(prompt, 42, frames, uniform_table(42, frames))], frames, debug=False)[0][0]
+    assert np.array_equal(ca, cb)
     assert all(0 <= c[0] < 2048 or c[0] == config.ids.codec_eos for c in ca)
     assert all(((0 <= c[1:]) & (c[1:] < 2048)).all() for c in ca)
+
+
+@gpu
+def test_a_stream_beside_others_gets_its_solo_codes(model, backend):
+    """Batch invariance: streams at different positions, joining and leaving, get the codes they get alone."""
+    config, _ = model
+    prompts = [random_prompt(config, n_prefill=n, n_text=4, seed=20 + n) for n in (12, 70, 300, 33, 130)]
+    frames = 8
+    solo = [_codes(backend, p, 100 + i, frames) for i, p in enumerate(prompts)]
+    got = kernel_batch_run(backend, [_spec(p, 100 + i, frames) for i, p in enumerate(prompts)], frames, debug=False)
+    for i in range(len(prompts)):
+        assert np.array_equal(got[i][0], solo[i]), i
+    # Join and leave: stream 0 alone for 3 frames, then streams 1..3 join; stream 1 leaves after 2 frames.
+    hs = backend.open([_spec(p, 100 + i, frames) for i, p in enumerate(prompts[:4])])
+    out = {i: [] for i in range(4)}
+    plan = [[0], [0], [0], [0, 1, 2, 3], [0, 1, 2, 3], [0, 2, 3], [0, 2, 3], [0, 2, 3]]
+    for live in plan:
+        o = backend.step([hs[i] for i in live])
+        for row, i in enumerate(live):
+            out[i].append(o.codes[row])
+    for h in hs:
+        backend.close(h)
+    for i in range(4):
+        assert np.array_equal(np.array(out[i]), solo[i][: len(out[i])]), i
+
+
+@gpu
+def test_a_failing_stream_does_not_disturb_the_others(model, backend):
+    config, _ = model
+    prompts = [random_prompt(config, n_prefill=n, seed=40 + n) for n in (12, 50)]
+    frames = 4
+    want = _codes(backend, prompts[1], 7, frames)
+    hs = backend.open([_spec(prompts[0], 6, frames), _spec(prompts[1], 7, frames)])
+    backend.slot_x_in[hs[0].slot].fill_(float("nan"))  # stream 0's next input is poisoned
+    o = backend.step(hs)
+    assert list(o.failed) == [0] and "non-finite" in o.failed[0]
+    backend.close(hs[0])
+    got = [o.codes[1]] + [backend.step([hs[1]]).codes[0] for _ in range(frames - 1)]
+    backend.close(hs[1])
+    assert np.array_equal(np.array(got), want)
+    assert backend.error_code() == 0
 
 
 @gpu
@@ -186,58 +250,69 @@ def test_perturbation_changes_codes(model, backend):
 
 @gpu
 def test_ten_thousand_launches(model, backend):
-    """10,000 consecutive launches (streams re-opened at EOS or every 1,000 frames) without a hang or error."""
+    """10,000 consecutive launches with streams joining and leaving (1..8 per launch) without a hang or error."""
     config, _ = model
-    prefill, text, pad = random_prompt(config, seed=8)
-    total, seed = 0, 0
-    while total < 10_000:
-        st = backend.open_stream(prefill, text, pad, SamplingParams(), RandomStream(seed), max_frames=1000)
-        seed += 1
-        for _ in range(min(1000, 10_000 - total)):
-            c = st.next_frame()
-            total += 1
-            assert ((0 <= c) & (c < 3072)).all()
-            if c[0] == config.ids.codec_eos:
-                break
-        st.close()
+    rng = np.random.default_rng(0)
+    prompts = [random_prompt(config, n_prefill=int(n), seed=int(n)) for n in rng.integers(2, 200, 8)]
+    live, seed, launches = [], 0, 0
+    while launches < 10_000:
+        while len(live) < 8 and rng.random() < 0.5:
+            live += backend.open([_spec(prompts[seed % 8], seed, int(rng.integers(1, 400)))])
+            seed += 1
+        if not live:
+            continue
+        o = backend.step(live)
+        launches += 1
+        assert not o.failed and ((0 <= o.codes) & (o.codes < 3072)).all()
+        for h in list(live):
+            if h.ended or h.frame >= h.limit or rng.random() < 0.01:
+                backend.close(h)
+                live.remove(h)
+    for h in live:
+        backend.close(h)
     assert backend.error_code() == 0
 
 
 @gpu
 def test_two_instances_in_one_process(model, backend):
     config, weights = model
-    other = MegakernelBackend(config, weights, device="cuda", max_seq_len=256)
-    prefill, text, pad = random_prompt(config, seed=9)
-    s1 = backend.open_stream(prefill, text, pad, SamplingParams(), RandomStream(3))
-    s2 = other.open_stream(prefill, text, pad, SamplingParams(), RandomStream(3))
+    other = MegakernelBackend(config, weights, device="cuda", max_streams=2, max_seq_len=256)
+    prompt = random_prompt(config, seed=9)
+    h1, h2 = backend.open([_spec(prompt, 3, 8)])[0], other.open([_spec(prompt, 3, 8)])[0]
     c1, c2 = [], []
     for _ in range(8):  # interleaved
-        c1.append(s1.next_frame())
-        c2.append(s2.next_frame())
-    s1.close()
-    s2.close()
-    s1.close()  # closing twice is safe
+        c1.append(backend.step([h1]).codes[0])
+        c2.append(other.step([h2]).codes[0])
+    backend.close(h1)
+    other.close(h2)
+    backend.close(h1)  # closing twice is safe
     assert np.array_equal(np.array(c1), np.array(c2))
 
 
 @gpu
-def test_mis_sized_launch_errors_instead_of_hanging(model):
+def test_mis_sized_launch_errors_instead_of_hanging(model, backend):
     config, weights = model
+    prompt = random_prompt(config, seed=10)
+    with pytest.raises(ValueError):
+        backend.step([])
+    hs = backend.open([_spec(prompt, 1, 4)])
+    with pytest.raises(ValueError):
+        backend.step([hs[0], hs[0]])
+    backend.close(hs[0])
+    with pytest.raises(ValueError):
+        backend.open([_spec(prompt, 1, 4)] * 9)  # more streams than slots
+    with pytest.raises(ValueError):
+        backend.open([_spec(prompt, 1, 4000)])  # prompt + frames beyond max_seq_len
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     with pytest.raises(MegakernelError):  # cooperative: refused up front
         MegakernelBackend(config, weights, device="cuda", max_seq_len=64, num_blocks=2 * sms)
-    # Plain launch of one block more than fits: the resident blocks time out and the stream raises.
-    be = MegakernelBackend(config, weights, device="cuda", max_seq_len=64, num_blocks=sms + 1, cooperative=False,
-                           timeout_s=0.2)
-    prefill, text, pad = random_prompt(config, seed=10)
-    st = be.open_stream(prefill, text, pad, SamplingParams(), RandomStream(1), lookahead=0)
-    with pytest.raises(MegakernelError):
-        st.next_frame(timeout_s=20)
+    # Plain launch of one block more than fits: the resident blocks time out and the step raises.
+    be = MegakernelBackend(config, weights, device="cuda", max_streams=1, max_seq_len=64, num_blocks=sms + 1,
+                           cooperative=False, timeout_s=0.2, prefill_graphs=False)
+    hs = be.open([_spec(prompt, 1, 4)])
+    with pytest.raises(BackendError):
+        be.step(hs, timeout_s=20)
     torch.cuda.synchronize()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Opening streams: prefill graphs, reused slots
 
 
 @gpu
@@ -249,7 +324,7 @@ def test_prefill_graphs_match_eager_prefill(model, backend):
     stats = be.prefill_graph_stats
     print("prefill graphs:", stats)
     assert "error" not in stats and stats["buckets"] == default_prefill_buckets(be.max_seq - 1)
-    slot = be.n_slots - 1
+    slot = be.max_streams - 1
     g = torch.Generator().manual_seed(0)
     # bucket edges (16, 24, ..., 1024); 1030 has no bucket (eager both times)
     for n in (1, 15, 16, 17, 24, 25, 27, 64, 100, 263, 1024, 1030):
@@ -266,8 +341,6 @@ def test_prefill_graphs_match_eager_prefill(model, backend):
             for kv in range(2):
                 err = rel_err(got[layer, kv], want[layer, kv])
                 assert err < 1e-5, (n, layer, kv, err)
-    # An fp32 copy of the weights (prefill_fp32_weights=True) gives the same K/V up to float rounding: bf16 -> fp32
-    # is exact, but cuBLAS may pick another GEMM algorithm (measured 1.8e-6 on an H100).
     views = be.t_views
     try:
         be.t_views = _StackViews(be.t_blob.float(), be.t_norms, config.talker)
@@ -279,34 +352,26 @@ def test_prefill_graphs_match_eager_prefill(model, backend):
     be.t_kv[slot].zero_()
 
 
-def _codes(be, prompt, seed, frames, **kw):
-    st = be.open_stream(*prompt, SamplingParams(), RandomStream(seed), **kw)
-    out = [st.next_frame() for _ in range(frames)]
-    st.close()
-    return np.array(out)
-
-
 @gpu
 def test_reused_slot_gives_the_codes_of_a_fresh_one(model, backend):
-    """One slot, streams opened and closed back to back (after EOS, closed early with a launch in flight, over a
-    cache full of NaN): every stream's codes equal those of the same stream on another backend."""
+    """One slot, streams opened and closed back to back (after EOS, closed early, over a cache full of NaN): every
+    stream's codes equal those of the same stream on another backend."""
     config, weights = model
-    one = MegakernelBackend(config, weights, device="cuda", max_seq_len=512, slots=1)
+    one = MegakernelBackend(config, weights, device="cuda", max_streams=1, max_seq_len=512, prefill_graphs=False)
     pa = random_prompt(config, n_prefill=40, n_text=10, seed=11)
     pb = random_prompt(config, n_prefill=12, n_text=2, seed=12)
     want_a, want_b = _codes(backend, pa, 1, 12), _codes(backend, pb, 2, 12)
     assert np.array_equal(_codes(one, pa, 1, 12), want_a)
-    # EOS forced at frame 3: the slot's done flag is set and the launch queued behind it returns at once.
     forced = np.zeros((6, 16), dtype=np.int64)
-    forced[3, 0] = config.ids.codec_eos
-    st = one.open_stream(*pb, SamplingParams(), RandomStream(2), forced=forced)
+    forced[3, 0] = config.ids.codec_eos  # EOS fed back at frame 3
+    h = one.open([_spec(pb, 2, 6)], forced=[forced])[0]
     for _ in range(4):
-        st.next_frame()
-    st.close()
+        one.step([h])
+    one.close(h)
     assert np.array_equal(_codes(one, pb, 2, 12), want_b)
-    st = one.open_stream(*pa, SamplingParams(), RandomStream(3))  # closed with frame 1 still running
-    st.next_frame()
-    st.close()
+    h = one.open([_spec(pa, 3, 12)])[0]
+    one.step([h])
+    one.close(h)
     assert np.array_equal(_codes(one, pa, 1, 12), want_a)
     torch.cuda.synchronize()
     one.t_kv.fill_(float("nan"))  # cache positions past the prefill are written before they are read
@@ -316,66 +381,85 @@ def test_reused_slot_gives_the_codes_of_a_fresh_one(model, backend):
 
 
 @gpu
-@pytest.mark.parametrize("lookahead", [0, 1])
-def test_appended_text_rows_give_the_codes_of_rows_given_at_open(model, backend, lookahead):
+def test_appended_text_rows_give_the_codes_of_rows_given_at_open(model, backend):
     config, _ = model
     prefill, text, pad = random_prompt(config, n_prefill=12, n_text=12, seed=13)
     T, frames = len(text), 20
 
     def run(n_open, final, before):
-        """`before[k]`: called with the stream before next_frame(k)."""
-        st = backend.open_stream(prefill, text[:n_open], pad, SamplingParams(), RandomStream(4),
-                                 lookahead=lookahead, text_final=final)
+        """`before[k]`: called with the handle before frame k's step."""
+        h = backend.open([_spec((prefill, text[:n_open], pad), 4, frames, text_final=final)])[0]
         out = []
         for k in range(frames):
             if k in before:
-                before[k](st)
-            out.append(st.next_frame())
-        st.close()
+                before[k](h)
+            out.append(backend.step([h]).codes[0])
+        backend.close(h)
         return np.array(out)
 
     want = run(T, True, {})
     # Late: row k-1 arrives just before frame k (every launch first adds a zero row; the row is added after).
-    late = {k: (lambda st, k=k: st.append_text_rows(text[k - 1:k])) for k in range(1, T + 1)}
-    late[T + 1] = lambda st: st.end_text()
+    late = {k: (lambda h, k=k: backend.append_text(h, text[k - 1:k])) for k in range(1, T + 1)}
+    late[T + 1] = lambda h: backend.end_text(h)
 
-    def too_early(st):  # frame 3 needs row 2, which is not there yet
-        with pytest.raises(RuntimeError):
-            st.next_frame()
-        st.append_text_rows(text[2:3])
+    def too_early(h):  # frame 3 needs row 2, which is not there yet
+        with pytest.raises(ValueError):
+            backend.step([h])
+        backend.append_text(h, text[2:3])
 
     late[3] = too_early
     assert np.array_equal(run(0, False, late), want)
     # Bursts, then the end of the text.
-    bursts = {2: lambda st: st.append_text_rows(text[3:8]),
-              6: lambda st: (st.append_text_rows(text[8:]), st.end_text())}
+    bursts = {2: lambda h: backend.append_text(h, text[3:8]),
+              6: lambda h: (backend.append_text(h, text[8:]), backend.end_text(h))}
     assert np.array_equal(run(3, False, bursts), want)
     # The text ends after launches that did not know it yet: they get the pad row.
-    assert np.array_equal(run(5, False, {6: lambda st: st.end_text()}), run(5, True, {}))
-
-
-@gpu
-def test_live_text_on_the_megakernel_equals_whole_text_interleaved():
-    """Text streamed into a megakernel stream (live.py) gives the codes of the whole text given at once. Text rows
-    are embedded one at a time here: a bf16 GEMM over a batch of rows need not round each row as it would alone,
-    and live text embeds its rows in other batches than the whole text does."""
-    from qwen_tts_megakernel.synthetic import random_checkpoint
-
-    synth = Synthesizer.from_checkpoint(random_checkpoint("0.6b", device="cuda"), backend="megakernel",
-                                        device=torch.device("cuda"), dtype=torch.bfloat16, max_streams=1)
-    batched = synth.talker.text_rows
-    synth.talker.text_rows = lambda ids: torch.cat([batched([i]) for i in ids]) if ids else batched(ids)
-    text = "Hello there, how are you doing today? I am fine."
-    want = synth.generate_codes(text, seed=7, max_new_tokens=24, text_layout="interleaved")
-    for pieces in ([text], list(text)):
-        u = LiveUtterance(synth, seed=7, max_new_tokens=24)
-        frames = _drive(u, pieces)
-        assert u.stop_reason == want.stop_reason
-        assert np.array_equal(np.stack(frames), want.codes), len(pieces)
+    assert np.array_equal(run(5, False, {6: lambda h: backend.end_text(h)}), run(5, True, {}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Host-side logic (CPU)
+
+
+def test_open_and_step_reject_bad_input_on_the_host():
+    """Spec and step validation happen before anything touches the GPU, with the field named."""
+    from types import SimpleNamespace
+
+    from qwen_tts_megakernel.megakernel.backend import MegakernelStream, MkLaunch
+
+    config = random_config("0.6b")
+    be = SimpleNamespace(config=config, max_seq=64, max_streams=2, text_capacity=64, lay={"CAND_MAX": 256},
+                         _launch=MkLaunch())
+    prefill, text, pad = random_prompt(config, n_prefill=10)
+    ok = StreamSpec(prefill=prefill, text_rows=text, pad_row=pad, params=SamplingParams(), rng=RandomStream(0),
+                    max_frames=8)
+    assert MegakernelBackend._check_spec(be, 0, ok) == 10
+    bad = [(dict(max_frames=100), "max_seq_len"), (dict(prefill=prefill[:, :5]), "prefill")]
+    for top_k in (0, 300):  # top-k past what the kernel keeps (256) cannot even be asked for
+        with pytest.raises(ValueError, match="top_k"):
+            SamplingParams(top_k=top_k)
+    for change, field in bad:
+        spec = StreamSpec(**{**ok.__dict__, **change})
+        with pytest.raises(ValueError, match=field):
+            MegakernelBackend._check_spec(be, 3, spec)
+
+    def handle(slot, **kw):
+        return MegakernelStream(**{"slot": slot, "prompt_rows": 10, "limit": 8, "eos": config.ids.codec_eos,
+                                   "track": TextTrack(4), **kw})
+
+    h0, h1 = handle(0), handle(1)
+    L = MegakernelBackend._entries(be, [h0, h1])
+    assert (L.n, L.e[1].slot, L.e[1].pos, L.e[1].n_text) == (2, 1, 9, 4)
+    for streams, msg in (([], "1..2"), ([h0, h0], "twice"), ([h0, h1, handle(2)], "1..2"),
+                         ([handle(0, closed=True)], "not an open"), ([handle(0, ended=True)], "EOS"),
+                         ([handle(0, frame=8)], "limit")):
+        with pytest.raises(ValueError, match=msg):
+            MegakernelBackend._entries(be, streams)
+    live = handle(0, track=TextTrack(0, final=False))
+    MegakernelBackend._entries(be, [live])  # frame 0 needs no text row
+    live.frame = 1
+    with pytest.raises(ValueError, match="text row 0"):
+        MegakernelBackend._entries(be, [live])
 
 
 def test_prefill_buckets():
@@ -454,77 +538,59 @@ def test_prefill_math_equals_the_reference_talker(tiny_synth):
     assert rel_err(padded[:, :, :, :n], kv[:, :, :, :n]) < 1e-6
 
 
-class _ReadAheadStream(ReferenceStream):
-    """A CPU model of MegakernelStream on the reference math: launch k computes frame k when it is queued (up to
-    `lookahead` frames ahead) and writes the next input F(frame k) + text row k as TextTrack plans it."""
+class _ReadAheadBackend(ReferenceBackend):
+    """The megakernel's text protocol on the reference math (CPU): step k computes frame k and at once builds frame
+    k+1's input, F(frame k) + text row k, as TextTrack plans it (a row that has not arrived is added later)."""
 
-    def __init__(self, talker, prefill, text_rows, pad_row, params, rng, capacity, text_final, lookahead):
-        super().__init__(talker, prefill, text_rows, pad_row, params, rng, capacity)
-        self.track = TextTrack(len(text_rows), final=text_final)
-        self.lookahead = lookahead
-        self.queued: list[np.ndarray] = []
-        self.returned = 0
-        self.x_next = None
+    def open(self, specs):
+        streams = super().open(specs)
+        for stream, spec in zip(streams, specs):
+            stream.track = TextTrack(len(spec.text_rows), final=spec.text_final)
+            stream.x_next = None
+        return streams
 
-    def talker_input(self):
-        return self.prefill if self.frame_index == 0 else self.x_next.unsqueeze(0)
+    def talker_input(self, stream):
+        return stream.spec.prefill[-1:] if stream.frame_index == 0 else stream.x_next.unsqueeze(0)
 
-    def append_text_rows(self, rows):
-        self.track.append(len(rows))
-        super().append_text_rows(rows)
+    def append_text(self, stream, rows):
+        stream.track.append(len(rows))
+        super().append_text(stream, rows)
 
-    def end_text(self):
-        self.track.end()
+    def end_text(self, stream):
+        stream.track.end()
 
-    def next_frame(self):
-        k = self.returned
-        eos = self.rules.eos_id
-        while len(self.queued) < k + 1 + self.lookahead and not (self.queued and self.queued[-1][0] == eos):
-            j = len(self.queued)
-            plan = self.track.plan(j)
-            if plan is None:
-                break
-            if plan.add_row is not None:
-                self.x_next = self.x_next + (self.pad_row if plan.add_row == PAD else self.text_rows[plan.add_row])
-            codes = ReferenceStream.next_frame(self)
-            text = (torch.zeros_like(self.pad_row) if plan.zero_text
-                    else self.text_rows[j] if j < self.track.n_rows else self.pad_row)
-            self.x_next = self.talker.frame_embedding(codes.tolist()) + text
-            self.track.launched(j, plan)
-            self.queued.append(codes)
-        if len(self.queued) <= k:
-            raise RuntimeError(f"frame {k} needs a text row that has not arrived")
-        self.returned += 1
-        return self.queued[k]
+    def frame(self, stream):
+        j, pad = stream.frame_index, stream.spec.pad_row
+        plan = stream.track.plan(j)
+        if plan is None:
+            raise RuntimeError(f"frame {j} needs a text row that has not arrived")
+        if plan.add_row is not None:
+            stream.x_next = stream.x_next + (pad if plan.add_row == PAD else stream.text_rows[plan.add_row])
+        codes = super().frame(stream)
+        text = (torch.zeros_like(pad) if plan.zero_text
+                else stream.text_rows[j] if j < stream.track.n_rows else pad)
+        stream.x_next = self.talker.frame_embedding(codes.tolist()) + text
+        stream.track.launched(j, plan)
+        return codes
 
 
-class _ReadAheadBackend:
-    name = "read-ahead model"
-    supports_text_append = True
-    reads_text_ahead = True
-
-    def __init__(self, talker, lookahead):
-        self.talker, self.lookahead = talker, lookahead
-
-    def open_stream(self, prefill, text_rows, pad_row, params, rng, max_frames=None, text_final=True):
-        capacity = len(prefill) + (max_frames or 256) + 2
-        return _ReadAheadStream(self.talker, prefill, text_rows, pad_row, params, rng, capacity, text_final,
-                                self.lookahead)
-
-
-def _drive(u, pieces):
+def _drive(synth, u, pieces):
+    """Feed a LiveUtterance job on `synth`'s engine piece by piece, then flush; its frames and stop reason."""
+    events = synth.submit(u, audio=False, frames=True)
+    for piece in pieces:
+        u.add_text(piece)
+        events.job.wake()
+    u.request_flush()
+    events.job.wake()
     frames = []
-    for piece in pieces + [None]:
-        if piece is None:
-            u.flush()
-        else:
-            u.append(piece)
-        while u.ready():
-            codes = u.next_frame()
-            if codes is None:
-                break
-            frames.append(codes)
-    return frames
+    while True:
+        kind, payload = events.next()
+        if kind == "frame":
+            frames.append(payload)
+        elif kind == "error":
+            raise AssertionError(payload)
+        elif kind == "done":
+            return frames, payload.stop_reason
 
 
 @pytest.fixture(scope="module")
@@ -536,17 +602,18 @@ def tiny_synth(tmp_path_factory):
     return Synthesizer.from_pretrained(str(path), device="cpu")
 
 
-@pytest.mark.parametrize("lookahead", [0, 1])
-def test_live_text_protocol_of_a_read_ahead_backend(tiny_synth, lookahead):
-    """live.py with a backend that reads text rows a frame early (the megakernel's protocol, modelled on the CPU):
-    the same codes as the whole text in the interleaved layout, however the text arrives."""
+def test_live_text_protocol_of_a_read_ahead_backend(tiny_synth):
+    """live.py through the engine with a backend that reads text rows a frame early (the megakernel's protocol,
+    modelled on the CPU): the same codes as the whole text in the interleaved layout, however the text arrives."""
     synth = tiny_synth
     text = "Hi there, you."
-    model = Synthesizer(synth.checkpoint, _ReadAheadBackend(synth.talker, lookahead), synth.codec, synth.talker)
+    model = Synthesizer(synth.checkpoint, _ReadAheadBackend(synth.talker), synth.codec, synth.embedder, synth.talker)
     want = synth.generate_codes(text, seed=7, max_new_tokens=18, text_layout="interleaved")
     assert want.num_text_tokens + 3 < len(want.codes)  # the text ends (tts_eos, then pad rows) before the last frame
-    for pieces in ([text], [w + " " for w in text.split(" ")[:-1]] + [text.split(" ")[-1]], list(text)):
-        u = LiveUtterance(model, seed=7, max_new_tokens=18)
-        frames = _drive(u, pieces)
-        assert u.stop_reason == want.stop_reason
-        assert np.array_equal(np.stack(frames), want.codes), pieces[:2]
+    try:
+        for pieces in ([text], [w + " " for w in text.split(" ")[:-1]] + [text.split(" ")[-1]], list(text)):
+            frames, stop = _drive(model, LiveUtterance(model, seed=7, max_new_tokens=18), pieces)
+            assert stop == want.stop_reason
+            assert np.array_equal(np.stack(frames), want.codes), pieces[:2]
+    finally:
+        model.close()

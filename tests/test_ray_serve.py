@@ -28,6 +28,7 @@ from qwen_tts_megakernel.engine import Synthesizer  # noqa: E402
 from qwen_tts_megakernel.server.ray_serve import (APP_NAME, DEPLOYMENT_NAME, REPLICA_HEADER,  # noqa: E402
                                                   app_builder, options_from, parse_autoscale, replica_actor_name,
                                                   replica_health)
+from qwen_tts_megakernel.server.protocol import ServerSettings  # noqa: E402
 from qwen_tts_megakernel.synthetic import write_tiny_model  # noqa: E402
 from qwen_tts_megakernel.testing.server import free_port  # noqa: E402
 
@@ -58,7 +59,7 @@ def cluster(model_dir):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         options = options_from(model=str(model_dir), device="cpu", replicas=2, gpus_per_replica=0,
-                               cpus_per_replica=0.1, max_active=MAX_ACTIVE, max_queue=0)
+                               cpus_per_replica=0.1, settings=ServerSettings(max_active=MAX_ACTIVE, max_queue=0))
         options.health_check_period_s = 1.0
         # CPU float sums depend on the thread count: replicas use this process's, so audio compares byte for byte.
         options.env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
@@ -134,12 +135,15 @@ def test_autoscale_and_option_errors_name_the_field():
     with pytest.raises(ValueError, match="replicas"):
         options_from(model="m", replicas=0)
     with pytest.raises(ValueError, match="max_active"):
-        options_from(model="m", max_active=0)
+        app_builder({"model": "m", "max_active": 0})
+    with pytest.raises(ValueError, match="API key is empty"):
+        options_from(model="m", api_key=" ")
     with pytest.raises(ValueError, match="device cuda:1"):
         options_from(model="m", device="cuda:1")
     with pytest.raises(ValueError, match="unknown application args"):
         app_builder({"model": "m", "replica": 2})
-    options = options_from(model="m", max_active=4, max_queue=0, gpus_per_replica=0, voices_dir="/shared/voices")
+    options = options_from(model="m", settings=ServerSettings(max_active=4, max_queue=0), gpus_per_replica=0,
+                           voices_dir="/shared/voices")
     assert options.capacity == 4 and options.device == "cpu"
     assert options.env["QWEN_TTS_MK_VOICES_DIR"] == "/shared/voices"
 
@@ -148,13 +152,14 @@ def test_deployment_declares_capacity_resources_and_scaling():
     pytest.importorskip("ray.serve")
     from qwen_tts_megakernel.server.ray_serve import deployment
 
-    fixed = deployment(options_from(model="m", replicas=3, max_active=4, max_queue=2))
+    fixed = deployment(options_from(model="m", replicas=3, settings=ServerSettings(max_active=4, max_queue=2)))
     fixed_limit = options_from(model="m").settings.max_new_tokens_limit  # frames of the longest stream
     assert fixed.num_replicas == 3 and fixed.max_ongoing_requests == 6 and fixed.max_queued_requests == 6
     assert fixed.ray_actor_options["num_gpus"] == 1.0
     assert fixed._deployment_config.graceful_shutdown_timeout_s > 0.08 * fixed_limit
     assert fixed.backpressure_config.status_code == 503 and fixed.backpressure_config.retry_after_s == 1
-    scaled = deployment(options_from(model="m", autoscale="1..3", gpus_per_replica=0, max_active=4, max_queue=2))
+    scaled = deployment(options_from(model="m", autoscale="1..3", gpus_per_replica=0,
+                                     settings=ServerSettings(max_active=4, max_queue=2)))
     autoscaling = scaled._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 3, 4)
     assert scaled.ray_actor_options["num_gpus"] == 0
@@ -345,7 +350,7 @@ def test_unhealthy_engine_fails_the_health_check_and_serve_replaces_the_replica(
 
     _, serve = cluster
     options = options_from(model=str(model_dir), device="cpu", replicas=1, gpus_per_replica=0, cpus_per_replica=0.1,
-                           max_active=1, max_queue=0)
+                           settings=ServerSettings(max_active=1, max_queue=0))
     options.health_check_period_s = 1.0
     base = deployment(options)
 

@@ -157,7 +157,7 @@ def test_http_disconnect_cancels_the_stream(url):
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"text": LONG_TEXT, "speaker": "ryan", "max_new_tokens": 1500, "seed": 4}).encode()
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /tts/stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /tts/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     got = b""
     while len(got) < 4000:
@@ -442,7 +442,7 @@ def test_bad_input_is_a_4xx_naming_the_field(url, path, body, status, field):
 def test_server_still_correct_after_bad_inputs(url, synth):
     for path, body, _, _ in BAD_INPUTS:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        httpx.post(f"{url}{path}", content=content)
+        httpx.post(f"{url}{path}", content=content, headers={"Content-Type": "application/json"})
     r = httpx.post(f"{url}/tts/stream", json={"text": TEXT, "speaker": "ryan", "max_new_tokens": 9, "seed": 5})
     assert r.status_code == 200
     assert r.content == reference_pcm(synth, TEXT, seed=5, max_new_tokens=9)
@@ -465,15 +465,20 @@ def test_metrics(url):
 
 
 def test_queue_overflow_is_503_with_retry_after(synth):
+    """One stream runs, one waits for its slot (its 200 comes when it starts), a third is refused at once."""
     settings = ServerSettings(max_active=1, max_queue=1)
     with running_server(synth, settings=settings) as (url, app):
         body = {"text": LONG_TEXT, "speaker": "ryan", "max_new_tokens": 1500, "seed": 1}
-        with httpx.Client(timeout=30) as c1, httpx.Client(timeout=30) as c2:
-            with c1.stream("POST", f"{url}/tts/stream", json=body) as r1, \
-                    c2.stream("POST", f"{url}/tts/stream", json=body) as r2:
-                assert r1.status_code == 200 and r2.status_code == 200
+        queued: dict = {}
+        with httpx.Client(timeout=30) as c1:
+            with c1.stream("POST", f"{url}/tts/stream", json=body) as r1:
+                assert r1.status_code == 200
                 it = r1.iter_raw()  # keep the iterator: dropping it closes the connection
                 next(it)
+                waiter = threading.Thread(target=lambda: queued.update(
+                    r=httpx.post(f"{url}/tts/stream", json={**body, "max_new_tokens": 3}, timeout=30)))
+                waiter.start()
+                assert wait_until(lambda: httpx.get(f"{url}/health").json()["queue_depth"] == 1)
                 r3 = httpx.post(f"{url}/tts/stream", json=body)
                 assert r3.status_code == 503 and r3.headers["retry-after"] == "1"
                 assert "capacity" in r3.json()["error"]["message"]
@@ -481,6 +486,8 @@ def test_queue_overflow_is_503_with_retry_after(synth):
                     ws = WsReader(conn)
                     ws.send(type="text", context_id="x", text="hi ")
                     assert ws.read_one() == ("error", "x")
+        waiter.join(30)  # r1 closed: the queued request got its slot
+        assert queued["r"].status_code == 200 and len(queued["r"].content) == 3 * 1920 * 2
         assert wait_until(lambda: httpx.get(f"{url}/health").json()["active_streams"] == 0)
         assert wait_until(lambda: httpx.get(f"{url}/health").json()["queue_depth"] == 0)
         r4 = httpx.post(f"{url}/tts/stream", json={**body, "max_new_tokens": 3})

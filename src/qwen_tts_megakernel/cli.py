@@ -5,7 +5,7 @@
     qwen-tts-mk voices [--model M]
     qwen-tts-mk serve [--model M] [--backend B] [--host 127.0.0.1] [--port 8001] [--api-key K]
                       [--ray [--replicas N | --autoscale MIN..MAX] [--gpus-per-replica 1]]
-    qwen-tts-mk validate (--model M | --random-weights 0.6b)
+    qwen-tts-mk validate (--model M | --random-weights 0.6b) [--batch 1,2,7,16,64]
     qwen-tts-mk bench (--all | --decode | --server | --load | --serve-overhead)
 
 Errors a user can fix (unknown voice, missing model, empty text, ...) print one line naming the problem and exit
@@ -40,7 +40,7 @@ def write_wav(path: str | Path, pcm16: np.ndarray, sample_rate: int) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"HF id or local folder (default {DEFAULT_MODEL})")
-    p.add_argument("--backend", default="reference", choices=["reference", "megakernel"])
+    p.add_argument("--backend", default="reference", choices=["reference", "graphed", "megakernel"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="talker precision (default: bfloat16 on CUDA, float32 on CPU)")
@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--allow-unauthenticated-public", action="store_true",
+                   help="allow binding a non-loopback address without --api-key")
+    from .server.protocol import ServerSettings
+
+    ServerSettings.add_arguments(p)
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve: one engine per replica (GPU), one address")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=None, help="--ray: replicas (default 1)")
@@ -181,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="compare the megakernel with the reference backend on the GPU")
     p.add_argument("--model", default=None)
     p.add_argument("--random-weights", default=None, choices=["0.6b", "1.7b"])
-    p.add_argument("--frames", type=int, default=64)
+    p.add_argument("--frames", type=int, default=None, help="frames per stream (default 64; with --batch 8)")
+    p.add_argument("--batch", default=None, help="batch sizes to check, e.g. 1,2,7,16,64 (streams at mixed "
+                                                 "positions, batch invariance)")
     p.add_argument("--output", default=None, help="JSON report path")
     p.set_defaults(func=cmd_validate)
 
@@ -209,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a site directory holding the official qwen-tts and its pinned transformers (--all)")
     p.add_argument("--model", default=None)
     p.add_argument("--random-weights", default="0.6b", choices=["0.6b", "1.7b"])
-    p.add_argument("--backend", default=None, choices=["reference", "megakernel"])
+    p.add_argument("--backend", default=None, choices=["reference", "graphed", "megakernel"])
     p.add_argument("--device", default=None)
+    p.add_argument("--batch", default="1", help="--decode: batch sizes, e.g. 1,2,4,8,16,32,64")
     p.add_argument("--output-dir", default="benchmarks/results")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -2,15 +2,16 @@
 
 The official configuration classes carry placeholder defaults (codec EOS 4198, 20 layers, rope_theta 1e4, ...);
 only the checkpoint's own values are real, so every field that matters for the math is read from the file and a
-missing one is an error rather than a silent placeholder. The codec decoder's config lives in ``codec.py``.
+missing one is an error rather than a silent placeholder. The codec decoder's config (speech_tokenizer/config.json)
+is `CodecDecoderConfig`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .codec import CodecDecoderConfig
 from .sampling import SamplingParams
 
 MODEL_TYPES = ("custom_voice", "voice_design", "base")
@@ -142,6 +143,89 @@ class GenerationDefaults:
         except ValueError as exc:
             raise ConfigError(f"generation_config.json: {exc}") from exc
         return cls(sampling=sampling, max_new_tokens=int(d.get("max_new_tokens", 2048)))
+
+
+CODEC_ACTIVATIONS = ("silu", "swish", "gelu")  # hidden_act values the codec decoder implements
+
+
+@dataclass
+class CodecDecoderConfig:
+    """Decoder half of speech_tokenizer/config.json (`decoder_config`, plus two top-level rates).
+
+    Defaults are those of the official `Qwen3TTSTokenizerV2DecoderConfig` / `Qwen3TTSTokenizerV2Config`
+    classes, which are NOT the released checkpoint's values (that has hidden_size 512, intermediate 1024,
+    codebook_dim 512, head_dim 64). `codebook_dim` has no default in the official class either (the
+    official decoder fails without it), so it is required here.
+    """
+
+    codebook_dim: int  # width of the dequantized features; each codebook vector is codebook_dim // 2
+    codebook_size: int = 2048
+    hidden_size: int = 1024
+    latent_dim: int = 1024
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads (the official fallback)
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 8
+    num_quantizers: int = 16
+    sliding_window: int = 72
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    layer_scale_initial_scale: float = 0.01
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 8000  # informational: default RoPE has no length limit
+    upsample_rates: tuple[int, ...] = (8, 5, 4, 3)
+    upsampling_ratios: tuple[int, ...] = (2, 2)
+    decoder_dim: int = 1536
+    sample_rate: int = 24000  # top-level output_sample_rate
+    samples_per_frame: int = 1920  # top-level decode_upsample_rate
+
+    def __post_init__(self) -> None:
+        self.upsample_rates = tuple(int(r) for r in self.upsample_rates)
+        self.upsampling_ratios = tuple(int(r) for r in self.upsampling_ratios)
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        total = math.prod(self.upsample_rates) * math.prod(self.upsampling_ratios)
+        if total != self.samples_per_frame:
+            raise ValueError(
+                f"decode_upsample_rate (samples_per_frame) is {self.samples_per_frame}, but the decoder "
+                f"upsamples by prod(upsample_rates {list(self.upsample_rates)}) * prod(upsampling_ratios "
+                f"{list(self.upsampling_ratios)}) = {total}"
+            )
+        if self.hidden_act not in CODEC_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported ({sorted(CODEC_ACTIVATIONS)})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.num_quantizers < 2:
+            raise ValueError(f"num_quantizers must be >= 2 (1 semantic + acoustic), got {self.num_quantizers}")
+        if self.codebook_dim % 2:
+            raise ValueError(f"codebook_dim must be even (codebook vectors are codebook_dim // 2), got {self.codebook_dim}")
+        if self.decoder_dim % 2 ** len(self.upsample_rates):
+            raise ValueError(f"decoder_dim {self.decoder_dim} is not divisible by 2**{len(self.upsample_rates)}")
+
+    @property
+    def frame_rate(self) -> float:
+        """Frames per second (12.5 for the released model)."""
+        return self.sample_rate / self.samples_per_frame
+
+    @classmethod
+    def from_json_dict(cls, d: dict) -> "CodecDecoderConfig":
+        """Parse the full official speech_tokenizer/config.json dict (top level + `decoder_config`)."""
+        dec = dict(d.get("decoder_config") or {})
+        if "codebook_dim" not in dec:
+            raise ValueError("speech tokenizer config: decoder_config.codebook_dim is missing (it has no default)")
+        rope_scaling = dec.get("rope_scaling")
+        if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
+            raise ValueError(f"speech tokenizer config: rope_scaling {rope_scaling} is not supported (only default RoPE)")
+        names = {f for f in cls.__dataclass_fields__ if f not in ("sample_rate", "samples_per_frame")}
+        kwargs = {k: v for k, v in dec.items() if k in names}
+        kwargs["sample_rate"] = int(d.get("output_sample_rate", 24000))
+        kwargs["samples_per_frame"] = int(d.get("decode_upsample_rate", 1920))
+        return cls(**kwargs)
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ class LiveUtterance:
         piece = self.text[self._committed_chars:end]
         self._committed_chars = end
         if piece.strip() or self.tokens:
-            self.tokens.extend(self.tokenizer.encode(piece))
+            self.tokens.extend(self.tokenizer.encode_user(piece))
         else:  # leading whitespace before any word: keep it with the first word
             self._committed_chars -= len(piece)
 

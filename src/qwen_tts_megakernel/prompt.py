@@ -13,6 +13,10 @@ which row; the model turns rows into vectors. Layout (CustomVoice "ryan", Englis
 
 with P, B, E the tts_pad, tts_bos and tts_eos text ids. Language "auto" uses the tags (nothink, think_bos,
 think_eos); a dialect speaker asked for Chinese or auto gets its dialect's language id.
+
+User text and instructions are escaped: the template's special tokens (<|im_start|>, <|im_end|>, <tts_pad>, ...)
+written in them are tokenized as plain characters, so user input can never add or close a template turn. For any
+text without such strings the ids equal the official processor's.
 """
 
 from __future__ import annotations
@@ -46,12 +50,18 @@ class Prompt:
         return len(self.text_ids)
 
 
-def assistant_text(text: str) -> str:
-    return f"<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n"
+def assistant_ids(tokenizer: TextTokenizer, text: str) -> list[int]:
+    """The ids of "<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n", the text escaped. The
+    special tokens split the template into parts that are tokenized apart, so encoding the parts one by one gives
+    the ids of the whole string."""
+    return (tokenizer.encode("<|im_start|>") + tokenizer.encode_user(f"assistant\n{text}")
+            + tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n"))
 
 
-def instruct_text(instruct: str) -> str:
-    return f"<|im_start|>user\n{instruct}<|im_end|>\n"
+def instruct_ids(tokenizer: TextTokenizer, instruct: str) -> list[int]:
+    """The ids of "<|im_start|>user\n{instruct}<|im_end|>\n", the instruction escaped."""
+    return (tokenizer.encode("<|im_start|>") + tokenizer.encode_user(f"user\n{instruct}")
+            + tokenizer.encode("<|im_end|>\n"))
 
 
 def resolve_voice(config: ModelConfig, voice: str | None) -> str | None:
@@ -94,14 +104,14 @@ def build_prompt(config: ModelConfig, tokenizer: TextTokenizer, text: str, *, vo
         raise PromptError(f"this model ({config.model_type}, {config.model_size}) does not take instruct")
 
     ids = config.ids
-    wrapped = tokenizer.encode(assistant_text(text))
+    wrapped = assistant_ids(tokenizer, text)
     role_ids, text_tokens = wrapped[:3], wrapped[3:-5]
     if not text_tokens:
         raise PromptError("text is empty after tokenization")
 
     prompt = Prompt(num_text_tokens=len(text_tokens))
     if instruct:
-        for token in tokenizer.encode(instruct_text(instruct)):
+        for token in instruct_ids(tokenizer, instruct):
             prompt.add(token, None)
     for token in role_ids:
         prompt.add(token, None)

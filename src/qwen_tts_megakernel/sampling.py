@@ -27,9 +27,60 @@ import torch
 NUM_DRAWS_PER_FRAME = 16
 
 
+class SamplingError(ValueError):
+    """Sampling cannot go on: a sampling option is out of range, or the scores are not finite (NaN, +inf, all -inf)."""
+
+
+@dataclass(frozen=True)
+class OptionRange:
+    """The values one sampling option may take."""
+
+    low: float
+    high: float
+    integer: bool = False
+    low_open: bool = False  # (low, high] instead of [low, high]
+
+    def contains(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            return False
+        if self.integer and not isinstance(value, (int, np.integer)):
+            return False
+        if not np.isfinite(value):
+            return False
+        return (self.low < value if self.low_open else self.low <= value) and value <= self.high
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        low = f"({self.low:g}" if self.low_open else f"[{self.low:g}"
+        return f"{kind} in {low}, {self.high:g}]"
+
+
+# The one place for sampling bounds: SamplingParams enforces them (so the Python API), the server validates requests
+# with them before answering. They are what every backend runs -- the megakernel keeps at most 256 candidates after
+# top-k (csrc/mk_common.cuh CAND_MAX), so top-k is on and at most 256 -- and what keeps the scores finite: logits
+# times at most 1 / (0.5 * 0.01) stay far inside fp32, where a temperature near 0 overflows to inf and NaN.
+SAMPLING_RANGES = {
+    "temperature": OptionRange(0.01, 10.0),
+    "top_k": OptionRange(1, 256, integer=True),
+    "top_p": OptionRange(0.0, 1.0, low_open=True),
+    "repetition_penalty": OptionRange(0.5, 2.0),
+}
+SAMPLING_RANGES.update({f"subtalker_{name}": SAMPLING_RANGES[name] for name in ("temperature", "top_k", "top_p")})
+
+
+def check_sampling_option(name: str, value):
+    """`value` if it is within SAMPLING_RANGES[name]; SamplingError naming the option and its range otherwise."""
+    bounds = SAMPLING_RANGES[name]
+    if not bounds.contains(value):
+        shown = repr(value)
+        raise SamplingError(f"{name} must be {bounds.describe()}, got {shown[:40]}{'...' if len(shown) > 40 else ''}")
+    return value
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings for one stream (defaults: the checkpoints' generation_config.json)."""
+    """Sampling settings for one stream (defaults: the checkpoints' generation_config.json; bounds:
+    SAMPLING_RANGES)."""
 
     do_sample: bool = True
     temperature: float = 0.9
@@ -42,19 +93,8 @@ class SamplingParams:
     subtalker_top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "subtalker_temperature"):
-            value = getattr(self, name)
-            if not (value > 0 and np.isfinite(value)):
-                raise ValueError(f"{name} must be a positive finite number, got {value}")
-        for name in ("top_p", "subtalker_top_p"):
-            value = getattr(self, name)
-            if not 0 < value <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {value}")
-        for name in ("top_k", "subtalker_top_k"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 disables it), got {getattr(self, name)}")
-        if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
-            raise ValueError(f"repetition_penalty must be a positive finite number, got {self.repetition_penalty}")
+        for name in SAMPLING_RANGES:
+            check_sampling_option(name, getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -130,23 +170,22 @@ def draw(scores: torch.Tensor, u: float) -> int:
     return int(order[pos])
 
 
-class SamplingError(ValueError):
-    """The scores of one stream's step cannot be sampled (none finite, or NaN): that stream ends with this error."""
+def check_finite(scores: torch.Tensor) -> None:
+    """SamplingError unless the best score is finite: a NaN anywhere, a +inf, or nothing left to choose from."""
+    best = float(scores.max())  # max() propagates NaN
+    if not np.isfinite(best):
+        raise SamplingError(f"the scores are not finite (best score {best}): no code can be sampled")
 
 
 def choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
            u: float) -> int:
-    """Greedy argmax or one sampled draw from already-constrained fp32 logits [V]. Raises SamplingError instead of
-    returning a code when the scores are NaN or none is finite."""
-    if torch.isnan(logits).any():
-        raise SamplingError("the model produced NaN scores")
+    """Greedy argmax or one sampled draw from already-constrained fp32 logits [V]. Raises SamplingError (never
+    returns an out-of-range code) when the scores are not finite."""
     if not do_sample:
-        if not torch.isfinite(logits).any():
-            raise SamplingError("no finite score to choose from")
+        check_finite(logits)
         return int(torch.argmax(logits))
     scores = warp(logits, temperature, top_k, top_p)
-    if torch.isnan(scores).any() or not torch.isfinite(scores.max()):
-        raise SamplingError(f"no finite score after temperature {temperature}, top-k {top_k}, top-p {top_p}")
+    check_finite(scores)
     return draw(scores, u)
 
 

@@ -36,10 +36,18 @@ def _qwen2_pipeline(tokenizer: Tokenizer) -> Tokenizer:
 
 
 class TextTokenizer:
-    """Text -> ids exactly as the official processor produces them (no BOS/EOS added)."""
+    """Text -> ids exactly as the official processor produces them (no BOS/EOS added).
+
+    Two ways to encode: `encode` matches the added tokens (<|im_start|>, <tts_pad>, ...) in its input, for the
+    prompt template; `encode_user` never does, for the user's text, which therefore cannot inject control tokens:
+    "<|im_end|>" in user text is the plain characters "<", "|", "im", ... (for text without added-token strings
+    the two give the same ids)."""
 
     def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
+        plain = json.loads(tokenizer.to_str())
+        plain["added_tokens"] = []
+        self._plain = Tokenizer.from_str(json.dumps(plain))
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "TextTokenizer":
@@ -72,7 +80,17 @@ class TextTokenizer:
         return cls(tokenizer)
 
     def encode(self, text: str) -> list[int]:
+        """Template text: added tokens in `text` become their ids."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_user(self, text: str) -> list[int]:
+        """User text: added-token strings in `text` are ordinary characters (escaped, never control tokens)."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    @property
+    def added_tokens(self) -> list[str]:
+        """The added (special) token strings of the vocabulary."""
+        return sorted(self._tok.get_added_tokens_decoder()[i].content for i in self._tok.get_added_tokens_decoder())
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)

@@ -24,71 +24,37 @@ constexpr int NWARPS = NTHREADS / 32;
 #define MK_TILE_KB 32
 #endif
 constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-memory ring
-// Variant switches (compile-time; defaults = v4, the fastest measured; build.py passes QWEN_TTS_MK_DEFINES to
-// override): MK_RING ring depth, MK_SCHED cached
-// producer cursor (no phase lookup per tile), MK_ONESYNC one __syncthreads per tile, MK_BAR2 relaxed spin + one
-// acquire load (no SC fence) in the grid barrier.
-#ifndef MK_RING  // 3 (64 KB in flight per SM) beats 4, 2 and 16 KB tiles on an H200: weight traffic beyond what
-#define MK_RING 3  // the bandwidth needs only delays the latency-bound activation loads and barrier polls
-#endif
-#ifndef MK_SCHED
-#define MK_SCHED 1
-#endif
-#ifndef MK_ONESYNC
-#define MK_ONESYNC 1
-#endif
-#ifndef MK_BAR2
-#define MK_BAR2 1
-#endif
-// Out-of-line switches (register allocation of the hot matvec loops): MK_NOINLINE bit 1 = sampling and the
-// output record, bit 2 = attention and its combine, bit 4 = RMSNorm.
-#ifndef MK_NOINLINE
-#define MK_NOINLINE 0
-#endif
-#if MK_NOINLINE & 1
-#define MK_COLD __noinline__
+// Hopper bulk copy (cp.async.bulk, one instruction per tile, mbarrier per ring slot); per-thread cp.async elsewhere.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MK_TMA 1
 #else
-#define MK_COLD
-#endif
-#if MK_NOINLINE & 2
-#define MK_COLD_ATTN __noinline__
-#else
-#define MK_COLD_ATTN
-#endif
-#if MK_NOINLINE & 4
-#define MK_COLD_NORM __noinline__
-#else
-#define MK_COLD_NORM
-#endif
-// Timing experiment: MK_TRACE=1 stamps clock64 at section boundaries in two blocks (megakernel/trace.py).
-#ifndef MK_TRACE
-#define MK_TRACE 0
-#endif
-#ifndef MK_TMA  // Hopper bulk copy (cp.async.bulk, one instruction per tile) + mbarrier per ring slot; needs
-#define MK_TMA 1  // MK_SCHED and MK_ONESYNC
-#endif
-#if MK_TMA && (!MK_SCHED || !MK_ONESYNC || __CUDA_ARCH__ < 900)
-#undef MK_TMA
 #define MK_TMA 0
 #endif
-constexpr int RING_TILES = MK_RING;         // tiles in the ring; RING_TILES - 1 are in flight while one is used
-constexpr int ACT_FLOATS = 6144;            // activation scratch: max over phases of rows x input width
-constexpr int MISC_BYTES = 8192;            // reductions, sampling candidates
-constexpr int NC_MAX = 16;                  // max attention chunks (split-K over positions) per KV head
-constexpr int CAND_MAX = 256;               // max sampling candidates after top-k (ties at the k-th included)
-constexpr int OUT_RING = 8;                 // output records kept per slot (frame % OUT_RING)
-constexpr int REC_INTS = 32;                // one output record: codes[16], frame, eos, error, ..., seq
+// Tiles in the ring; RING_TILES - 1 are in flight while one is used. 3 (64 KB in flight per SM) beat 4, 2 and 16 KB
+// tiles on an H200: weight traffic beyond what the bandwidth needs only delays the latency-bound loads and polls.
+constexpr int RING_TILES = 3;
+constexpr int MAX_BATCH = 64;               // streams per launch
+constexpr int MAX_ROWS = 2 * MAX_BATCH;     // activation rows of a launch (the predictor's 2-row first step)
+constexpr int STAGE_FLOATS = 8192;          // shared scratch: staged activations, attention, sampling scores
+constexpr int RED_FLOATS = NWARPS * 16 * 16;  // per-warp 16 x 16 partial products of one m16 tile
+constexpr int MISC_BYTES = 8192;            // sampling scratch
+constexpr int NC_MAX = 16;                  // max attention chunks (split over positions) per stream and KV head
+constexpr int CHUNK_POS = 64;               // positions per attention chunk (before the NC_MAX cap)
+constexpr int CAND_MAX = 256;               // max sampling candidates after top-k (ties at the k-th: lowest ids)
+constexpr int OUT_RING = 4;                 // launch records kept (launch % OUT_RING)
+constexpr int REC_INTS = 32;                // one stream's record: codes[16], frame, eos, error, ..., seq
 constexpr int REC_FRAME = 16, REC_EOS = 17, REC_ERROR = 18, REC_NCAND = 19, REC_SEQ = 31;
 constexpr int NCODES = 16;                  // codebooks per frame
 constexpr int CP_POS = 16;                  // code predictor positions per frame (0..15)
-constexpr int XOWN_ROWS = 128;              // residual rows one block owns (H / blocks rounded up), at most
-constexpr int SMEM_BYTES = RING_TILES * TILE_BYTES + ACT_FLOATS * 4 + MISC_BYTES;
+constexpr int SMEM_BYTES = RING_TILES * TILE_BYTES + (STAGE_FLOATS + RED_FLOATS) * 4 + MISC_BYTES;
 
-// Error codes written to the error word / output record.
+// Error codes. Instance errors (the launch aborted; every stream of the instance is lost):
 constexpr int ERR_TIMEOUT = 1;              // a grid barrier waited longer than the timeout
 constexpr int ERR_PEER = 2;                 // another block reported an error first
-constexpr int ERR_TABLE = 3;                // random-number table or forced-code table too short
-constexpr int ERR_POS = 4;                  // position beyond the KV cache
+constexpr int ERR_POS = 4;                  // a position beyond the KV cache
+// Stream errors (recorded for that stream only; the others are unaffected):
+constexpr int ERR_TABLE = 3;                // random-number or forced-code table too short
+constexpr int ERR_NONFINITE = 5;            // a NaN or infinite logit
 
 // ------------------------------------------------------------------------------------------------------------
 // Model shapes
@@ -123,7 +89,9 @@ using Shapes06 = Shapes<Stack<1024, 3072, 28, 3072>, Stack<1024, 3072, 5, 2048>,
 using Shapes17 = Shapes<Stack<2048, 6144, 28, 3072>, Stack<1024, 3072, 5, 2048>, true>;   // 12Hz-1.7B
 
 // ------------------------------------------------------------------------------------------------------------
-// Parameters. Only 8-byte fields, so the ctypes mirror in megakernel/backend.py is a flat list.
+// Parameters. MkParams and MkSlot hold only 8-byte fields, so their ctypes mirrors (megakernel/backend.py) are flat.
+
+struct MkSlot;
 
 struct MkParams {
   // weights (bf16)
@@ -141,40 +109,44 @@ struct MkParams {
   const bf16* c_proj_b;      // [CH]
   const float* t_rope;       // [max_seq][HD]: cos of the 64 frequencies, then sin
   const float* c_rope;       // [CP_POS][HD]
-  // caches (all slots)
+  // per-slot state
   kv_t* t_kv;                // [slots][L][2][NKV][max_seq][HD]
   kv_t* c_kv;                // [slots][L][2][NKV][CP_POS][HD]
-  // scratch shared by every slot (launches of one instance are serialized on one CUDA stream)
-  float* x_res;              // [2][max(H, CH)] residual stream
-  float* qkv;                // [2][QKV]
-  float* attn_part;          // [2][NQ][NC_MAX][2 + HD] attention partials (m, l, acc)
-  float* act;                // [2][max(F, CF)] MLP activations
-  float* t_logits;           // [V] raw talker logits of the latest launch
-  float* c_logits;           // [CV]
-  float* dbg_hidden;         // [H] talker post-norm hidden of the latest launch (after the perturbation)
+  const MkSlot* slots;       // [slots] sampling parameters and buffers of each slot (written by the host at open)
+  float* x_in;               // [slots][H] talker input of each slot's next frame (written by each launch)
+  // scratch of one launch, indexed by activation row (launches of one instance are serialized on one CUDA stream)
+  float* x_res;              // [MAX_ROWS][max(H, CH)] residual stream
+  float* ssq_part;           // [MAX_ROWS][blocks] sum of squares of x_res over the dims each block owns
+  float* qkv;                // [MAX_ROWS][QKV]
+  float* attn_out;           // [MAX_ROWS][QD]
+  float* attn_part;          // [MAX_BATCH][NQ][NC_MAX][2 + HD] attention partials (m, l, acc) of chunked streams
+  int* attn_count;           // [MAX_BATCH][NKV] chunks finished (the last one combines, then resets it to 0)
+  float* act;                // [MAX_ROWS][max(F, CF)] MLP activations
+  float* cp_in;              // [MAX_ROWS][H] code-predictor step inputs (hidden, then code embeddings)
+  float* cp_in_ssq;          // [MAX_ROWS] their sums of squares
+  int* codes;                // [MAX_BATCH][2][16] own and used (forced) codes of the launch
+  float* t_logits;           // [MAX_BATCH][V] raw talker logits of the latest launch
+  float* c_logits;           // [MAX_BATCH][CV]
+  float* dbg_hidden;         // [MAX_BATCH][H] talker post-norm hidden of the latest launch (after the perturbation)
+  int* out_dev;              // [OUT_RING][MAX_BATCH][REC_INTS] records
+  int* out_host;             // same, mapped pinned host memory (may be null)
   // synchronization (per instance)
   unsigned long long* bar_count;  // monotonic arrival counter
   unsigned long long* bar_base;   // value of bar_count when the next launch starts (written at launch end)
-  int* error;                     // first error code of the instance (0 = none)
+  int* error;                     // first instance error code (0 = none)
   long long max_seq;
-  long long slots;
+  long long n_slots;
   long long timeout_ns;
   double t_eps, c_eps;
 };
 
-// One stream slot: where its state lives and how it samples.
+// One stream slot: its text, tables and sampling rules (device memory, one per slot).
 struct MkSlot {
-  long long slot;            // index into the caches
-  float* x_in;               // [H] talker input of the next launch (written by each launch for the next)
   const float* text_rows;    // [n_text][H]
   const float* pad_row;      // [H]
   const double* uniforms;    // [n_uniform_frames][16] or null (then Philox)
   const int* forced;         // [n_forced_frames][16] teacher-forced codes or null
   unsigned int* seen;        // [V / 32] bitmap of past codebook-0 tokens (repetition penalty)
-  int* done;                 // set to 1 when EOS was emitted
-  int* out_dev;              // [OUT_RING][REC_INTS]
-  int* out_host;             // same, in mapped pinned host memory (may be null)
-  long long n_text;
   long long n_uniform_frames;
   long long n_forced_frames;
   long long seed;
@@ -183,6 +155,28 @@ struct MkSlot {
   double temperature, top_p, rep_penalty;
   double cp_temperature, cp_top_p;
 };
+
+// One stream of a launch.
+struct MkEntry {
+  int slot;       // KV-cache slot and MkSlot index
+  int frame;      // frame index of this stream (random numbers, min_new_tokens, text row)
+  int pos;        // talker position of this frame's input (prefill rows - 1 + frame)
+  int n_text;     // text rows available; frame k writes frame k+1's input with text row k (pad past the end)
+  int zero_text;  // 1: that row has not arrived; add a zero row (the host adds the row before the next launch)
+  int pad_[3];
+};
+
+// The launch: its streams, in activation-row order.
+struct MkLaunch {
+  int n;          // streams, 1..MAX_BATCH
+  int seq;        // launch counter: records go to ring entry seq % OUT_RING with sequence word seq + 1
+  int flags;      // FLAG_* below
+  float perturb;  // added to the talker hidden state (validation A/B), 0 in production
+  MkEntry e[MAX_BATCH];
+};
+
+constexpr int FLAG_TALKER_ONLY = 1;  // stop after codebook 0 (benchmark of the talker step)
+constexpr int FLAG_STREAM_ONLY = 4;  // benchmark floor: stream every weight tile, no math, no grid barrier
 
 // ------------------------------------------------------------------------------------------------------------
 // Small helpers
@@ -279,34 +273,5 @@ __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32
 }
 __device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 #endif
-
-// ------------------------------------------------------------------------------------------------------------
-// Section trace (MK_TRACE=1 builds only): thread 0 of block 0 and of block gridDim.x / 2 append (tag, clock64)
-// records; the host resets and reads them with mk_trace_reset / mk_trace_read.
-
-constexpr int TRACE_MAX = 16384;  // records per traced block
-enum TraceTag {
-  TR_FRAME_BEGIN = 1, TR_FRAME_END, TR_BAR_BEGIN, TR_BAR_END, TR_PHASE_BEGIN, TR_TILE_READY, TR_PHASE_END,
-  TR_NORM_BEGIN, TR_NORM_END, TR_ATTN_BEGIN, TR_ATTN_END, TR_COMBINE_END, TR_SAMPLE_BEGIN, TR_SAMPLE_END,
-  TR_COPY_END
-};
-#if MK_TRACE == 1
-__device__ unsigned long long g_trace[2][TRACE_MAX];
-__device__ int g_trace_n[2];
-#endif
-__device__ __forceinline__ void trace(int tag) {
-#if MK_TRACE == 1
-  if (threadIdx.x != 0) return;
-  const int which = blockIdx.x == 0 ? 0 : (blockIdx.x == gridDim.x / 2 ? 1 : -1);
-  if (which < 0) return;
-  const int n = g_trace_n[which];
-  if (n < TRACE_MAX) {
-    g_trace[which][n] = ((unsigned long long)tag << 56) | ((unsigned long long)clock64() & ((1ULL << 56) - 1));
-    g_trace_n[which] = n + 1;
-  }
-#else
-  (void)tag;
-#endif
-}
 
 }  // namespace mk

@@ -1,8 +1,8 @@
 // In-kernel sampling: the official rules of sampling.py, computed by one whole block on scores in shared memory.
 //
-// Every block of the megakernel runs the same sampling on the same logits and gets the same token (all steps are
-// deterministic: histogram counts do not depend on atomic order, sorts are total orders), so no block has to
-// broadcast the result and no extra grid barrier is needed.
+// Each stream of a launch is sampled by one block. Every step is deterministic (histogram counts do not depend on
+// atomic order, sorts are total orders, more ties at the top-k cut than CAND_MAX keep the lowest ids), so a
+// token depends only on the scores and the uniform.
 #pragma once
 
 #include "mk_common.cuh"
@@ -151,7 +151,7 @@ __device__ uint32_t block_kth_largest_key(const float* s, int n, int k, SampleSc
 // One token from scores s[0..n) (already penalized/suppressed logits), following sampling.choose():
 // greedy -> argmax; else divide by temperature, keep scores >= the k-th largest (ties kept), top-p, and draw
 // by inverse CDF with uniform u over candidates ordered by (score desc, index asc). s is modified.
-MK_COLD __device__ int block_sample(float* s, int n, bool do_sample, float temperature, int top_k, double top_p, double u,
+__device__ int block_sample(float* s, int n, bool do_sample, float temperature, int top_k, double top_p, double u,
                             SampleScratch* ss) {
   if (!do_sample) return block_argmax(s, n, ss);
   for (int i = threadIdx.x; i < n; i += NTHREADS) s[i] = s[i] / temperature;
@@ -177,6 +177,47 @@ MK_COLD __device__ int block_sample(float* s, int n, bool do_sample, float tempe
     }
   }
   __syncthreads();
+  if (ss->count > CAND_MAX) {
+    // More candidates than fit: only ties at the cut can overflow (fewer than top_k <= CAND_MAX are above it).
+    // Collect again deterministically: those above the cut (any order), then the ties in id order until full.
+    __syncthreads();
+    if (threadIdx.x == 0) ss->count = 0;
+    __syncthreads();
+    for (int i0 = 0; i0 < n; i0 += NTHREADS) {
+      const int i = i0 + threadIdx.x;
+      const float v = i < n ? s[i] : -INFINITY;
+      const bool take = v > -INFINITY && float_key(v) > kth;
+      const unsigned int ballot = __ballot_sync(0xffffffffu, take);
+      int first = 0;
+      if (lane == 0 && ballot) first = atomicAdd(&ss->count, __popc(ballot));
+      first = __shfl_sync(0xffffffffu, first, 0);
+      if (take) {
+        const int slot = first + __popc(ballot & ((1u << lane) - 1u));
+        ss->cand_val[slot] = v;
+        ss->cand_idx[slot] = i;
+      }
+    }
+    __syncthreads();
+    const int warp_id = threadIdx.x >> 5;
+    for (int i0 = 0; i0 < n && ss->count < CAND_MAX; i0 += NTHREADS) {
+      const int i = i0 + threadIdx.x;
+      const float v = i < n ? s[i] : -INFINITY;
+      const bool take = v > -INFINITY && float_key(v) == kth;
+      const unsigned int ballot = __ballot_sync(0xffffffffu, take);
+      if (lane == 0) ss->red_i[warp_id] = __popc(ballot);
+      __syncthreads();
+      int before = ss->count, total = 0;
+      for (int w = 0; w < NWARPS; ++w) {
+        if (w < warp_id) before += ss->red_i[w];
+        total += ss->red_i[w];
+      }
+      const int slot = before + __popc(ballot & ((1u << lane) - 1u));
+      if (take && slot < CAND_MAX) { ss->cand_val[slot] = v; ss->cand_idx[slot] = i; }
+      __syncthreads();
+      if (threadIdx.x == 0) ss->count = min(ss->count + total, CAND_MAX);
+      __syncthreads();
+    }
+  }
   const int count = min(ss->count, CAND_MAX);
   if (count == 0) return 0;  // no finite score (only from corrupted logits): a valid token, never a wild index
   // Rank sort: rank = number of candidates before this one in (score desc, index asc) order.

@@ -24,16 +24,15 @@ import torch
 
 from ..backends.base import Backend
 from ..checkpoint import Checkpoint, load_checkpoint
-from ..codec import CodecDecoder, use_codec_graphs
+from ..codec import CodecDecoder, StreamingCodec
 from ..config import ModelConfig
 from ..model import PromptEmbedder, Talker
 from ..prompt import Prompt, build_prompt
 from ..sampling import SamplingParams
-from .codec_streams import PerStreamCodec
 from .jobs import DEFAULT_CHUNK_SCHEDULE, AudioChunk, Job, PromptSource, Request, check_max_new_tokens, frame_limit
 from .scheduler import Engine, EngineSettings
 
-BACKENDS = ("reference", "megakernel")
+BACKENDS = ("reference", "graphed", "megakernel")
 # "random:0.6b" / "random:1.7b": full-size random weights (real shapes) for GPU benchmarks and validation.
 RANDOM_MODEL_PREFIX = "random:"
 
@@ -178,8 +177,13 @@ class Synthesizer:
             engine_settings = EngineSettings(realtime_admission=device.type == "cuda")
         codec = CodecDecoder.from_state_dict(checkpoint.config.codec, checkpoint.codec_weights, device=device,
                                              dtype=torch.float32)
-        if use_codec_graphs(codec):
-            codec.streaming_graphs().warm_up()  # capture now, so that the first request does not pay for it
+        if backend == "graphed":
+            from ..backends.graphed import GraphedBackend
+
+            talker = Talker.from_state_dict(checkpoint.config, checkpoint.weights, device=device, dtype=dtype)
+            graphed = GraphedBackend(talker, max_streams=max_streams, max_seq_len=2048,
+                                     warm_buckets=range(1, max_streams + 1) if device.type == "cuda" else ())
+            return cls(checkpoint, graphed, codec, talker.embedder(), talker, engine_settings)
         if backend == "reference":
             from ..backends.reference import ReferenceBackend
 
@@ -188,12 +192,11 @@ class Synthesizer:
                        talker, engine_settings)
         if device.type != "cuda":
             raise ValueError("the megakernel backend needs a CUDA device")
-        from ..backends.per_stream import PerStreamBackend
-        from ..megakernel.backend import MegakernelBackend
+        from ..megakernel.backend import MAX_BATCH, MegakernelBackend
 
         def build() -> Backend:
-            return PerStreamBackend(MegakernelBackend(checkpoint.config, checkpoint.weights, device=device,
-                                                      slots=max_streams))
+            return MegakernelBackend(checkpoint.config, checkpoint.weights, device=device,
+                                     max_streams=min(max_streams, MAX_BATCH))
 
         embedder = PromptEmbedder.from_state_dict(checkpoint.config, checkpoint.weights, device=device, dtype=dtype)
         synth = cls(checkpoint, build(), codec, embedder, None, engine_settings)
@@ -209,7 +212,9 @@ class Synthesizer:
         """The one engine of this synthesizer, started on first use."""
         with self._engine_lock:
             if self._engine is None:
-                self._engine = Engine(self.backend, PerStreamCodec(self.codec), self.embedder, self.config,
+                codec = StreamingCodec(self.codec, max_streams=self.engine_settings.max_active)
+                codec.warm_up()  # CUDA graphs for every batch bucket, captured before the first stream
+                self._engine = Engine(self.backend, codec, self.embedder, self.config,
                                       sample_rate=self.sample_rate, settings=self.engine_settings,
                                       backend_factory=self.backend_factory)
             self._engine.start()

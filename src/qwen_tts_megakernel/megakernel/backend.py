@@ -1,30 +1,24 @@
-"""The megakernel backend: one CUDA launch per 80 ms frame (talker step, code predictor, sampling, next input).
+"""The megakernel backend: one CUDA launch generates one 80 ms frame for every given stream (up to 64).
 
-    backend = MegakernelBackend(config, weights, device, max_seq_len=4096)
-    stream = backend.open_stream(prefill [L,H], text_rows [T,H], pad_row [H], params, rng)
-    codes = stream.next_frame()      # np.int64 [16]; codes[0] == EOS ends the stream
-    stream.close()
+    backend = MegakernelBackend(config, weights, device, max_streams=16, max_seq_len=2048)
+    handles = backend.open([StreamSpec(...), ...])      # prefill into free KV-cache slots
+    out = backend.step(handles)                         # ONE launch: out.codes [B, 16], out.failed {i: reason}
+    backend.close(handles[0])
 
-Weights are repacked once into the kernel's layout (csrc/mk_common.cuh: per-layer blob [qkv | o | gate/up pairs |
-down], bf16). The talker prefill (rows 0..L-2) runs here in PyTorch (fp32 GEMMs on the same bf16 weights) and fills
-the same KV-cache layout the kernel reads; the last prefill row is launch 0's input. Launches are queued one frame
-ahead; codes are read from mapped pinned memory, so the host loop never waits on a device-wide sync.
+It implements the backend contract of backends/base.py. Weights are repacked once into the kernel's layout
+(csrc/mk_common.cuh: per-layer blob [qkv | o | gate/up pairs | down], bf16). Per-stream state lives in device
+arrays indexed by slot (KV cache, next talker input, text rows, pad row, penalty bitmap, MkSlot with the sampling
+rules and tables); a launch gets the list of its streams (slot, frame, position, text rows available), so streams
+join and leave between launches without any recompilation.
 
-Opening a stream allocates nothing (teacher-forcing and random-number tables of test runs aside) and never
-synchronizes the device:
-  * the prefill is a CUDA-graph replay: one graph per row bucket (powers of two from 16 up to 1024 rows by
-    default, captured at construction into one shared memory pool; `prefill_graph_stats` holds the capture time
-    and memory). Rows are zero-padded at the end to the bucket: attention is causal, so padded rows never touch
-    the real rows' K/V. The graph writes a staging cache, copied into the slot's cache with one strided copy.
-    Longer prefills run the same function eagerly.
-  * every slot's buffers (next input, text rows up to max_seq_len, pad row, penalty bitmap, done flag, device
-    record ring) and all slots' pinned record rings (one cudaHostAlloc) are allocated once; opening resets them
-    with in-stream fills, and clears the slot's host records after the slot's previous stream finished (an event
-    recorded at close).
+The talker prefill (rows 0..L-2) runs here in PyTorch (fp32 GEMMs on the same bf16 weights) as a CUDA-graph
+replay per row bucket (powers of two and their 1.5x midpoints from 16 to 1024 rows, captured at construction into
+one memory pool; `prefill_graph_stats` holds the capture time and memory), into the same KV-cache layout the kernel
+reads; the last prefill row is frame 0's input. Codes come back through mapped pinned memory (one record per
+stream, sequence word last), so a step never waits on a device-wide sync.
 
-Text can be appended while a stream runs (`append_text_rows`, `end_text`; live.py). Launch k builds launch k+1's
-input as F(frame k) + text row k, reading the row when it runs, one frame earlier than the reference stream reads
-it; TextTrack keeps that from ever reading a row that has not arrived (see there).
+Live text (`append_text`, `end_text`): launch k builds launch k+1's input as F(frame k) + text row k, reading the
+row one frame earlier than the reference does; TextTrack keeps that from ever reading a row that has not arrived.
 """
 
 from __future__ import annotations
@@ -42,7 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..sampling import NUM_DRAWS_PER_FRAME, RandomStream, SamplingParams
+from ..backends.base import BackendError, StepOutput, StreamSpec
+from ..sampling import NUM_DRAWS_PER_FRAME
 from .build import load_library
 
 log = logging.getLogger(__name__)
@@ -50,38 +45,52 @@ log = logging.getLogger(__name__)
 LAYOUT_FIELDS = ("t_H", "t_F", "t_L", "t_V", "t_NQ", "t_NKV", "t_HD", "t_LAYER_ELEMS", "t_NORM_ELEMS",
                  "c_H", "c_F", "c_L", "c_V", "c_NQ", "c_NKV", "c_HD", "c_LAYER_ELEMS", "c_NORM_ELEMS",
                  "PROJ", "NTHREADS", "SMEM_BYTES", "NC_MAX", "CAND_MAX", "OUT_RING", "REC_INTS", "CP_POS",
-                 "sizeof_params", "sizeof_slot", "num_phases", "XOWN_ROWS")
+                 "sizeof_params", "sizeof_slot", "num_phases", "MAX_BATCH", "sizeof_launch", "CODES_STRIDE")
 REC_FRAME, REC_EOS, REC_ERROR, REC_NCAND, REC_SEQ = 16, 17, 18, 19, 31
-ERRORS = {1: "grid barrier timeout (a block never arrived: grid larger than the GPU can hold, or a hang)",
-          2: "another block reported an error", 3: "random-number or forced-code table too short",
-          4: "position beyond the KV cache (max_seq_len)"}
+MAX_ROWS_PER_STREAM = 2  # activation rows of one stream in the predictor's first step
+INSTANCE_ERRORS = {1: "grid barrier timeout (a block never arrived: grid larger than the GPU can hold, or a hang)",
+                   2: "another block reported an error", 4: "a stream position beyond the KV cache (max_seq_len)"}
+STREAM_ERRORS = {3: "random-number or forced-code table too short", 5: "non-finite logits"}
+FLAG_TALKER_ONLY, FLAG_STREAM_ONLY = 1, 4
 CUDA_NOT_READY = 600
 
 
-class MegakernelError(RuntimeError):
+class MegakernelError(BackendError):
     """A launch failed, timed out or reported an error; the backend instance is unusable afterwards."""
 
 
 _P = ctypes.c_uint64
 _I = ctypes.c_int64
 _D = ctypes.c_double
+_i = ctypes.c_int32
 
 
 class MkParams(ctypes.Structure):
     _fields_ = [(n, _P) for n in (
         "t_layers", "t_norms", "t_final_norm", "t_codec_emb", "t_head", "c_layers", "c_norms", "c_final_norm",
-        "c_emb", "c_heads", "c_proj_w", "c_proj_b", "t_rope", "c_rope", "t_kv", "c_kv", "x_res", "qkv",
-        "attn_part", "act", "t_logits", "c_logits", "dbg_hidden", "bar_count", "bar_base", "error")] + [
-        ("max_seq", _I), ("slots", _I), ("timeout_ns", _I), ("t_eps", _D), ("c_eps", _D)]
+        "c_emb", "c_heads", "c_proj_w", "c_proj_b", "t_rope", "c_rope", "t_kv", "c_kv", "slots", "x_in", "x_res",
+        "ssq_part", "qkv", "attn_out", "attn_part", "attn_count", "act", "cp_in", "cp_in_ssq", "codes", "t_logits",
+        "c_logits", "dbg_hidden", "out_dev", "out_host", "bar_count", "bar_base", "error")] + [
+        ("max_seq", _I), ("n_slots", _I), ("timeout_ns", _I), ("t_eps", _D), ("c_eps", _D)]
 
 
 class MkSlot(ctypes.Structure):
-    _fields_ = [("slot", _I)] + [(n, _P) for n in (
-        "x_in", "text_rows", "pad_row", "uniforms", "forced", "seen", "done", "out_dev", "out_host")] + [
-        ("n_text", _I), ("n_uniform_frames", _I), ("n_forced_frames", _I), ("seed", ctypes.c_uint64),
+    _fields_ = [(n, _P) for n in ("text_rows", "pad_row", "uniforms", "forced", "seen")] + [
+        ("n_uniform_frames", _I), ("n_forced_frames", _I), ("seed", ctypes.c_uint64),
         ("do_sample", _I), ("top_k", _I), ("cp_do_sample", _I), ("cp_top_k", _I), ("eos_id", _I),
         ("suppress_start", _I), ("min_new_tokens", _I), ("temperature", _D), ("top_p", _D), ("rep_penalty", _D),
         ("cp_temperature", _D), ("cp_top_p", _D)]
+
+
+class MkEntry(ctypes.Structure):
+    _fields_ = [("slot", _i), ("frame", _i), ("pos", _i), ("n_text", _i), ("zero_text", _i), ("pad_", _i * 3)]
+
+
+MAX_BATCH = 64
+
+
+class MkLaunch(ctypes.Structure):
+    _fields_ = [("n", _i), ("seq", _i), ("flags", _i), ("perturb", ctypes.c_float), ("e", MkEntry * MAX_BATCH)]
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -287,20 +296,31 @@ class TextTrack:
         self.missing = k if plan.zero_text else None
 
 
-class MegakernelBackend:
-    """Frames of one or more streams on the decode megakernel (launches serialized on one CUDA stream).
+@dataclass(eq=False)
+class MegakernelStream:
+    """Handle of one open stream: its slot and where it is."""
 
-    `prefill_graphs`: capture the talker prefill as CUDA graphs at construction (`prefill_buckets`: their row
-    counts; default 16, 32, ... 1024, capped at max_seq_len - 1). `prefill_fp32_weights`: keep an fp32 copy of the
-    talker weights for the prefill GEMMs (same results, ~4 bytes per talker weight more memory, no per-call
-    bf16 -> fp32 conversion)."""
+    slot: int
+    prompt_rows: int            # L: frame k's talker position is L - 1 + k
+    limit: int                  # frames it may generate (max_frames, KV cache, tables)
+    eos: int
+    track: TextTrack
+    frame: int = 0              # next frame
+    ended: bool = False
+    closed: bool = False
+    tables: tuple = ()          # device tensors the kernel reads (uniform / forced-code tables), kept alive
+
+
+class MegakernelBackend:
+    """Frames of up to `max_streams` streams per launch on the decode megakernel (launches serialized on one CUDA
+    stream). `num_blocks`: grid size (default one block per SM). `prefill_graphs`: capture the talker prefill as
+    CUDA graphs at construction (`prefill_buckets`: their row counts). `prefill_fp32_weights`: an fp32 copy of
+    the talker weights for the prefill GEMMs (same results, more memory, no per-call bf16 -> fp32 conversion)."""
 
     name = "megakernel"
-    supports_text_append = True  # streams take append_text_rows() (live.py)
-    reads_text_ahead = True  # ... and need open_stream(text_final=False) + end_text() for that (TextTrack)
 
     def __init__(self, config, weights: dict[str, torch.Tensor], device: torch.device | str = "cuda",
-                 max_seq_len: int = 4096, slots: int = 2, num_blocks: int | None = None,
+                 max_streams: int = 16, max_seq_len: int = 2048, num_blocks: int | None = None,
                  timeout_s: float = 2.0, cooperative: bool = True, prefill_graphs: bool = True,
                  prefill_buckets: Sequence[int] | None = None, prefill_fp32_weights: bool = False):
         self.config = config
@@ -313,12 +333,15 @@ class MegakernelBackend:
         self.variant = variant_for(config)
         self.lib = load_library()
         self.lay = layout(self.lib, self.variant)
-        if self.lay["sizeof_params"] != ctypes.sizeof(MkParams) or self.lay["sizeof_slot"] != ctypes.sizeof(MkSlot):
+        if (self.lay["sizeof_params"], self.lay["sizeof_slot"], self.lay["sizeof_launch"]) != (
+                ctypes.sizeof(MkParams), ctypes.sizeof(MkSlot), ctypes.sizeof(MkLaunch)):
             raise MegakernelError("ctypes structs do not match the compiled library (rebuild the cache)")
+        if not 1 <= int(max_streams) <= self.lay["MAX_BATCH"]:
+            raise ValueError(f"max_streams must be 1..{self.lay['MAX_BATCH']}, got {max_streams}")
         t, c = config.talker, config.code_predictor
         self._check_layout(t, c)
-        self.max_seq = int(max_seq_len)
-        self.n_slots = int(slots)
+        self.max_streams = int(max_streams)
+        self.max_seq_len = self.max_seq = int(max_seq_len)
         self.cooperative = cooperative
         dev = self.device
         bf = torch.bfloat16
@@ -347,26 +370,20 @@ class MegakernelBackend:
         self.c_rope = rope_table(16, c.head_dim, c.rope_theta, dev)
         self._rope_cos, self._rope_sin = prefill_rope(self.t_rope)
 
-        # Caches and scratch.
-        f32 = torch.float32
-        # KV caches in fp32 (kv_t in mk_common.cuh): bf16 storage cost ~4e-3 relative error on the logits.
-        self.t_kv = torch.zeros(self.n_slots, t.num_hidden_layers, 2, t.num_key_value_heads, self.max_seq,
-                                t.head_dim, device=dev, dtype=torch.float32)
-        self.c_kv = torch.zeros(self.n_slots, c.num_hidden_layers, 2, c.num_key_value_heads, 16, c.head_dim,
-                                device=dev, dtype=torch.float32)
-        hmax = max(t.hidden_size, c.hidden_size)
-        fmax = max(t.intermediate_size, c.intermediate_size)
-        qkv = t.q_dim + 2 * t.kv_dim
-        self.x_res = torch.zeros(2, hmax, device=dev, dtype=f32)
-        self.qkv = torch.zeros(2, qkv, device=dev, dtype=f32)
-        self.attn_part = torch.zeros(2, t.num_attention_heads, self.lay["NC_MAX"], 2 + t.head_dim, device=dev,
-                                     dtype=f32)
-        self.act = torch.zeros(2, fmax, device=dev, dtype=f32)
-        self.t_logits = torch.zeros(t.vocab_size, device=dev, dtype=f32)
-        self.c_logits = torch.zeros(c.vocab_size, device=dev, dtype=f32)
-        self.dbg_hidden = torch.zeros(t.hidden_size, device=dev, dtype=f32)
-        self.sync_words = torch.zeros(4, device=dev, dtype=torch.int64)  # bar_count, bar_base, error
-        self.stream = torch.cuda.Stream(device=dev)
+        # Caches (per slot). KV in fp32 (kv_t in mk_common.cuh): bf16 storage cost ~4e-3 relative error on the
+        # logits and 90.6 % teacher-forced agreement (docs/megakernel.md).
+        f32, i32 = torch.float32, torch.int32
+        S, H = self.max_streams, t.hidden_size
+        self.t_kv = torch.zeros(S, t.num_hidden_layers, 2, t.num_key_value_heads, self.max_seq, t.head_dim,
+                                device=dev, dtype=f32)
+        self.c_kv = torch.zeros(S, c.num_hidden_layers, 2, c.num_key_value_heads, 16, c.head_dim, device=dev,
+                                dtype=f32)
+        self.text_capacity = self.max_seq  # text row k is read by launch k < max_seq
+        self.slot_x_in = torch.zeros(S, H, device=dev, dtype=f32)
+        self.slot_text = torch.zeros(S, self.text_capacity, H, device=dev, dtype=f32)
+        self.slot_pad = torch.zeros(S, H, device=dev, dtype=f32)
+        self.slot_seen = torch.zeros(S, (t.vocab_size + 31) // 32, device=dev, dtype=i32)
+        self.slot_structs = torch.zeros(S, ctypes.sizeof(MkSlot), device=dev, dtype=torch.uint8)
 
         bps, sms = ctypes.c_int(0), ctypes.c_int(0)
         _check(self.lib, self.lib.mk_occupancy(self.variant, ctypes.byref(bps), ctypes.byref(sms)), "occupancy")
@@ -375,13 +392,37 @@ class MegakernelBackend:
             raise MegakernelError(f"the frame kernel does not fit on one SM ({self.lay['SMEM_BYTES']} B of shared "
                                   f"memory, {self.lay['NTHREADS']} threads)")
         self.num_blocks = int(num_blocks) if num_blocks is not None else self.sm_count
-        widest = max(t.hidden_size, c.hidden_size)
-        if self.num_blocks * self.lay["XOWN_ROWS"] < widest:
-            raise MegakernelError(f"{self.num_blocks} blocks are too few: each block keeps at most "
-                                  f"{self.lay['XOWN_ROWS']} of the {widest} residual rows")
         if cooperative and self.num_blocks > self.sm_count * self.blocks_per_sm:
             raise MegakernelError(f"{self.num_blocks} blocks cannot be co-resident "
                                   f"({self.sm_count} SMs x {self.blocks_per_sm})")
+
+        # Scratch of one launch, by activation row (two rows per stream in the predictor's first step).
+        B, R = self.lay["MAX_BATCH"], MAX_ROWS_PER_STREAM * self.lay["MAX_BATCH"]
+        hmax, fmax = max(t.hidden_size, c.hidden_size), max(t.intermediate_size, c.intermediate_size)
+        self.x_res = torch.zeros(R, hmax, device=dev, dtype=f32)
+        self.ssq_part = torch.zeros(R, self.num_blocks, device=dev, dtype=f32)
+        self.qkv = torch.zeros(R, t.q_dim + 2 * t.kv_dim, device=dev, dtype=f32)
+        self.attn_out = torch.zeros(R, t.q_dim, device=dev, dtype=f32)
+        self.attn_part = torch.zeros(B, t.num_attention_heads, self.lay["NC_MAX"], 2 + t.head_dim, device=dev,
+                                     dtype=f32)
+        self.attn_count = torch.zeros(B, t.num_key_value_heads, device=dev, dtype=i32)
+        self.act = torch.zeros(R, fmax, device=dev, dtype=f32)
+        self.cp_in = torch.zeros(R, H, device=dev, dtype=f32)
+        self.cp_in_ssq = torch.zeros(R, device=dev, dtype=f32)
+        self.codes = torch.zeros(B, self.lay["CODES_STRIDE"], device=dev, dtype=i32)
+        self.t_logits = torch.zeros(B, t.vocab_size, device=dev, dtype=f32)
+        self.c_logits = torch.zeros(B, c.vocab_size, device=dev, dtype=f32)
+        self.dbg_hidden = torch.zeros(B, H, device=dev, dtype=f32)
+        ring = self.lay["OUT_RING"] * B * self.lay["REC_INTS"]
+        self.out_dev = torch.zeros(ring, device=dev, dtype=i32)
+        self.sync_words = torch.zeros(4, device=dev, dtype=torch.int64)  # bar_count, bar_base, error
+        self.stream = torch.cuda.Stream(device=dev)
+        # Pinned mapped host records (one allocation, zeroed by mk_host_alloc, freed with the backend).
+        host, devp = ctypes.c_void_p(), ctypes.c_void_p()
+        _check(self.lib, self.lib.mk_host_alloc(ring * 4, ctypes.byref(host), ctypes.byref(devp)), "mk_host_alloc")
+        self._host_finalizer = weakref.finalize(self, self.lib.mk_host_free, ctypes.c_void_p(host.value))
+        self.out_host = np.ctypeslib.as_array(ctypes.cast(host, ctypes.POINTER(ctypes.c_int32)),
+                                              shape=(self.lay["OUT_RING"], B, self.lay["REC_INTS"]))
 
         sw = self.sync_words.data_ptr()
         self.params = MkParams(
@@ -390,43 +431,28 @@ class MegakernelBackend:
             c_norms=_ptr(self.c_norms), c_final_norm=_ptr(self.c_final_norm), c_emb=_ptr(self.c_emb),
             c_heads=_ptr(self.c_heads), c_proj_w=_ptr(self.c_proj_w), c_proj_b=_ptr(self.c_proj_b),
             t_rope=_ptr(self.t_rope), c_rope=_ptr(self.c_rope), t_kv=_ptr(self.t_kv), c_kv=_ptr(self.c_kv),
-            x_res=_ptr(self.x_res), qkv=_ptr(self.qkv), attn_part=_ptr(self.attn_part), act=_ptr(self.act),
+            slots=_ptr(self.slot_structs), x_in=_ptr(self.slot_x_in), x_res=_ptr(self.x_res),
+            ssq_part=_ptr(self.ssq_part), qkv=_ptr(self.qkv), attn_out=_ptr(self.attn_out),
+            attn_part=_ptr(self.attn_part), attn_count=_ptr(self.attn_count), act=_ptr(self.act),
+            cp_in=_ptr(self.cp_in), cp_in_ssq=_ptr(self.cp_in_ssq), codes=_ptr(self.codes),
             t_logits=_ptr(self.t_logits), c_logits=_ptr(self.c_logits), dbg_hidden=_ptr(self.dbg_hidden),
-            bar_count=sw, bar_base=sw + 8, error=sw + 16, max_seq=self.max_seq, slots=self.n_slots,
-            timeout_ns=int(timeout_s * 1e9), t_eps=t.rms_norm_eps, c_eps=c.rms_norm_eps)
-
-        # Per-slot stream state, allocated once (open_stream only resets it).
-        S, H = self.n_slots, t.hidden_size
-        self.text_capacity = self.max_seq  # text row k is read by launch k < max_seq
-        self.slot_x_in = torch.zeros(S, H, device=dev, dtype=f32)
-        self.slot_pad = torch.zeros(S, H, device=dev, dtype=f32)
-        self.slot_text = torch.zeros(S, self.text_capacity, H, device=dev, dtype=f32)
-        self.zero_row = torch.zeros(H, device=dev, dtype=f32)
-        # int32 words per slot, zeroed by one fill at open: [seen bitmap | done (+3 spare) | device record ring].
-        ring = self.lay["OUT_RING"] * self.lay["REC_INTS"]
-        self._seen_words = (t.vocab_size + 31) // 32
-        self._done_at = (self._seen_words + 3) // 4 * 4
-        self._ring_at = self._done_at + 4
-        self.slot_state = torch.zeros(S, (self._ring_at + ring + 3) // 4 * 4, device=dev, dtype=torch.int32)
-        # Pinned mapped host record rings of all slots: one allocation (mk_host_alloc zeroes it), freed with the
-        # backend (cudaFreeHost synchronizes the device, so never per stream).
-        host, devp = ctypes.c_void_p(), ctypes.c_void_p()
-        _check(self.lib, self.lib.mk_host_alloc(S * ring * 4, ctypes.byref(host), ctypes.byref(devp)),
-               "mk_host_alloc")
-        self._host_finalizer = weakref.finalize(self, self.lib.mk_host_free, ctypes.c_void_p(host.value))
-        self._host_dev = devp.value or 0
-        self._ring_bytes = ring * 4
-        self.out_host = np.ctypeslib.as_array(ctypes.cast(host, ctypes.POINTER(ctypes.c_int32)),
-                                              shape=(S, self.lay["OUT_RING"], self.lay["REC_INTS"]))
-        self._slot_idle: list[torch.cuda.Event | None] = [None] * S  # recorded when a slot's stream closed
-
-        self.free_slots = list(range(self.n_slots))
+            out_dev=_ptr(self.out_dev), out_host=devp.value or 0, bar_count=sw, bar_base=sw + 8, error=sw + 16,
+            max_seq=self.max_seq, n_slots=S, timeout_ns=int(timeout_s * 1e9), t_eps=t.rms_norm_eps,
+            c_eps=c.rms_norm_eps)
+        self._launch = MkLaunch()
+        self._seq = 0
+        self.free_slots = list(range(S))
         self.broken: str | None = None
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.prefill_graph_stats: dict = {"buckets": []}
         torch.cuda.synchronize(dev)
         if prefill_graphs:
             self.capture_prefill_graphs(prefill_buckets)
+
+    def memory_per_stream(self) -> int:
+        """Device bytes one stream slot holds (KV caches, next input, text rows, pad row, penalty bitmap)."""
+        per = [self.t_kv[0], self.c_kv[0], self.slot_x_in[0], self.slot_text[0], self.slot_pad[0], self.slot_seen[0]]
+        return sum(x.numel() * x.element_size() for x in per) + ctypes.sizeof(MkSlot)
 
     def _check_layout(self, t, c) -> None:
         lay = self.lay
@@ -444,22 +470,214 @@ class MegakernelBackend:
             c_step += 2 * self.c_proj_w.numel()
         return {"talker": t, "code_predictor_step": c_step, "frame": t + 15 * c_step}
 
-    def open_stream(self, prefill: torch.Tensor, text_rows: torch.Tensor, pad_row: torch.Tensor,
-                    params: SamplingParams, rng: RandomStream, max_frames: int | None = None, *,
-                    forced: np.ndarray | None = None, perturb: float = 0.0, lookahead: int = 1,
-                    text_final: bool = True) -> MegakernelStream:
-        """`text_final=False`: more text rows follow (stream.append_text_rows), until stream.end_text()."""
+    # ---- the backend contract ----
+
+    def _check_usable(self) -> None:
         if self.broken:
             raise MegakernelError(f"backend unusable after an earlier error: {self.broken}")
-        if not self.free_slots:
-            raise MegakernelError(f"all {self.n_slots} stream slots are in use")
-        slot = self.free_slots.pop(0)
-        try:
-            return MegakernelStream(self, slot, prefill, text_rows, pad_row, params, rng, max_frames, forced,
-                                    perturb, lookahead, text_final)
-        except Exception:
-            self.free_slots.insert(0, slot)
-            raise
+
+    def _check_spec(self, i: int, spec: StreamSpec) -> int:
+        """Validates spec i; returns its prompt rows."""
+        H, cand = self.config.talker.hidden_size, self.lay["CAND_MAX"]
+        if spec.prefill.ndim != 2 or spec.prefill.shape[1] != H or spec.prefill.shape[0] < 1:
+            raise ValueError(f"specs[{i}].prefill must be [L >= 1, {H}], got {tuple(spec.prefill.shape)}")
+        L = int(spec.prefill.shape[0])
+        if spec.max_frames < 1 or L - 1 + spec.max_frames > self.max_seq:
+            raise ValueError(f"specs[{i}]: prompt rows ({L}) + max_frames ({spec.max_frames}) exceed max_seq_len "
+                             f"({self.max_seq}) + 1")
+        p = spec.params
+        if p.do_sample and not 0 < p.top_k <= cand:
+            raise ValueError(f"specs[{i}].params.top_k must be 1..{cand} with do_sample (megakernel candidates)")
+        if p.subtalker_dosample and not 0 < p.subtalker_top_k <= cand:
+            raise ValueError(f"specs[{i}].params.subtalker_top_k must be 1..{cand} with subtalker_dosample")
+        return L
+
+    @torch.inference_mode()
+    def open(self, specs: Sequence[StreamSpec], *, forced: Sequence[np.ndarray | None] | None = None
+             ) -> list[MegakernelStream]:
+        """Prefill the given streams into free slots (queued on the backend's CUDA stream). `forced` (validation):
+        per spec, teacher-forced codes [frames, 16] fed back instead of the sampled ones."""
+        self._check_usable()
+        specs = list(specs)
+        if len(specs) > len(self.free_slots):
+            raise ValueError(f"{len(specs)} streams requested, {len(self.free_slots)} of {self.max_streams} "
+                             "slots free")
+        rows = [self._check_spec(i, s) for i, s in enumerate(specs)]
+        forced = list(forced) if forced is not None else [None] * len(specs)
+        t = self.config.talker
+        dev = self.device
+        handles = []
+        caller = torch.cuda.current_stream(dev)
+        self.stream.wait_stream(caller)
+        for spec, L, fc in zip(specs, rows, forced):
+            slot = self.free_slots.pop(0)
+            limit = spec.max_frames
+            rng = spec.rng
+            with torch.cuda.stream(self.stream):
+                self.slot_x_in[slot].copy_(spec.prefill[L - 1])
+                n_text = min(len(spec.text_rows), self.text_capacity)
+                if n_text:
+                    self.slot_text[slot, :n_text].copy_(spec.text_rows[:n_text])
+                self.slot_pad[slot].copy_(spec.pad_row)
+                self.slot_seen[slot].zero_()
+                uniforms = None if rng.table is None else torch.as_tensor(
+                    np.ascontiguousarray(rng.table, dtype=np.float64), device=dev)
+                fct = None if fc is None else torch.as_tensor(
+                    np.ascontiguousarray(fc, dtype=np.int32).reshape(-1, NUM_DRAWS_PER_FRAME), device=dev)
+            for x in (spec.prefill, spec.text_rows, spec.pad_row):
+                _keep_until_used(x, self.stream)
+            if rng.table is not None:
+                limit = min(limit, len(rng.table))
+            if fc is not None:
+                limit = min(limit, len(fct))
+            self.prefill_kv(slot, spec.prefill[: L - 1])
+            p = spec.params
+            st = MkSlot(
+                text_rows=_ptr(self.slot_text[slot]), pad_row=_ptr(self.slot_pad[slot]), uniforms=_ptr(uniforms),
+                forced=_ptr(fct), seen=_ptr(self.slot_seen[slot]),
+                n_uniform_frames=0 if uniforms is None else len(uniforms),
+                n_forced_frames=0 if fct is None else len(fct), seed=rng.seed & ((1 << 64) - 1),
+                do_sample=int(p.do_sample), top_k=p.top_k, cp_do_sample=int(p.subtalker_dosample),
+                cp_top_k=p.subtalker_top_k, eos_id=self.config.ids.codec_eos, suppress_start=t.vocab_size - 1024,
+                min_new_tokens=2, temperature=p.temperature, top_p=p.top_p, rep_penalty=p.repetition_penalty,
+                cp_temperature=p.subtalker_temperature, cp_top_p=p.subtalker_top_p)
+            host = torch.frombuffer(bytearray(bytes(st)), dtype=torch.uint8)
+            with torch.cuda.stream(self.stream):
+                self.slot_structs[slot].copy_(host)  # pageable source: the copy completes before returning
+            handles.append(MegakernelStream(slot=slot, prompt_rows=L, limit=limit, eos=self.config.ids.codec_eos,
+                                            track=TextTrack(len(spec.text_rows), final=spec.text_final),
+                                            tables=(uniforms, fct)))
+        return handles
+
+    def _entries(self, streams: Sequence[MegakernelStream]) -> MkLaunch:
+        """The launch struct for the streams' next frames; adds text rows that arrived late to x_in first."""
+        n = len(streams)
+        if not 1 <= n <= self.max_streams:
+            raise ValueError(f"a step takes 1..{self.max_streams} streams, got {n}")
+        if len({id(h) for h in streams}) != n:
+            raise ValueError("a stream appears twice in one step")
+        L = self._launch
+        L.n = n
+        for i, h in enumerate(streams):
+            if not isinstance(h, MegakernelStream) or h.closed:
+                raise ValueError(f"streams[{i}] is not an open stream of this backend")
+            if h.ended:
+                raise ValueError(f"streams[{i}] already ended with EOS")
+            k = h.frame
+            if k >= h.limit:
+                raise ValueError(f"streams[{i}]: frame {k} is past its limit of {h.limit} frames")
+            plan = h.track.plan(k)
+            if plan is None:
+                raise ValueError(f"streams[{i}]: frame {k} needs text row {k - 1}: append it or end the text first")
+            if plan.add_row is not None:
+                row = self.slot_pad[h.slot] if plan.add_row == PAD else self.slot_text[h.slot, plan.add_row]
+                with torch.cuda.stream(self.stream):
+                    self.slot_x_in[h.slot].add_(row)
+            e = L.e[i]
+            e.slot, e.frame, e.pos = h.slot, k, h.prompt_rows - 1 + k
+            e.n_text = min(h.track.n_rows, self.text_capacity)
+            e.zero_text = int(plan.zero_text)
+            h.track.launched(k, plan)
+        return L
+
+    def launch(self, L: MkLaunch) -> None:
+        """Queue one launch on self.stream (benchmarks call this directly; step() is the contract's way)."""
+        err = self.lib.mk_launch(self.variant, ctypes.addressof(self.params), ctypes.addressof(L), self.num_blocks,
+                                 int(self.cooperative), ctypes.c_void_p(self.stream.cuda_stream))
+        if err:
+            self.broken = f"launch: CUDA error {err} ({self.lib.mk_error_string(err).decode()})"
+            raise MegakernelError(self.broken)
+
+    def step(self, streams: Sequence[MegakernelStream], *, perturb: float = 0.0, flags: int = 0,
+             timeout_s: float = 30.0) -> StepOutput:
+        """One frame for each given stream, in one launch. `perturb` (validation) is added to the talker hidden
+        state; `flags` = FLAG_TALKER_ONLY stops after codebook 0 (benchmarks)."""
+        self._check_usable()
+        streams = list(streams)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        L = self._entries(streams)
+        L.seq, L.flags, L.perturb = self._seq, int(flags), float(perturb)
+        self._seq = (self._seq + 1) & 0x3FFFFFFF
+        self.launch(L)
+        recs = self.out_host[L.seq % self.lay["OUT_RING"], : L.n]
+        want = L.seq + 1
+        t0 = time.perf_counter()
+        spins = 0
+        while not np.all(recs[:, REC_SEQ] == want):
+            spins += 1
+            if spins % 64 == 0:
+                q = self.lib.mk_stream_query(ctypes.c_void_p(self.stream.cuda_stream))
+                if q not in (0, CUDA_NOT_READY):
+                    self.broken = f"CUDA error {q} ({self.lib.mk_error_string(q).decode()})"
+                    raise MegakernelError(self.broken)
+                if q == 0 and not np.all(recs[:, REC_SEQ] == want):
+                    self.broken = f"a launch finished without writing its records (error {self.error_code()})"
+                    raise MegakernelError(self.broken)
+                if time.perf_counter() - t0 > timeout_s:
+                    self.broken = f"no result after {timeout_s} s"
+                    raise MegakernelError(self.broken)
+                time.sleep(0)
+        recs = np.array(recs)  # one consistent copy
+        errs = recs[:, REC_ERROR]
+        for code in errs:
+            if int(code) in INSTANCE_ERRORS:
+                self.broken = f"kernel error {int(code)}: {INSTANCE_ERRORS[int(code)]}"
+                raise MegakernelError(self.broken)
+        codes = recs[:, :NUM_DRAWS_PER_FRAME].astype(np.int64)
+        failed = {i: f"kernel error {int(e)}: {STREAM_ERRORS.get(int(e), 'unknown')}" for i, e in enumerate(errs)
+                  if e}
+        for i, h in enumerate(streams):
+            h.frame += 1
+            if codes[i, 0] == h.eos:
+                h.ended = True
+        return StepOutput(codes=codes, failed=failed)
+
+    def append_text(self, stream: MegakernelStream, rows: torch.Tensor) -> None:
+        if stream.closed:
+            raise ValueError("stream is closed")
+        rows = rows.reshape(-1, self.config.talker.hidden_size)
+        if rows.shape[0] == 0:
+            return
+        a = stream.track.n_rows
+        stream.track.append(rows.shape[0])
+        b = min(a + rows.shape[0], self.text_capacity)  # rows past the capacity are never read (launch k < max_seq)
+        if b > a:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                self.slot_text[stream.slot, a:b].copy_(rows[: b - a])
+            _keep_until_used(rows, self.stream)
+
+    def end_text(self, stream: MegakernelStream) -> None:
+        stream.track.end()
+
+    def close(self, stream: MegakernelStream) -> None:
+        """Give the slot back (the next stream's prefill is queued after this one's last launch)."""
+        if stream.closed:
+            return
+        stream.closed = True
+        self.free_slots.append(stream.slot)
+
+    # ---- debugging views of the latest launch (validation) ----
+
+    def last_hidden(self, i: int) -> torch.Tensor:
+        """Post-norm talker hidden (with the perturbation) of row i of the latest launch."""
+        self.stream.synchronize()
+        return self.dbg_hidden[i].clone()
+
+    def last_logits(self, i: int) -> torch.Tensor:
+        self.stream.synchronize()
+        return self.t_logits[i].clone()
+
+    def error_code(self) -> int:
+        return int(self.sync_words[2].item() & 0xFFFFFFFF)
+
+    def reset_sync(self) -> None:
+        """Stream-ordered reset of the barrier words and attention counters (after an error)."""
+        torch.cuda.synchronize(self.device)
+        self.sync_words.zero_()
+        self.attn_count.zero_()
+        torch.cuda.synchronize(self.device)
+        self.broken = None
 
     # ---- batched talker prefill (PyTorch): rows at positions 0..n-1 -> K/V of every layer in slot's cache ----
 
@@ -578,215 +796,3 @@ class MegakernelBackend:
                 self.t_kv[slot, :, :, :, :n].copy_(self._kv_stage[:, :, :, :n])
         _keep_until_used(rows, self.stream)
 
-    def launch(self, slot_struct: MkSlot, frame: int, pos: int, perturb: float = 0.0, flags: int = 0) -> None:
-        """Queue one frame on self.stream (flags: 1 = talker step only, for benchmarks)."""
-        err = self.lib.mk_launch(self.variant, ctypes.addressof(self.params), ctypes.addressof(slot_struct),
-                                 frame, pos, ctypes.c_float(perturb), flags, self.num_blocks, int(self.cooperative),
-                                 ctypes.c_void_p(self.stream.cuda_stream))
-        if err:
-            msg = f"launch of frame {frame}: CUDA error {err} ({self.lib.mk_error_string(err).decode()})"
-            raise MegakernelError(msg)
-
-    def error_code(self) -> int:
-        return int(self.sync_words[2].item() & 0xFFFFFFFF)
-
-    def reset_sync(self) -> None:
-        """Stream-ordered reset of the barrier words (after an error; never needed in normal operation)."""
-        torch.cuda.synchronize(self.device)
-        self.sync_words.zero_()
-        torch.cuda.synchronize(self.device)
-        self.broken = None
-
-
-class MegakernelStream:
-    """One utterance in one slot of a MegakernelBackend."""
-
-    def __init__(self, be: MegakernelBackend, slot: int, prefill, text_rows, pad_row, params: SamplingParams,
-                 rng: RandomStream, max_frames, forced, perturb: float, lookahead: int, text_final: bool = True):
-        cfg = be.config
-        t = cfg.talker
-        if params.do_sample and not (0 < params.top_k <= be.lay["CAND_MAX"]):
-            raise NotImplementedError(f"megakernel sampling needs 1 <= top_k <= {be.lay['CAND_MAX']}")
-        if params.subtalker_dosample and not (0 < params.subtalker_top_k <= be.lay["CAND_MAX"]):
-            raise NotImplementedError(f"megakernel sampling needs 1 <= subtalker_top_k <= {be.lay['CAND_MAX']}")
-        L = prefill.shape[0]
-        if L < 1:
-            raise ValueError("prefill needs at least one row")
-        if L > be.max_seq:
-            raise ValueError(f"a prefill of {L} rows does not fit max_seq_len {be.max_seq}")
-        self.be, self.slot, self.L = be, slot, L
-        dev = be.device
-        self.eos = cfg.ids.codec_eos
-        self.frame = 0          # next frame to return
-        self.launched = 0       # frames launched
-        self.ended = False
-        self.closed = False
-        self.perturb = float(perturb)
-        self.lookahead = max(0, int(lookahead))
-        limit = be.max_seq - (L - 1)
-        if max_frames is not None:
-            limit = min(limit, int(max_frames))
-        if rng.table is not None:
-            limit = min(limit, len(rng.table))
-        if forced is not None:
-            limit = min(limit, len(forced))
-        self.limit = limit
-        n_text = len(text_rows)
-        self.track = TextTrack(n_text, final=text_final)
-
-        # The slot's preallocated state (views).
-        self.x_in = be.slot_x_in[slot]
-        self.text_rows = be.slot_text[slot]  # [text_capacity, H]; rows >= track.n_rows are stale
-        self.pad_row = be.slot_pad[slot]
-        state = be.slot_state[slot]
-        self.seen = state[:be._seen_words]
-        self.done = state[be._done_at:be._done_at + 1]
-        self.out_dev = state[be._ring_at:be._ring_at + be._ring_bytes // 4].view(be.lay["OUT_RING"],
-                                                                                 be.lay["REC_INTS"])
-        self.out_host = be.out_host[slot]
-        # The host polls record k % OUT_RING for sequence word k + 1: clear the slot's records, once the slot's
-        # previous stream (launches queued ahead included) has finished writing them.
-        idle = be._slot_idle[slot]
-        if idle is not None:
-            idle.synchronize()
-            be._slot_idle[slot] = None
-        self.out_host[...] = 0
-
-        caller = torch.cuda.current_stream(dev)
-        be.stream.wait_stream(caller)
-        with torch.cuda.stream(be.stream):
-            self.x_in.copy_(prefill[L - 1])
-            m = min(n_text, be.text_capacity)
-            if m:
-                self.text_rows[:m].copy_(text_rows[:m])
-            self.pad_row.copy_(pad_row)
-            state.zero_()  # penalty bitmap, done flag, device records
-            be.c_kv[slot].zero_()
-            self.uniforms = None if rng.table is None else torch.as_tensor(
-                np.ascontiguousarray(rng.table, dtype=np.float64), device=dev)
-            self.forced = None if forced is None else torch.as_tensor(
-                np.ascontiguousarray(forced, dtype=np.int32).reshape(-1, NUM_DRAWS_PER_FRAME), device=dev)
-        for x in (prefill, text_rows, pad_row):
-            _keep_until_used(x, be.stream)
-        be.prefill_kv(slot, prefill[: L - 1])
-        self._pad_ptr = _ptr(self.pad_row)
-        self.struct = MkSlot(
-            slot=slot, x_in=_ptr(self.x_in), text_rows=_ptr(self.text_rows), pad_row=self._pad_ptr,
-            uniforms=_ptr(self.uniforms), forced=_ptr(self.forced), seen=_ptr(self.seen), done=_ptr(self.done),
-            out_dev=_ptr(self.out_dev), out_host=be._host_dev + slot * be._ring_bytes if be._host_dev else 0,
-            n_text=m, n_uniform_frames=0 if rng.table is None else len(rng.table),
-            n_forced_frames=0 if forced is None else len(self.forced), seed=rng.seed & ((1 << 64) - 1),
-            do_sample=int(params.do_sample), top_k=params.top_k, cp_do_sample=int(params.subtalker_dosample),
-            cp_top_k=params.subtalker_top_k, eos_id=self.eos, suppress_start=t.vocab_size - 1024,
-            min_new_tokens=2, temperature=params.temperature, top_p=params.top_p,
-            rep_penalty=params.repetition_penalty, cp_temperature=params.subtalker_temperature,
-            cp_top_p=params.subtalker_top_p)
-
-    # ---- streamed text ----
-
-    def append_text_rows(self, rows: torch.Tensor) -> None:
-        """Extend the text track while the stream runs (streamed text input, see live.py). Rows [n, H]."""
-        if self.closed:
-            raise RuntimeError("stream is closed")
-        be = self.be
-        rows = rows.reshape(-1, self.pad_row.shape[-1])
-        if rows.shape[0] == 0:
-            return
-        a = self.track.n_rows
-        self.track.append(rows.shape[0])
-        b = min(a + rows.shape[0], be.text_capacity)  # rows past the capacity are never read (launch k < max_seq)
-        if b > a:
-            be.stream.wait_stream(torch.cuda.current_stream(be.device))
-            with torch.cuda.stream(be.stream):
-                self.text_rows[a:b].copy_(rows[: b - a])
-            _keep_until_used(rows, be.stream)
-
-    def end_text(self) -> None:
-        """No more text rows: frames past the last one read the pad row."""
-        self.track.end()
-
-    # ---- frames ----
-
-    def _launch_upto(self, n: int) -> None:
-        n = min(n, self.limit)
-        be = self.be
-        while self.launched < n:
-            k = self.launched
-            plan = self.track.plan(k)
-            if plan is None:
-                return  # launch k needs text row k-1, which has not arrived
-            if plan.add_row is not None:
-                row = self.pad_row if plan.add_row == PAD else self.text_rows[plan.add_row]
-                with torch.cuda.stream(be.stream):
-                    self.x_in.add_(row)
-            self.struct.n_text = min(self.track.n_rows, be.text_capacity)
-            self.struct.pad_row = _ptr(be.zero_row) if plan.zero_text else self._pad_ptr
-            be.launch(self.struct, k, self.L - 1 + k, self.perturb)
-            self.track.launched(k, plan)
-            self.launched += 1
-
-    def next_frame(self, timeout_s: float = 30.0) -> np.ndarray:
-        if self.closed:
-            raise RuntimeError("stream is closed")
-        if self.ended:
-            raise RuntimeError("stream already ended with EOS")
-        be = self.be
-        if be.broken:
-            raise MegakernelError(f"backend unusable after an earlier error: {be.broken}")
-        k = self.frame
-        if k >= self.limit:
-            raise MegakernelError(f"frame {k} is past this stream's limit of {self.limit} frames (KV cache / tables)")
-        # Frame 0 is launched alone: a launch queued behind it would occupy every SM while the first chunk's codec
-        # decode waits, adding a whole frame to the time to first audio. Later frames run `lookahead` ahead.
-        self._launch_upto(k + 1 + (self.lookahead if k > 0 else 0))
-        if self.launched <= k:
-            raise RuntimeError(f"frame {k} needs text row {k - 1}: append it (append_text_rows) or end the text "
-                               "(end_text) first")
-        rec = self.out_host[k % be.lay["OUT_RING"]]
-        t0 = time.perf_counter()
-        spins = 0
-        while int(rec[REC_SEQ]) != k + 1:
-            spins += 1
-            if spins % 64 == 0:
-                q = be.lib.mk_stream_query(ctypes.c_void_p(be.stream.cuda_stream))
-                if q not in (0, CUDA_NOT_READY):
-                    be.broken = f"CUDA error {q} ({be.lib.mk_error_string(q).decode()})"
-                    raise MegakernelError(f"frame {k}: {be.broken}")
-                if q == 0 and int(rec[REC_SEQ]) != k + 1:
-                    be.broken = f"frame {k} finished without writing its record (error {be.error_code()})"
-                    raise MegakernelError(be.broken)
-                if time.perf_counter() - t0 > timeout_s:
-                    be.broken = f"frame {k}: no result after {timeout_s} s"
-                    raise MegakernelError(be.broken)
-                time.sleep(0)
-        if int(rec[REC_ERROR]):
-            code = int(rec[REC_ERROR])
-            be.broken = f"frame {k}: kernel error {code}: {ERRORS.get(code, 'unknown')}"
-            raise MegakernelError(be.broken)
-        codes = np.array(rec[:NUM_DRAWS_PER_FRAME], dtype=np.int64)
-        self.frame += 1
-        if codes[0] == self.eos:
-            self.ended = True
-        return codes
-
-    def sync(self) -> None:
-        self.be.stream.synchronize()
-
-    def last_hidden(self) -> torch.Tensor:
-        """Post-norm talker hidden of the latest launch (use lookahead=0 so that is the latest returned frame)."""
-        self.sync()
-        return self.be.dbg_hidden.clone()
-
-    def last_logits(self) -> torch.Tensor:
-        self.sync()
-        return self.be.t_logits.clone()
-
-    def close(self) -> None:
-        """Give the slot back without waiting: the next stream opened in it waits for this event first."""
-        if self.closed:
-            return
-        self.closed = True
-        idle = torch.cuda.Event()
-        idle.record(self.be.stream)
-        self.be._slot_idle[self.slot] = idle
-        self.be.free_slots.append(self.slot)

@@ -16,10 +16,10 @@ import threading
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("megakernel.cu", "mk_common.cuh", "mk_sampling.cuh")
+SOURCES = tuple(sorted(p.name for p in CSRC.iterdir() if p.suffix in (".cu", ".cuh")))
 LIB_NAME = "libqwen_tts_mk.so"
 
-# Shared-memory tile size per architecture (KB): the ring holds MK_RING (3) tiles + 32 KB of scratch per block.
+# Shared-memory tile size per architecture (KB): the ring holds 3 tiles + 56 KB of scratch per block.
 TILE_KB = {"90a": 32, "100a": 32, "80": 24, "120a": 12, "86": 12, "89": 12}
 
 _lock = threading.Lock()
@@ -45,7 +45,7 @@ def arch_for_capability(major: int, minor: int) -> str:
 
 
 def variant_defines() -> list[str]:
-    """Extra -D switches from $QWEN_TTS_MK_DEFINES (e.g. "MK_RING=5 MK_SCHED=0"): side-by-side timing of kernel
+    """Extra -D switches from $QWEN_TTS_MK_DEFINES (e.g. "MK_DEV_TIMING=1", dev/mk_breakdown.py): builds of kernel
     variants; part of the cache key. Unset = the committed defaults in mk_common.cuh."""
     return [f"-D{d}" for d in os.environ.get("QWEN_TTS_MK_DEFINES", "").split()]
 
@@ -114,8 +114,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     c = ctypes
     lib.mk_layout.argtypes = [c.c_int, c.POINTER(c.c_longlong)]
     lib.mk_occupancy.argtypes = [c.c_int, c.POINTER(c.c_int), c.POINTER(c.c_int)]
-    lib.mk_launch.argtypes = [c.c_int, c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_float, c.c_int, c.c_int,
-                              c.c_int, c.c_void_p]
+    lib.mk_launch.argtypes = [c.c_int, c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_void_p]
     lib.mk_host_alloc.argtypes = [c.c_longlong, c.POINTER(c.c_void_p), c.POINTER(c.c_void_p)]
     lib.mk_host_free.argtypes = [c.c_void_p]
     lib.mk_stream_query.argtypes = [c.c_void_p]

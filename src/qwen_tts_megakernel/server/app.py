@@ -15,14 +15,17 @@ import base64
 import json
 import logging
 import os
+import re
 import secrets
 import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import Request as EngineRequest
@@ -30,8 +33,9 @@ from ..engine import Synthesizer, pick_seed
 from ..live import LiveUtterance
 from ..prompt import PromptError
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from .protocol import BadRequest, ServerSettings, SpeechParams, Validator, wav_header
 from ..engine import EngineUnavailable
+from .protocol import (LOOPBACK_HOSTS, BadRequest, ServerSettings, SpeechParams, StreamedText, Validator, parse_json,
+                       shown, wav_header)
 from .worker import EngineWorker, LiveJob, QueueFull, ServerJob, TextJob
 
 log = logging.getLogger("qwen_tts_megakernel.server")
@@ -48,13 +52,102 @@ def model_names_for(model: str) -> list[str]:
     return names
 
 
+def engine_health(worker: EngineWorker) -> tuple[bool, str]:
+    """(ok, reason) of the engine: its scheduler thread runs and its backend is usable."""
+    return worker.health()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Browser and exposure guards
+
+
+def _host_name(value: str) -> str:
+    """The host of a Host header or an origin's netloc: "[::1]:8001" -> "::1", "Example.com:80" -> "example.com"."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class RequestGuard:
+    """ASGI middleware: the Host header must name an allowed host (DNS rebinding), and a browser's Origin must be
+    an allowed one (any web page the user visits could otherwise drive a loopback server). Requests without an
+    Origin (curl, SDKs, servers) pass the Origin check."""
+
+    def __init__(self, app, settings: ServerSettings, metrics: ServerMetrics):
+        self.app = app
+        self.hosts = set(settings.allowed_hosts)
+        self.origins = set(settings.allowed_origins) | set(settings.cors_origins)
+        self.metrics = metrics
+
+    def refusal(self, headers: dict[bytes, bytes]) -> str | None:
+        host = headers.get(b"host")
+        if host is not None and "*" not in self.hosts:
+            name = _host_name(host.decode("latin-1"))
+            if name not in self.hosts:
+                return (f"Host {shown(name)} is not allowed (allowed: {', '.join(sorted(self.hosts))}); "
+                        "start the server with --allowed-hosts to add it")
+        origin = headers.get(b"origin")
+        if origin is not None and "*" not in self.origins:
+            origin_text = origin.decode("latin-1").strip().lower().rstrip("/")
+            try:
+                name = urlsplit(origin_text).hostname
+            except ValueError:
+                name = None
+            if origin_text not in self.origins and name not in LOOPBACK_HOSTS:
+                return (f"Origin {shown(origin_text)} is not allowed; start the server with --allowed-origins to "
+                        "add it")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        reason = self.refusal(dict(scope["headers"]))
+        if reason is None:
+            return await self.app(scope, receive, send)
+        self.metrics.errors_total.labels(kind="forbidden").inc()
+        log.warning("refused a request: %s", reason)
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
+            return
+        body = json.dumps({"error": {"message": reason, "type": "invalid_request_error", "param": None,
+                                     "code": "forbidden"}}).encode()
+        await send({"type": "http.response.start", "status": 403,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class RedactApiKey(logging.Filter):
+    """Replaces the value of an `api_key` query parameter in log records (uvicorn logs request paths)."""
+
+    PATTERN = re.compile(r"(api_key=)[^&\s\"']*", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "api_key" in record.msg.lower():
+            record.msg = self.PATTERN.sub(r"\1***", record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.PATTERN.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def redact_api_keys_in_logs() -> None:
+    for name in ("uvicorn.access", "uvicorn.error", "uvicorn", log.name):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactApiKey) for f in logger.filters):
+            logger.addFilter(RedactApiKey())
+
+
 def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: str | None = None,
                settings: ServerSettings | None = None) -> FastAPI:
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty: give a non-empty key, or none for a server without authentication")
     settings = settings or ServerSettings()
     metrics = ServerMetrics()
-    worker = EngineWorker(synth, metrics, max_active=settings.max_active, max_queue=settings.max_queue)
+    worker = EngineWorker(synth, metrics, max_active=settings.max_active, max_queue=settings.max_queue,
+                          consumer_stall_s=settings.consumer_stall_s, queue_timeout_s=settings.queue_timeout_s)
     validator = Validator(synth, settings, model_names_for(model_name))
     sample_rate = synth.sample_rate
+    redact_api_keys_in_logs()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -64,7 +157,14 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         finally:
             worker.stop()
 
-    app = FastAPI(title="qwen-tts-megakernel", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # With a key, the API description is off: /docs and /openapi.json would otherwise be open to anyone.
+    app = FastAPI(title="qwen-tts-megakernel", lifespan=lifespan, redoc_url=None,
+                  docs_url=None if api_key else "/docs", openapi_url=None if api_key else "/openapi.json")
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["X-Seed", "X-Sample-Rate", "X-Audio-Encoding", "X-Audio-Channels"])
+    app.add_middleware(RequestGuard, settings=settings, metrics=metrics)  # outermost: runs first
     app.state.worker = worker
     app.state.metrics = metrics
     app.state.synth = synth
@@ -93,11 +193,31 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
                      headers={"WWW-Authenticate": "Bearer"})
 
     async def read_json(request: Request):
-        raw = await request.body()
+        """The body as JSON, within the limits: JSON content type (415), size (413), arrival time (408)."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise BadRequest(None, f"Content-Type must be application/json, got {shown(content_type or None)}",
+                             status=415)
+        limit = settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise BadRequest(None, f"the request body is larger than {limit} bytes", status=413)
+
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BadRequest(None, f"the request body is larger than {limit} bytes", status=413)
+                chunks.append(chunk)
+            return b"".join(chunks)
+
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(None, f"the request body is not valid JSON: {exc}") from exc
+            raw = await asyncio.wait_for(read(), settings.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise BadRequest(None, f"the request body did not arrive within {settings.body_timeout_s:g} s",
+                             status=408) from None
+        return parse_json(raw, settings)
 
     def submit_text_job(params: SpeechParams, request: EngineRequest, endpoint: str) -> TextJob:
         job = TextJob(synth, asyncio.get_running_loop(), request=request, seed=pick_seed(params.seed),
@@ -105,18 +225,44 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         worker.submit(job)
         return job
 
-    def busy() -> JSONResponse:
-        return error(503, "the server is at capacity (all stream slots and queue places taken); retry shortly",
-                     kind="queue_full", headers={"Retry-After": str(settings.retry_after_s)})
+    def busy(message: str = "the server is at capacity (all stream slots and queue places taken); retry shortly"
+             ) -> JSONResponse:
+        return error(503, message, kind="queue_full", headers={"Retry-After": str(settings.retry_after_s)})
 
-    async def audio_events(job: ServerJob):
-        """Yields (kind, payload) until done; cancels the job if the consumer goes away."""
+    async def first_event(job: ServerJob):
+        """The job's first event, before the response starts (so that a stream that cannot start is an HTTP
+        error, not a broken 200), or None when it waited more than queue_timeout_s for a slot (it is cancelled)."""
+        task = asyncio.ensure_future(job.next_event())
         try:
+            done, _ = await asyncio.wait({task}, timeout=settings.queue_timeout_s)
+            if not done and job.started is None:
+                task.cancel()
+                job.cancel()
+                return None
+            return await task
+        except BaseException:
+            task.cancel()
+            job.cancel()
+            raise
+
+    async def start_stream(job: ServerJob):
+        """(first event, None) or (None, the error response) for a submitted job."""
+        first = await first_event(job)
+        if first is None:
+            return None, busy(f"no stream slot came free within {settings.queue_timeout_s:g} s; retry shortly")
+        if first[0] == "error":
+            return None, error(500, f"the stream failed before its first audio: {first[1]}", kind="internal")
+        return first, None
+
+    async def audio_events(job: ServerJob, first):
+        """Yields (kind, payload) from `first` until done; cancels the job if the consumer goes away."""
+        try:
+            event = first
             while True:
-                kind, payload = await job.next_event()
-                yield kind, payload
-                if kind == "done":
+                yield event
+                if event[0] == "done":
                     return
+                event = await job.next_event()
         finally:
             if not job.finished:
                 job.cancel()
@@ -125,24 +271,24 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         return {"X-Sample-Rate": str(sample_rate), "X-Audio-Encoding": "pcm_s16le", "X-Audio-Channels": "1",
                 "X-Seed": str(job.seed()), "Cache-Control": "no-store"}
 
-    async def pcm_body(job: ServerJob, with_wav_header: bool):
+    async def pcm_body(job: ServerJob, first, with_wav_header: bool):
         if with_wav_header:
             yield wav_header(sample_rate)
-        async for kind, payload in audio_events(job):
+        async for kind, payload in audio_events(job, first):
             if kind == "chunk":
                 yield payload.pcm.astype("<i2").tobytes()
             elif kind == "error":
                 # The status line is gone already: end the transfer abnormally so the client sees a broken body.
                 raise RuntimeError(f"stream failed: {payload}")
 
-    async def sse_body(job: TextJob, with_wav_header: bool):
-        first = True
-        async for kind, payload in audio_events(job):
+    async def sse_body(job: TextJob, first, with_wav_header: bool):
+        first_chunk = True
+        async for kind, payload in audio_events(job, first):
             if kind == "chunk":
                 data = payload.pcm.astype("<i2").tobytes()
-                if first and with_wav_header:
+                if first_chunk and with_wav_header:
                     data = wav_header(sample_rate) + data
-                first = False
+                first_chunk = False
                 yield f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': base64.b64encode(data).decode()})}\n\n"
             elif kind == "error":
                 yield f"data: {json.dumps({'type': 'error', 'error': {'message': payload}})}\n\n"
@@ -159,15 +305,16 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
 
     @app.exception_handler(BadRequest)
     async def bad_request_handler(request: Request, exc: BadRequest):
-        return error(exc.status, exc.message, exc.param)
+        return error(exc.status, exc.message, exc.param, kind={413: "too_large", 408: "timeout"}.get(exc.status,
+                                                                                                     "bad_request"))
 
     @app.get("/health")
     async def health():
-        alive, reason = worker.health()
-        body = {"status": "ok" if alive else "unavailable", "reason": reason, "model": model_name,
+        ok, reason = engine_health(worker)
+        body = {"status": "ok" if ok else "unavailable", "reason": reason, "model": model_name,
                 "model_type": synth.config.model_type, "sample_rate": sample_rate,
                 "active_streams": worker.active_count, "queue_depth": worker.waiting_count}
-        return JSONResponse(body, status_code=200 if alive else 503)
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def get_metrics(request: Request):
@@ -203,7 +350,10 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
             job = submit_text_job(params, engine_request, "tts_stream")
         except (QueueFull, EngineUnavailable):
             return busy()
-        return StreamingResponse(pcm_body(job, False), media_type="application/octet-stream",
+        first, failed = await start_stream(job)
+        if failed is not None:
+            return failed
+        return StreamingResponse(pcm_body(job, first, False), media_type="application/octet-stream",
                                  headers=audio_headers(job))
 
     @app.post("/v1/audio/speech")
@@ -217,10 +367,14 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
             job = submit_text_job(params, engine_request, "openai_speech")
         except (QueueFull, EngineUnavailable):
             return busy()
+        first, failed = await start_stream(job)
+        if failed is not None:
+            return failed
         wav = response_format == "wav"
         if stream_format == "sse":
-            return StreamingResponse(sse_body(job, wav), media_type="text/event-stream", headers=audio_headers(job))
-        return StreamingResponse(pcm_body(job, wav), media_type="audio/wav" if wav else "audio/pcm",
+            return StreamingResponse(sse_body(job, first, wav), media_type="text/event-stream",
+                                     headers=audio_headers(job))
+        return StreamingResponse(pcm_body(job, first, wav), media_type="audio/wav" if wav else "audio/pcm",
                                  headers=audio_headers(job))
 
     @app.websocket(WS_PATH)
@@ -237,17 +391,22 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
 
 
 class WsContext:
-    def __init__(self, context_id: str, job: LiveJob):
+    def __init__(self, context_id: str, job: LiveJob, text: StreamedText):
         self.id = context_id
         self.job = job
+        self.text = text
         self.cancelled = False
-        self.chars = 0
         self.flushed = False
+        self.last_input = time.monotonic()  # the latest config/text message (the idle flush counts from it)
+        self.flushed_at: float | None = None
         self.pump: asyncio.Task | None = None
 
 
 class WsSession:
-    """One WebSocket connection: several contexts, each a LiveJob on the engine worker."""
+    """One WebSocket connection: several contexts (at most max_ws_contexts), each a LiveJob on the engine worker.
+
+    A watcher flushes contexts that got no message for ws_idle_flush_s (event `idle_flush`), and cancels flushed
+    contexts still waiting for a stream slot after queue_timeout_s (an `error` event, then `audio_done`)."""
 
     def __init__(self, ws: WebSocket, synth: Synthesizer, worker: EngineWorker, validator: Validator,
                  metrics: ServerMetrics, settings: ServerSettings):
@@ -274,6 +433,7 @@ class WsSession:
         await self.send_json({"type": "error", "context_id": context_id, "message": message})
 
     async def run(self) -> None:
+        watcher = asyncio.create_task(self.watch())
         try:
             while True:
                 message = await self.ws.receive()
@@ -285,38 +445,74 @@ class WsSession:
                 try:
                     await self.handle(message["text"])
                 except BadRequest as exc:
-                    await self.error(getattr(exc, "context_id", None), exc.message)
+                    await self.error(None, exc.message)
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
             self.closed = True
+            watcher.cancel()
             for ctx in list(self.contexts.values()):
                 ctx.job.cancel()
                 if ctx.pump is not None:
                     ctx.pump.cancel()
 
-    async def handle(self, text: str) -> None:
+    async def watch(self) -> None:
+        settings = self.settings
+        period = max(0.02, min(1.0, settings.ws_idle_flush_s / 4, settings.queue_timeout_s / 4))
         try:
-            msg = json.loads(text)
-        except json.JSONDecodeError as exc:
-            await self.error(None, f"message is not valid JSON: {exc}")
+            while not self.closed:
+                await asyncio.sleep(period)
+                now = time.monotonic()
+                for ctx in list(self.contexts.values()):
+                    if ctx.cancelled or ctx.job.finished:
+                        continue
+                    if not ctx.flushed and now - ctx.last_input > settings.ws_idle_flush_s:
+                        await self.send_json({"type": "idle_flush", "context_id": ctx.id,
+                                              "idle_s": round(now - ctx.last_input, 3)})
+                        await self.flush(ctx)
+                    elif (ctx.flushed and ctx.job.started is None
+                          and now - ctx.flushed_at > settings.queue_timeout_s):
+                        await self.error(ctx.id, f"no stream slot came free within {settings.queue_timeout_s:g} s "
+                                                 "of the flush; the context is cancelled, retry it")
+                        ctx.cancelled = True
+                        ctx.job.cancel()
+        except Exception:  # noqa: BLE001 - the socket is gone; run() cleans up
+            pass
+
+    async def flush(self, ctx: WsContext) -> None:
+        ctx.flushed = True
+        ctx.flushed_at = time.monotonic()
+        try:
+            ctx.text.finish()
+        except BadRequest as exc:
+            await self.error(ctx.id, exc.message)
+        ctx.job.request_flush()
+
+    async def handle(self, text: str) -> None:
+        if len(text) > self.settings.max_ws_message_bytes:
+            await self.error(None, f"a message is larger than {self.settings.max_ws_message_bytes} bytes")
             return
+        msg = parse_json(text, self.settings)
         if not isinstance(msg, dict):
             await self.error(None, "a message must be a JSON object with a 'type'")
             return
         kind = msg.get("type")
         cid = msg.get("context_id")
-        if kind not in ("config", "text", "flush", "cancel"):
-            await self.error(cid if isinstance(cid, str) else None,
-                             f"unknown message type {kind!r}; expected config, text, flush or cancel")
-            return
-        if not isinstance(cid, str) or not cid or len(cid.encode()) > 255:
+        if not isinstance(cid, str) or not cid or len(cid.encode("utf-8", "replace")) > 255:
             await self.error(None, "'context_id' must be a non-empty string of at most 255 bytes")
+            return
+        try:
+            cid.encode("utf-8")
+        except UnicodeEncodeError:
+            await self.error(None, "'context_id' is not valid Unicode (a lone UTF-16 surrogate)")
+            return
+        if kind not in ("config", "text", "flush", "cancel"):
+            await self.error(cid, f"unknown message type {shown(kind)}; expected config, text, flush or cancel")
             return
         ctx = self.contexts.get(cid)
         if kind == "config":
             if ctx is not None:
-                await self.error(cid, f"context {cid!r} already exists; config must be its first message")
+                await self.error(cid, f"context {shown(cid)} already exists; config must be its first message")
                 return
             await self.open_context(cid, msg)
         elif kind == "text":
@@ -329,20 +525,22 @@ class WsSession:
                 if ctx is None:
                     return
             if ctx.flushed:
-                await self.error(cid, f"context {cid!r} was flushed; start a new context for more text")
+                await self.error(cid, f"context {shown(cid)} was flushed; start a new context for more text")
                 return
-            if ctx.chars + len(delta) > self.settings.max_text_chars:
-                await self.error(cid, f"'text' of context {cid!r} would exceed {self.settings.max_text_chars} "
-                                      "characters; the delta was dropped")
+            ctx.last_input = time.monotonic()
+            try:
+                piece = ctx.text.add(delta)
+            except BadRequest as exc:
+                await self.error(cid, exc.message)
                 return
-            ctx.chars += len(delta)
-            ctx.job.add_text(delta)
+            if piece:
+                ctx.job.add_text(piece)
         elif kind == "flush":
             if ctx is None:
-                await self.error(cid, f"unknown context {cid!r}")
+                await self.error(cid, f"unknown context {shown(cid)}")
                 return
-            ctx.flushed = True
-            ctx.job.request_flush()
+            if not ctx.flushed:
+                await self.flush(ctx)
         elif kind == "cancel":
             if ctx is None:
                 return  # already finished (or never existed): nothing to stop
@@ -350,6 +548,11 @@ class WsSession:
             ctx.job.cancel()
 
     async def open_context(self, cid: str, msg: dict) -> WsContext | None:
+        open_contexts = sum(1 for c in self.contexts.values() if not (c.cancelled or c.job.finished))
+        if open_contexts >= self.settings.max_ws_contexts:
+            await self.error(cid, f"this socket has {open_contexts} open contexts, the limit; cancel one or let "
+                                  "one finish before opening another")
+            return None
         try:
             params = self.validator.ws_config(msg)
             utterance = LiveUtterance(self.synth, voice=params.voice, language=params.language,
@@ -370,7 +573,8 @@ class WsSession:
             await self.send_json({"type": "error", "context_id": cid,
                                   "message": "the server is at capacity; retry this context shortly"})
             return None
-        ctx = WsContext(cid, job)
+        ctx = WsContext(cid, job, StreamedText(self.synth.tokenizer, self.settings.max_text_chars,
+                                               self.settings.max_text_tokens))
         self.contexts[cid] = ctx
         ctx.pump = asyncio.create_task(self.pump(ctx))
         return ctx
@@ -420,8 +624,75 @@ class WsSession:
 # `qwen-tts-mk serve`
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
 def _is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def header_timeout_protocol(seconds: float):
+    """uvicorn's httptools HTTP protocol with a limit on the time a request's headers may take to arrive (uvicorn
+    has none, so slow clients could hold connections open forever); "auto" when httptools is missing."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):
+        header_timer = None
+
+        def arm(self) -> None:
+            if self.header_timer is None:
+                self.header_timer = self.loop.call_later(seconds, self.headers_too_slow)
+
+        def disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.arm()
+
+        def on_headers_complete(self) -> None:
+            self.disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc) -> None:
+            self.disarm()
+            super().connection_lost(exc)
+
+        def headers_too_slow(self) -> None:
+            self.header_timer = None
+            self.logger.info("closed a connection whose request headers took more than %g s", seconds)
+            self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
+def uvicorn_config(app: FastAPI, host: str, port: int, settings: ServerSettings, log_level: str = "info"):
+    """The uvicorn configuration that carries the server's connection limits."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, ws="websockets-sansio", lifespan="on",
+                          http=header_timeout_protocol(settings.header_timeout_s),
+                          ws_max_size=settings.max_ws_message_bytes, timeout_keep_alive=settings.keep_alive_s,
+                          limit_concurrency=settings.max_connections)
+
+
+def serve_settings(args) -> ServerSettings:
+    """The settings of `serve`: its options; Host names default to loopback plus the bound name (any Host when
+    bound to every interface, where the API key or the explicit opt-out guards the server)."""
+    host = args.host
+    if getattr(args, "allowed_hosts", None) is not None:
+        return ServerSettings.from_args(args)
+    hosts = ("*",) if host in WILDCARD_HOSTS else tuple(dict.fromkeys(LOOPBACK_HOSTS + (host.strip("[]"),)))
+    return ServerSettings.from_args(args, allowed_hosts=hosts)
 
 
 def run_serve(args) -> int:
@@ -432,20 +703,48 @@ def run_serve(args) -> int:
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    api_key = getattr(args, "api_key", None) or os.environ.get("QWEN_TTS_MK_API_KEY") or None
+    api_key = getattr(args, "api_key", None)
+    if api_key is None:
+        api_key = os.environ.get("QWEN_TTS_MK_API_KEY")
+    if api_key is not None and not api_key.strip():
+        print("qwen-tts-mk serve: error: the API key is empty (--api-key or QWEN_TTS_MK_API_KEY); give a key, or "
+              "leave both unset", file=sys.stderr)
+        return 2
     host, port = args.host, args.port
-    if not _is_loopback(host) and not api_key:
-        log.warning("binding %s without --api-key: anyone who can reach this port can use the server", host)
-    settings = ServerSettings()
-    for name in ("max_active", "max_queue", "max_text_chars"):
-        if getattr(args, name, None) is not None:
-            setattr(settings, name, getattr(args, name))
+    if not _is_loopback(host) and not api_key and not getattr(args, "allow_unauthenticated_public", False):
+        print(f"qwen-tts-mk serve: error: binding {host} without --api-key lets anyone who can reach the port use "
+              "the server; give --api-key, or pass --allow-unauthenticated-public if that is what you want",
+              file=sys.stderr)
+        return 2
+    try:
+        settings = serve_settings(args)
+    except ValueError as exc:
+        print(f"qwen-tts-mk serve: error: {exc}", file=sys.stderr)
+        return 2
     print(f"loading {args.model} ({args.backend} backend)...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     synth = Synthesizer.from_pretrained(args.model, backend=args.backend, device=args.device,
                                         dtype=getattr(args, "dtype", None), max_streams=settings.max_active)
-    print(f"loaded in {time.perf_counter() - start:.1f} s; serving on http://{host}:{port} "
-          f"(WebSocket ws://{host}:{port}{WS_PATH})", file=sys.stderr, flush=True)
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     app = create_app(synth, model_name=args.model, api_key=api_key, settings=settings)
-    uvicorn.run(app, host=host, port=port, log_level="info", ws="websockets-sansio")
+    server = uvicorn.Server(uvicorn_config(app, host, port, settings))
+
+    async def announce() -> None:  # the address is printed once the socket is bound
+        while not server.started:
+            await asyncio.sleep(0.05)
+        shown_host = f"[{host}]" if ":" in host else host
+        print(f"serving on http://{shown_host}:{port} (WebSocket ws://{shown_host}:{port}{WS_PATH})",
+              file=sys.stderr, flush=True)
+
+    async def serve() -> None:
+        announcer = asyncio.create_task(announce())
+        try:
+            await server.serve()
+        finally:
+            announcer.cancel()
+
+    try:
+        asyncio.run(serve())
+    except SystemExit as exc:  # uvicorn exits when it cannot bind; it logged why
+        return int(exc.code or 1)
     return 0

@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .protocol import ServerSettings
 
@@ -154,27 +154,33 @@ def application(options: ReplicaOptions):
     return deployment(options).bind(options)
 
 
+OPTION_ARGS = ("model", "backend", "device", "dtype", "api_key", "replicas", "autoscale", "gpus_per_replica",
+               "cpus_per_replica", "voices_dir")
+
+
 def app_builder(args: dict):
     """Application builder for Serve config files (`import_path: qwen_tts_megakernel.server.ray_serve:app_builder`).
 
     `args`: model, backend, device, dtype, api_key, replicas, autoscale ("MIN..MAX"), gpus_per_replica,
-    cpus_per_replica, voices_dir, and the server limits max_active, max_queue, max_text_chars."""
+    cpus_per_replica, voices_dir, and any server setting (max_active, max_queue, allowed_hosts, ...: ServerSettings
+    in server/protocol.py). Host names default to any (`allowed_hosts: ["*"]`): the proxy's exposure is the
+    cluster's choice; set an `api_key` on anything reachable."""
     args = dict(args)
-    known = {"model", "backend", "device", "dtype", "api_key", "replicas", "autoscale", "gpus_per_replica",
-             "cpus_per_replica", "voices_dir", "max_active", "max_queue", "max_text_chars"}
+    known = set(OPTION_ARGS) | {f.name for f in fields(ServerSettings)}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown application args {unknown}; known: {sorted(known)}")
     if "model" not in args:
         raise ValueError("application args need 'model' (a Hugging Face id, a folder, or random:0.6b)")
-    return application(options_from(**args))
+    options = {k: args.pop(k) for k in OPTION_ARGS if k in args}
+    args.setdefault("allowed_hosts", ("*",))
+    return application(options_from(**options, settings=ServerSettings(**args)))
 
 
 def options_from(*, model: str, backend: str = "reference", device: str | None = None, dtype: str | None = None,
                  api_key: str | None = None, replicas: int = 1, autoscale: str | None = None,
                  gpus_per_replica: float = 1.0, cpus_per_replica: float = 1.0, voices_dir: str | None = None,
-                 max_active: int | None = None, max_queue: int | None = None,
-                 max_text_chars: int | None = None) -> ReplicaOptions:
+                 settings: ServerSettings | None = None) -> ReplicaOptions:
     """ReplicaOptions from flat settings (the CLI's and a config file's), checked with messages naming the field."""
     if not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
@@ -185,18 +191,15 @@ def options_from(*, model: str, backend: str = "reference", device: str | None =
                          "(or set gpus_per_replica 0 and device cpu)")
     if gpus_per_replica == 0 and device is None:
         device = "cpu"  # no GPU reserved: never take one
-    settings = ServerSettings()
-    for name, value in (("max_active", max_active), ("max_queue", max_queue), ("max_text_chars", max_text_chars)):
-        if value is not None:
-            if not isinstance(value, int) or value < (0 if name == "max_queue" else 1):
-                raise ValueError(f"{name} must be an integer >= {0 if name == 'max_queue' else 1}, got {value!r}")
-            setattr(settings, name, value)
+    if api_key is None:
+        api_key = os.environ.get(ENV_PREFIX + "API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty (api_key or QWEN_TTS_MK_API_KEY); give a key, or leave both unset")
     env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
     if voices_dir:  # the voice library every replica reads and writes: a path shared by all of them
         env[ENV_PREFIX + "VOICES_DIR"] = str(voices_dir)
-    api_key = api_key or os.environ.get(ENV_PREFIX + "API_KEY") or None
     return ReplicaOptions(model=model, backend=backend, device=device, dtype=dtype, api_key=api_key,
-                          settings=settings, replicas=replicas,
+                          settings=settings or ServerSettings(), replicas=replicas,
                           autoscale=parse_autoscale(autoscale) if autoscale else None,
                           gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, env=env)
 
@@ -222,17 +225,15 @@ def run_serve_ray(args) -> int:
         print("qwen-tts-mk serve: error: --ray needs its extra: pip install 'qwen-tts-megakernel[ray]'",
               file=sys.stderr)
         return 2
-    from .app import WS_PATH, _is_loopback
+    from .app import WS_PATH, _is_loopback, serve_settings
 
-    api_key = getattr(args, "api_key", None) or os.environ.get("QWEN_TTS_MK_API_KEY") or None
-    if not _is_loopback(args.host) and not api_key:
-        log.warning("binding %s without --api-key: anyone who can reach this port can use the server", args.host)
     options = options_from(model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                           api_key=api_key, replicas=args.replicas or 1, autoscale=args.autoscale,
+                           api_key=args.api_key, replicas=args.replicas or 1, autoscale=args.autoscale,
                            gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
-                           voices_dir=getattr(args, "voices_dir", None),
-                           max_active=getattr(args, "max_active", None), max_queue=getattr(args, "max_queue", None),
-                           max_text_chars=getattr(args, "max_text_chars", None))
+                           voices_dir=getattr(args, "voices_dir", None), settings=serve_settings(args))
+    if not _is_loopback(args.host) and not options.api_key and not args.allow_unauthenticated_public:
+        raise ValueError(f"binding {args.host} without --api-key lets anyone who can reach the port use the server; "
+                         "give --api-key, or pass --allow-unauthenticated-public if that is what you want")
     # RAY_ADDRESS (or `ray start` on this machine) joins an existing cluster; otherwise a local instance starts.
     ray.init(logging_level=logging.WARNING)
     shape = (f"{options.autoscale[0]}..{options.autoscale[1]} replicas (autoscaled)" if options.autoscale

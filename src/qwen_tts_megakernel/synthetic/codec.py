@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..codec import CausalConvTranspose1d, CodecDecoder, CodecDecoderConfig, SnakeBeta
+from ..codec import CodecDecoder, CodecDecoderConfig, official_parameter_names, official_shapes
+from ..codec.modules import CausalConvTranspose1d, SnakeBeta
 from ..layers import RMSNorm
+
 
 def tiny_speech_tokenizer_config() -> dict:
     """speech_tokenizer/config.json of a tiny random model in the official format.
@@ -108,7 +110,7 @@ def random_speech_tokenizer_weights(config: dict, seed: int) -> dict[str, torch.
     cfg = CodecDecoderConfig.from_json_dict(config)
     with torch.device("meta"):  # our module tree, only for its shapes and layer types
         model = CodecDecoder(cfg)
-    shapes = model.official_shapes()
+    shapes = official_shapes(model)
     gen = torch.Generator().manual_seed(seed)
 
     def normal(shape, std: float, mean: float = 0.0) -> torch.Tensor:
@@ -119,12 +121,12 @@ def random_speech_tokenizer_weights(config: dict, seed: int) -> dict[str, torch.
 
     out: dict[str, torch.Tensor] = {}
     # Dense weights, chosen by the kind of layer they belong to.
-    for official, ours in model.official_parameter_names():
+    for official, ours in official_parameter_names(cfg):
         name, shape = "decoder." + official, shapes["decoder." + official]
         module_name, leaf = ours.rsplit(".", 1)
         module = model.get_submodule(module_name)
-        if isinstance(module, SnakeBeta):  # log(alpha) ~ log 0.6, log(beta) ~ log 1.6: mild periodic term
-            t = normal(shape, 0.2, mean=-0.5 if leaf == "log_alpha" else 0.5)
+        if isinstance(module, SnakeBeta):  # stored as logs: alpha ~ 0.6, beta ~ 1.6, a mild periodic term
+            t = normal(shape, 0.2, mean=-0.5 if leaf == "alpha" else 0.5)
         elif isinstance(module, (RMSNorm, nn.LayerNorm)) and leaf == "weight":
             t = normal(shape, 0.1, mean=1.0)
         elif leaf in ("attn_scale", "mlp_scale"):  # LayerScale

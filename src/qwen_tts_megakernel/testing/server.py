@@ -138,13 +138,12 @@ def running_server(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key
                    settings: ServerSettings | None = None, port: int | None = None, log_level: str = "warning"):
     import uvicorn
 
-    from ..server.app import create_app
+    from ..server.app import create_app, uvicorn_config
 
+    settings = settings or ServerSettings()
     app = create_app(synth, model_name=model_name, api_key=api_key, settings=settings)
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level, ws="websockets-sansio",
-                            lifespan="on")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, settings, log_level=log_level))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -99,8 +99,11 @@ def section_ttfc_breakdown(synth, runs: int) -> dict:
                            here would also wait for frame 1, queued behind it);
       first_codec_decode   decoding frame 0 to PCM (waits for the codec's own stream only; it competes with the
                            still-running frame 1 for the GPU, as it does when streaming)."""
-    from ..codec import StreamingCodecDecoder
+    from ..codec import StreamingCodec
     from ..sampling import RandomStream
+
+    codec = StreamingCodec(synth.codec, max_streams=1)
+    codec.warm_up()
 
     def once(text: str) -> dict:
         marks = {}
@@ -126,8 +129,9 @@ def section_ttfc_breakdown(synth, runs: int) -> dict:
             t = mark("open_stream_prefill_ms", t)
             codes = stream.next_frame()
             t = mark("first_frame_ms", t, sync=False)
-            decoder = StreamingCodecDecoder(synth.codec)
-            decoder.push(torch.as_tensor(codes[None], device=synth.codec_device)).cpu()  # .cpu(): the codec's stream
+            handle = codec.open()
+            codec.push([handle], [codes[None]])  # returns host PCM: waits for the codec's work only
+            codec.close(handle)
             mark("first_codec_decode_ms", t, sync=False)
             stream.close()
         marks["prefill_rows"] = len(prefill)

@@ -1,11 +1,15 @@
-"""Streaming codec decode time, eager against CUDA graphs, on the real codec shapes (random weights).
+"""Batched streaming codec timing: per-stream-frame cost and seconds of audio decoded per second.
 
-    python -m qwen_tts_megakernel.tools.codec_timing [--runs 30] [--chunks 1 8] [--out FILE]
+    python -m qwen_tts_megakernel.tools.codec_timing [--batch 1 8 32 64] [--frames 1 2 4 8] [--runs 20]
+        [--precisions fp32 tf32 bf16] [--modes eager graphs] [--tiny] [--out benchmarks/results/codec-timing.json]
 
-prints one JSON object: per chunk size, one `StreamingCodecDecoder.push` on a stream past its attention window
-(median and p95 ms over `runs`, each push synchronised), the first 1-frame push of a fresh utterance, the time to
-capture the graphs, and the largest sample difference between the two paths over the same pushes.
-`codec_decode_timing(decoder)` is the same measurement for any decoder (bench_all.py can call it).
+For every precision x mode x batch B x frames per push n: B open streams each push n frames in one
+`StreamingCodec.push` (codes in, PCM out on the host, as the engine calls it); median and p95 ms over `--runs` pushes
+after two untimed ones (which capture the graphs). Derived: ms per stream-frame and seconds of audio per second
+(B * n * 80 ms / push time). Then where the time goes: GPU time per layer group (CUDA events around the decoder's
+top-level modules, eager, fp32 and bf16) at B = 64 x 8 frames and B = 1 x 1 frame, and the ops a step launches. Writes
+the JSON and a Markdown report next to it (same name, .md). Random weights of the released codec's shapes
+(`--tiny`: the tiny test codec, for a quick check of the tool itself).
 """
 
 from __future__ import annotations
@@ -13,18 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from .common import summary
-from ..codec import (
-    CodecDecoder,
-    CodecDecoderConfig,
-    StreamingCodecDecoder,
-)
+from ..codec import CodecDecoder, CodecDecoderConfig, StreamingCodec
 from ..synthetic.checkpoints import real_speech_tokenizer_config
-from ..synthetic.codec import random_speech_tokenizer_weights
+from ..synthetic.codec import random_speech_tokenizer_weights, tiny_speech_tokenizer_config
+from .common import git_commit, summary
+
+TARGETS = {"audio_s_per_s_at_64x8": 1500.0, "one_stream_one_frame_ms": 1.5}
 
 
 def real_codec(device: torch.device, seed: int = 1) -> CodecDecoder:
@@ -35,88 +40,199 @@ def real_codec(device: torch.device, seed: int = 1) -> CodecDecoder:
     return CodecDecoder.from_state_dict(CodecDecoderConfig.from_json_dict(config), weights, device=device)
 
 
+def tiny_codec(device: torch.device) -> CodecDecoder:
+    config = tiny_speech_tokenizer_config()
+    weights = random_speech_tokenizer_weights(config, 0)
+    return CodecDecoder.from_state_dict(CodecDecoderConfig.from_json_dict(config), weights, device=device)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def codec_decode_timing(decoder: CodecDecoder, chunk_sizes: tuple[int, ...] = (1, 8), runs: int = 20,
-                        context_frames: int = 80) -> dict:
-    """Eager and graphed push times of `decoder` (see the module docstring). `context_frames` are pushed first
-    (8 at a time) so the timed pushes see a full attention window; the default passes the real 72-frame one."""
-    device = decoder.device
-    gen = torch.Generator().manual_seed(0)
-    total = context_frames + runs * sum(chunk_sizes)
-    codes = torch.randint(0, decoder.cfg.codebook_size, (total, decoder.cfg.num_quantizers), generator=gen)
-    codes = codes.to(device)
-
-    start = time.perf_counter()
-    decoder.streaming_graphs().warm_up()
-    _sync(device)
-    capture_s = time.perf_counter() - start
-
-    def first_push_ms(use_graphs: bool) -> list[float]:
+def time_pushes(codec: StreamingCodec, batch: int, frames: int, runs: int) -> list[float]:
+    """ms of `runs` pushes of `frames` frames for each of `batch` fresh streams (after two untimed pushes)."""
+    gen = np.random.default_rng(batch * 100 + frames)
+    q, size = codec.decoder.cfg.num_quantizers, codec.decoder.cfg.codebook_size
+    streams = [codec.open() for _ in range(batch)]
+    try:
         times = []
-        for _ in range(runs):
-            _sync(device)
-            t0 = time.perf_counter()
-            StreamingCodecDecoder(decoder, use_graphs=use_graphs).push(codes[:1])
-            _sync(device)
-            times.append(1000 * (time.perf_counter() - t0))
+        for i in range(runs + 2):
+            codes = [gen.integers(0, size, (frames, q)) for _ in range(batch)]
+            _sync(codec.device)
+            start = time.perf_counter()
+            codec.push(streams, codes)  # ends with the device -> host copy of the PCM
+            if i >= 2:
+                times.append(1000 * (time.perf_counter() - start))
         return times
+    finally:
+        for stream in streams:
+            codec.close(stream)
 
-    def stream(use_graphs: bool) -> tuple[dict[int, list[float]], torch.Tensor]:
-        """One utterance: the context, then `runs` timed pushes of each chunk size. Times and all samples."""
-        decoder_stream = StreamingCodecDecoder(decoder, use_graphs=use_graphs)
-        wavs = [decoder_stream.push(codes[i : min(i + 8, context_frames)]) for i in range(0, context_frames, 8)]
-        i = context_frames
-        times: dict[int, list[float]] = {n: [] for n in chunk_sizes}
-        for n in chunk_sizes:
-            for _ in range(runs):
-                _sync(device)
-                t0 = time.perf_counter()
-                wavs.append(decoder_stream.push(codes[i : i + n]))
-                _sync(device)
-                times[n].append(1000 * (time.perf_counter() - t0))
-                i += n
-        return times, torch.cat(wavs)
 
-    for use_graphs in (False, True):  # warm-up: library initialisation, kernel choice
-        first_push_ms(use_graphs)
-    eager_first, graphed_first = first_push_ms(False), first_push_ms(True)
-    eager_times, eager_wav = stream(False)
-    graphed_times, graphed_wav = stream(True)
+GROUPS = ("quantizer", "pre_conv", "pre_transformer", "upsample", "head_conv", "blocks.0", "blocks.1", "blocks.2",
+          "blocks.3", "final")
 
-    push = {}
-    for n in chunk_sizes:
-        eager, graphed = summary(eager_times[n]), summary(graphed_times[n])
-        push[str(n)] = {"eager": eager, "graphed": graphed, "graphed_per_frame_ms": graphed["median"] / n,
-                        "speedup": eager["median"] / graphed["median"]}
+
+def _group(name: str) -> str:
+    for group in GROUPS:
+        if name == group or name.startswith(group + "."):
+            return group
+    return "final"  # final_act, final_conv
+
+
+def layer_breakdown(codec: StreamingCodec, batch: int, frames: int, runs: int = 5) -> dict[str, float]:
+    """GPU ms per layer group of one eager decode step of `batch` streams x `frames` frames (median over runs)."""
+    model, device = codec.model, codec.device
+    tops = [(n, m) for n, m in model.named_children() if not isinstance(m, torch.nn.ModuleList)]
+    tops += [(f"{n}.{i}", m) for n, ml in model.named_children() if isinstance(ml, torch.nn.ModuleList)
+             for i, m in enumerate(ml)]
+    events: dict[str, list] = defaultdict(list)
+    handles = []
+    for name, module in tops:
+        def pre(_m, _a, name=name):
+            events[name].append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
+            events[name][-1][0].record()
+
+        def post(_m, _a, _o, name=name):
+            events[name][-1][1].record()
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    codes = torch.randint(0, codec.decoder.cfg.codebook_size, (batch, frames, codec.decoder.cfg.num_quantizers),
+                          device=device)
+    rows = torch.full((batch,), codec.scratch, device=device)
+    try:
+        per_run = []
+        for _ in range(runs + 1):
+            events.clear()
+            with torch.inference_mode():
+                codec._run(codes, rows)
+            torch.cuda.synchronize()
+            totals: dict[str, float] = defaultdict(float)
+            for name, pairs in events.items():
+                totals[_group(name)] += sum(a.elapsed_time(b) for a, b in pairs)
+            per_run.append(totals)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {g: float(np.median([r[g] for r in per_run[1:]])) for g in GROUPS}
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(codec: StreamingCodec, frames: int = 1) -> int:
+    """Tensor ops (about the kernels a graph replays) in one step: gather, decode, scatter."""
+    codes = torch.zeros(1, frames, codec.decoder.cfg.num_quantizers, dtype=torch.long, device=codec.device)
+    rows = torch.full((1,), codec.scratch, device=codec.device)
+    with torch.inference_mode(), _OpCounter() as counter:
+        codec._run(codes, rows)
+    return counter.count
+
+
+def codec_timing(decoder: CodecDecoder, batches, frames, precisions, modes, runs: int) -> dict:
+    device = decoder.device
+    rows = []
+    breakdown = {}
+    spf, rate = decoder.samples_per_frame, decoder.sample_rate
+    for precision in precisions:
+        for mode in modes:
+            codec = StreamingCodec(decoder, max_streams=max(batches), precision=precision,
+                                   use_graphs=(mode == "graphs"))
+            for b in batches:
+                for n in frames:
+                    times = time_pushes(codec, b, n, runs)
+                    s = summary(times)
+                    rows.append({"precision": precision, "mode": mode, "batch": b, "frames": n,
+                                 "median_ms": s["median"], "p95_ms": s["p95"], "runs": s["runs"],
+                                 "per_stream_frame_ms": s["median"] / (b * n),
+                                 "audio_s_per_s": b * n * spf / rate / (s["median"] / 1000)})
+                    print(json.dumps(rows[-1]), flush=True)
+            if mode == "eager" and device.type == "cuda":
+                for b, n in ((max(batches), max(frames)), (1, 1)):
+                    breakdown[f"{precision} B={b} x {n} frames"] = layer_breakdown(codec, b, n)
+            del codec
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    best = {}
+    for key, pick in (("audio_s_per_s_at_64x8", lambda r: r["batch"] == 64 and r["frames"] == 8),
+                      ("one_stream_one_frame_ms", lambda r: r["batch"] == 1 and r["frames"] == 1)):
+        cands = [r for r in rows if pick(r) and r["mode"] == "graphs"]
+        if cands:
+            if key.startswith("audio"):
+                r = max(cands, key=lambda r: r["audio_s_per_s"])
+                best[key] = {"value": r["audio_s_per_s"], "precision": r["precision"], "target": TARGETS[key]}
+            else:
+                r = min(cands, key=lambda r: r["median_ms"])
+                best[key] = {"value": r["median_ms"], "precision": r["precision"], "target": TARGETS[key]}
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-        "graphs": decoder.streaming_graphs().use_graphs,  # False off CUDA: the "graphed" path then runs eagerly
-        "dtype": str(decoder.quantizer.codebooks.dtype),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "codec": "tiny" if decoder.cfg.hidden_size < 512 else "released shapes, random weights",
         "runs": runs,
-        "context_frames": context_frames,
-        "capture_s": capture_s,
-        "first_push_1_frame_ms": {"eager": summary(eager_first), "graphed": summary(graphed_first)},
-        "push_ms": push,
-        "max_abs_diff_graphed_vs_eager": (graphed_wav - eager_wav).abs().max().item(),
+        "ops_per_step": {"fp32": ops_per_step(StreamingCodec(decoder, 1, use_graphs=False))},
+        "rows": rows,
+        "layer_groups_ms": breakdown,
+        "targets": best,
     }
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Codec timing: {result['device']}", "",
+             f"torch {result['torch']}, commit {result['commit']}, {result['codec']}, {result['runs']} timed pushes "
+             "per row (median / p95 ms of one `StreamingCodec.push`, host codes in, host PCM out).", ""]
+    for key, t in result["targets"].items():
+        ok = t["value"] >= t["target"] if key.startswith("audio") else t["value"] <= t["target"]
+        lines.append(f"- {key}: {t['value']:.4g} ({t['precision']}, graphs), target {t['target']:g}: "
+                     f"{'met' if ok else 'MISSED'}")
+    lines += ["", f"Ops per 1-frame step (one stream, eager, about the kernels a graph replays): "
+                  f"{result['ops_per_step']['fp32']}", "",
+              "| precision | mode | B | frames/push | median ms | p95 ms | ms per stream-frame | s audio / s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['precision']} | {r['mode']} | {r['batch']} | {r['frames']} | {r['median_ms']:.3f} | "
+                     f"{r['p95_ms']:.3f} | {r['per_stream_frame_ms']:.4f} | {r['audio_s_per_s']:.1f} |")
+    if result["layer_groups_ms"]:
+        names = list(result["layer_groups_ms"])
+        lines += ["", "Where the time goes: GPU ms per layer group of one eager step (CUDA events)", "",
+                  "| group | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for group in GROUPS:
+            lines.append(f"| {group} | " + " | ".join(f"{result['layer_groups_ms'][n][group]:.3f}" for n in names)
+                         + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[1, 8], help="chunk sizes in frames")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--frames", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "tf32", "bf16"], choices=["fp32", "tf32", "bf16"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "graphs"], choices=["eager", "graphs"])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--tiny", action="store_true", help="the tiny test codec instead of the released shapes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="also write the JSON to this file")
+    parser.add_argument("--out", default="benchmarks/results/codec-timing.json",
+                        help="JSON file; the Markdown report goes next to it (.md)")
     args = parser.parse_args(argv)
-    result = codec_decode_timing(real_codec(torch.device(args.device)), tuple(args.chunks), args.runs)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if args.runs < 1 or min(args.batch) < 1 or min(args.frames) < 1:
+        parser.error("--runs, --batch and --frames must be >= 1")
+    device = torch.device(args.device)
+    decoder = tiny_codec(device) if args.tiny else real_codec(device)
+    result = codec_timing(decoder, args.batch, args.frames, args.precisions, args.modes, args.runs)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
     return 0
 
 

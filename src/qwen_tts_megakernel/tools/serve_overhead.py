@@ -83,6 +83,7 @@ def run_bench_serve_overhead(args) -> int:
         return 2
     import torch
 
+    from ..server.protocol import ServerSettings
     from ..server.ray_serve import options_from, start
 
     model = getattr(args, "model", None) or "random:0.6b"
@@ -104,7 +105,8 @@ def run_bench_serve_overhead(args) -> int:
     try:
         gpus = 1 if torch.cuda.is_available() and device != "cpu" else 0
         options = options_from(model=model, backend=backend, device=device if not gpus else None, replicas=1,
-                               gpus_per_replica=gpus, max_active=max_active, max_queue=max_active)
+                               gpus_per_replica=gpus,
+                               settings=ServerSettings(max_active=max_active, max_queue=max_active))
         port = free_port()
         start(options, host="127.0.0.1", port=port)
         served = measure(f"http://127.0.0.1:{port}", **kw)

@@ -1,5 +1,10 @@
 """qwen-tts-mk validate: the megakernel against the reference backend on the GPU, with the same weights.
 
+`--batch 1,2,7,16,64` checks batched launches (streams at mixed positions, prompts of 20..800 rows): every stream of
+the largest batch against the reference (hidden / logits error, teacher-forced agreement), free-running codes under
+shared random numbers, and batch invariance: every stream's codes in every batch equal its solo run on every frame.
+Without --batch, one stream is checked as below.
+
 Reports (table + JSON; exit status 1 when a bound fails):
   * talker post-norm hidden and logits, relative error ||mk - ref|| / ||ref|| per frame (bound 1e-2, bf16);
   * teacher-forced agreement of g0 and of g1..g15: both sides see the reference's codes as history and the same
@@ -165,22 +170,48 @@ def reference_run(talker, prefill, text_rows, pad_row, params: SamplingParams, t
     return np.array(codes_out, dtype=np.int64), torch.stack(hid_out), torch.stack(log_out)
 
 
-def kernel_run(backend, prefill, text_rows, pad_row, params, table, frames, forced=None, perturb=0.0):
-    """Frames of the megakernel (lookahead 0 so the debug hidden/logits belong to the returned frame)."""
-    stream = backend.open_stream(prefill, text_rows, pad_row, params, RandomStream(0, table), forced=forced,
-                                 perturb=perturb, lookahead=0)
-    codes, hid, log = [], [], []
+def kernel_spec(prefill, text_rows, pad_row, params, table, frames) -> "StreamSpec":
+    from ..backends.base import StreamSpec
+
+    return StreamSpec(prefill=prefill, text_rows=text_rows, pad_row=pad_row, params=params,
+                      rng=RandomStream(0, table), max_frames=frames)
+
+
+def kernel_batch_run(backend, specs, frames, forced=None, perturb=0.0, debug=True):
+    """Frames of several streams stepped together (a stream that hits EOS leaves the batch). Returns per stream
+    (codes [n,16], hidden [n,H], logits [n,V]); hidden/logits only with `debug`."""
+    handles = backend.open(specs, forced=forced)
+    eos = backend.config.ids.codec_eos
+    codes = [[] for _ in specs]
+    hid = [[] for _ in specs]
+    log = [[] for _ in specs]
+    live = list(range(len(specs)))
     try:
         for _ in range(frames):
-            c = stream.next_frame()
-            codes.append(c)
-            hid.append(stream.last_hidden().cpu())
-            log.append(stream.last_logits().cpu())
-            if c[0] == backend.config.ids.codec_eos:
+            if not live:
                 break
+            out = backend.step([handles[i] for i in live], perturb=perturb)
+            assert not out.failed, out.failed
+            for row, i in enumerate(live):
+                codes[i].append(out.codes[row])
+                if debug:
+                    hid[i].append(backend.last_hidden(row).cpu())
+                    log[i].append(backend.last_logits(row).cpu())
+            live = [i for row, i in enumerate(live) if out.codes[row, 0] != eos and handles[i].frame < handles[i].limit]
     finally:
-        stream.close()
-    return np.array(codes, dtype=np.int64), torch.stack(hid), torch.stack(log)
+        for h in handles:
+            backend.close(h)
+    res = []
+    for i in range(len(specs)):
+        c = np.array(codes[i], dtype=np.int64).reshape(-1, 16)
+        res.append((c, torch.stack(hid[i]) if hid[i] else None, torch.stack(log[i]) if log[i] else None))
+    return res
+
+
+def kernel_run(backend, prefill, text_rows, pad_row, params, table, frames, forced=None, perturb=0.0):
+    """Frames of one stream on the megakernel: (codes [n,16], hidden [n,H], logits [n,V])."""
+    spec = kernel_spec(prefill, text_rows, pad_row, params, table, frames)
+    return kernel_batch_run(backend, [spec], frames, forced=None if forced is None else [forced], perturb=perturb)[0]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -204,7 +235,8 @@ def run_validation(config, weights, frames: int = 64, seed: int = 1234, device="
 
     dev = torch.device(device)
     t0 = time.perf_counter()
-    backend = MegakernelBackend(config, weights, device=dev, max_seq_len=max(1024, frames + 64))
+    backend = MegakernelBackend(config, weights, device=dev, max_streams=1,
+                                max_seq_len=max(1024, frames + 64))
     # The reference gets the bf16 weights upcast to fp32: the same numbers the kernel reads.
     talker = Talker.from_state_dict(config, {k: v.float() for k, v in weights.items()}, device=dev,
                                     dtype=torch.float32)
@@ -248,6 +280,99 @@ def run_validation(config, weights, frames: int = 64, seed: int = 1234, device="
     return report
 
 
+def batch_prompts(config, n: int, frames: int, seed: int, lo: int = 20, hi: int = 800):
+    """n streams with prompts of lo..hi rows (spread evenly), their own text, seeds and uniform tables."""
+    out = []
+    for i in range(n):
+        rows = lo + (hi - lo) * i // max(1, n - 1)
+        prefill, text, pad = random_prompt(config, n_prefill=rows, n_text=3 + i % 5, seed=seed + i)
+        out.append((prefill, text, pad, uniform_table(seed + 1000 + i, frames)))
+    return out
+
+
+def pick(n_total: int, b: int) -> list[int]:
+    """b of n_total streams, spread over them (so every batch mixes short and long prompts)."""
+    return sorted({i * n_total // b for i in range(b)})
+
+
+def run_batch_validation(config, weights, batches, frames: int = 8, seed: int = 1234, device="cuda",
+                         log=print) -> dict:
+    from ..model import Talker
+    from ..megakernel.backend import MegakernelBackend
+
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    n = max(batches)
+    backend = MegakernelBackend(config, weights, device=dev, max_streams=n, max_seq_len=1024)
+    talker = Talker.from_state_dict(config, {k: v.float() for k, v in weights.items()}, device=dev,
+                                    dtype=torch.float32)
+    params = SamplingParams()
+    prompts = batch_prompts(config, n, frames, seed)
+    specs = [kernel_spec(p, t, pad, params, tab, frames) for p, t, pad, tab in prompts]
+    log(f"setup {time.perf_counter() - t0:.1f} s; blocks {backend.num_blocks}, streams {n}")
+
+    # The reference, stream by stream.
+    refs = [reference_run(talker, p, t, pad, params, tab, frames) for p, t, pad, tab in prompts]
+    log(f"reference {time.perf_counter() - t0:.1f} s")
+    # Teacher-forced, all n streams in one batch: each stream sees its reference history.
+    forced = []
+    for codes, _, _ in refs:
+        f = np.zeros((frames, 16), dtype=np.int64)
+        f[: len(codes)] = codes
+        forced.append(f[: len(codes)])
+    tf_specs = [kernel_spec(p, t, pad, params, tab, len(r[0])) for (p, t, pad, tab), r in zip(prompts, refs)]
+    tf = kernel_batch_run(backend, tf_specs, frames, forced=forced)
+    hid_err, log_err, agree0, agree_rest = [], [], [], []
+    for (rc, rh, rl), (kc, kh, kl) in zip(refs, tf):
+        m = min(len(rc), len(kc))
+        hid_err += [rel_err(kh[k], rh[k]) for k in range(m)]
+        log_err += [rel_err(kl[k], rl[k]) for k in range(m)]
+        agree0 += list(kc[:m, 0] == rc[:m, 0])
+        full = [k for k in range(m) if rc[k, 0] != config.ids.codec_eos]
+        agree_rest += list((kc[full, 1:] == rc[full, 1:]).reshape(-1))
+    # Solo free runs, then every batch against them.
+    solo = [kernel_batch_run(backend, [s], frames, debug=False)[0][0] for s in specs]
+    divergence = [first_divergence(sc, rc) for sc, (rc, _, _) in zip(solo, refs)]
+    invariance = {}
+    for b in batches:
+        idx = pick(n, b)
+        got = kernel_batch_run(backend, [specs[i] for i in idx], frames, debug=False)
+        bad = [i for i, (c, _, _) in zip(idx, got) if not np.array_equal(c, solo[i])]
+        invariance[str(b)] = {"streams": idx, "differ": bad}
+        log(f"batch {b}: {'identical to solo runs' if not bad else f'streams {bad} differ from their solo runs'}")
+    ab = kernel_batch_run(backend, [specs[0]], min(frames, 16), perturb=0.05, debug=False)[0][0]
+    ab_changed = first_divergence(ab, solo[0][: len(ab)]) is not None
+    report = {
+        "batches": list(batches), "streams": n, "frames": frames,
+        "prompt_rows": [int(p[0].shape[0]) for p in prompts],
+        "hidden_rel_err_max": max(hid_err), "hidden_rel_err_median": float(np.median(hid_err)),
+        "logits_rel_err_max": max(log_err), "logits_rel_err_median": float(np.median(log_err)),
+        "teacher_forced_g0_agreement": float(np.mean(agree0)),
+        "teacher_forced_g1_15_agreement": float(np.mean(agree_rest)) if agree_rest else 1.0,
+        "free_running_first_divergence": divergence,
+        "batch_invariance": invariance,
+        "batch_invariant": all(not v["differ"] for v in invariance.values()),
+        "ab_perturbation_changes_codes": bool(ab_changed),
+        "bounds": {"hidden_logits_rel_err": HIDDEN_BOUND, "agreement": AGREE_BOUND},
+        "device": torch.cuda.get_device_name(dev), "blocks": backend.num_blocks,
+        "memory_per_stream_bytes": backend.memory_per_stream(),
+        "seconds": time.perf_counter() - t0,
+    }
+    report["frames_compared"] = len(hid_err)
+    report["pass"] = bool(report["hidden_rel_err_max"] <= HIDDEN_BOUND and report["logits_rel_err_max"] <= HIDDEN_BOUND
+                          and report["teacher_forced_g0_agreement"] >= AGREE_BOUND
+                          and report["teacher_forced_g1_15_agreement"] >= AGREE_BOUND and report["batch_invariant"]
+                          and ab_changed)
+    return report
+
+
+def _short(v) -> str:
+    if isinstance(v, list):
+        hit = [d for d in v if d is not None]
+        return f"{len(hit)}/{len(v)} diverge, first at {min(hit)}" if hit else f"none of {len(v)}"
+    return str(v)
+
+
 def format_table(r: dict) -> str:
     rows = [
         ("talker hidden rel. error (max / median)", f"{r['hidden_rel_err_max']:.2e} / {r['hidden_rel_err_median']:.2e}",
@@ -258,13 +383,16 @@ def format_table(r: dict) -> str:
          r["teacher_forced_g0_agreement"] >= AGREE_BOUND),
         ("teacher-forced g1..g15 agreement", f"{100 * r['teacher_forced_g1_15_agreement']:.2f} %", ">= 99 %",
          r["teacher_forced_g1_15_agreement"] >= AGREE_BOUND),
-        ("free-running first divergence (frame)", str(r["free_running_first_divergence"]), "report", True),
+        ("free-running first divergence (frame)", _short(r["free_running_first_divergence"]), "report", True),
+        *([("batch invariance (codes = solo run, every frame)",
+            ", ".join(f"B={b}: {'ok' if not v['differ'] else 'DIFFER'}" for b, v in r["batch_invariance"].items()),
+            "all ok", r["batch_invariant"])] if "batch_invariance" in r else []),
         ("A/B: perturbed hidden changes codes", str(r["ab_perturbation_changes_codes"]), "True",
          r["ab_perturbation_changes_codes"]),
     ]
     w = max(len(a) for a, *_ in rows)
-    lines = [f"{'check':<{w}}  {'value':<24} {'bound':<10} ok"]
-    lines += [f"{a:<{w}}  {b:<24} {c:<10} {'PASS' if d else 'FAIL'}" for a, b, c, d in rows]
+    lines = [f"{'check':<{w}}  {'value':<40} {'bound':<10} ok"]
+    lines += [f"{a:<{w}}  {b:<40} {c:<10} {'PASS' if d else 'FAIL'}" for a, b, c, d in rows]
     lines.append(f"frames compared: {r['frames_compared']}, device: {r['device']}, overall: "
                  f"{'PASS' if r['pass'] else 'FAIL'}")
     return "\n".join(lines)
@@ -276,7 +404,8 @@ def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="qwen-tts-mk validate")
     p.add_argument("--model", default=None)
     p.add_argument("--random-weights", default=None, choices=["0.6b", "1.7b"])
-    p.add_argument("--frames", type=int, default=64)
+    p.add_argument("--frames", type=int, default=None, help="frames per stream (default 64, with --batch 8)")
+    p.add_argument("--batch", default=None, help="batch sizes, e.g. 1,2,7,16,64")
     p.add_argument("--output", default=None)
     return p.parse_args(argv)
 
@@ -297,10 +426,24 @@ def main_validate(argv=None) -> int:
         config = random_config(size)
         weights = random_weights(config, seed=0)
         name = f"random-{size}"
-    report = run_validation(config, weights, frames=int(getattr(args, "frames", 64)))
+    batch = getattr(args, "batch", None)
+    frames = getattr(args, "frames", None)
+    if batch:
+        try:
+            batches = sorted({int(b) for b in str(batch).split(",")})
+        except ValueError:
+            print(f"--batch: expected comma-separated integers, got {batch!r}", file=sys.stderr)
+            return 2
+        if not batches or batches[0] < 1 or batches[-1] > 64:
+            print("--batch: sizes must be 1..64", file=sys.stderr)
+            return 2
+        report = run_batch_validation(config, weights, batches, frames=int(frames or 8))
+    else:
+        report = run_validation(config, weights, frames=int(frames or 64))
     report["model"] = name
     print(format_table(report))
-    out = getattr(args, "output", None) or f"benchmarks/results/validate-{name.replace('/', '_')}.json"
+    suffix = "-batch" if batch else ""
+    out = getattr(args, "output", None) or f"benchmarks/results/validate-{name.replace('/', '_')}{suffix}.json"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
