@@ -14,14 +14,19 @@ aiohttp = pytest.importorskip("aiohttp")
 websockets = pytest.importorskip("websockets")
 
 from pipecat.frames.frames import (ErrorFrame, Frame, InterruptionFrame, LLMFullResponseEndFrame,  # noqa: E402
-                                   LLMFullResponseStartFrame, LLMTextFrame, MetricsFrame, TTSAudioRawFrame,
-                                   TTSSpeakFrame, TTSStartedFrame, TTSStoppedFrame)
+                                   LLMFullResponseStartFrame, LLMTextFrame, MetricsFrame, OutputAudioRawFrame,
+                                   StartFrame, TTSAudioRawFrame, TTSSpeakFrame, TTSStartedFrame, TTSStoppedFrame,
+                                   TTSUpdateSettingsFrame)
 from pipecat.metrics.metrics import TTFBMetricsData  # noqa: E402
 from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
+from pipecat.processors.aggregators.llm_context import LLMContext  # noqa: E402
+from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair  # noqa: E402
 from pipecat.pipeline.worker import PipelineParams  # noqa: E402
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
 from pipecat.services.tts_service import TextAggregationMode  # noqa: E402
 from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
+from pipecat.transports.base_output import BaseOutputTransport  # noqa: E402
+from pipecat.transports.base_transport import TransportParams  # noqa: E402
 
 from qwen_tts_megakernel.pipecat import QwenHttpTTSService, QwenTTSService  # noqa: E402
 from qwen_tts_megakernel.testing.server import TTSServerProcess, prometheus_sum  # noqa: E402
@@ -237,7 +242,8 @@ async def test_ws_speaks_in_order_with_server_audio_and_ttfb(server):
 @pytest.mark.parametrize("mode", [TextAggregationMode.TOKEN, TextAggregationMode.SENTENCE])
 async def test_ws_llm_turn_streams_text_into_one_context(server, mode):
     tokens = ["Hel", "lo ", "there", ", how", " are", " you", " today?", " I am", " fine."]
-    tts = ws_service(server, text_aggregation_mode=mode)
+    frames_limit = 40  # past the text's 29 tokens: the audio depends on all of it
+    tts = ws_service(server, text_aggregation_mode=mode, max_new_tokens=frames_limit)
     sent: list[str] = []
 
     @tts.event_handler("on_tts_request")
@@ -253,11 +259,14 @@ async def test_ws_llm_turn_streams_text_into_one_context(server, mode):
         assert sent == tokens  # every token went out as it came
         # Text that arrived token by token speaks exactly like the same text sent at once.
         expected, _ = await ws_reference_audio(server, ["".join(tokens)], voice=VOICE, language=LANGUAGE, seed=7,
-                                               max_new_tokens=SHORT)
+                                               max_new_tokens=frames_limit)
         assert audio_of(down) == expected
     else:
         assert len(sent) == 2 and sent[0].startswith("Hello there")  # two sentences
-        assert len(audio_of(down)) == SHORT * 1920 * 2
+        # Sent with their separator: the audio is the server's for the sentences joined with a space.
+        expected, _ = await ws_reference_audio(server, [" ".join(s.strip() for s in sent)], voice=VOICE,
+                                               language=LANGUAGE, seed=7, max_new_tokens=frames_limit)
+        assert audio_of(down) == expected
     assert ttfb_values(down, tts)
 
 
@@ -329,3 +338,185 @@ async def test_ws_first_audio_reaches_the_sink_while_the_server_is_synthesizing(
         f"first audio {first_audio - sent_at[0]:.2f} s after the request; synthesis took "
         f"{done[0][1]['elapsed_ms'] / 1000:.2f} s")
     assert stamps.audio_times[-1] - first_audio > 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WebSocket service: word timings, settings changes mid-reply, LLM stalls
+
+
+class Speaker(BaseOutputTransport):
+    """An output transport that plays audio in real time into nothing (a sound card's pace), so that Pipecat times
+    word frames and interruptions as it does with a real speaker."""
+
+    def __init__(self):
+        super().__init__(TransportParams(audio_out_enabled=True))
+        self.first_audio: float | None = None
+
+    async def start(self, frame: StartFrame):
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        if self.first_audio is None:
+            self.first_audio = time.monotonic()
+        await asyncio.sleep(len(frame.audio) / 2 / frame.sample_rate)
+        return True
+
+
+class MarkInterruption(FrameProcessor):
+    """Notes when an InterruptionFrame enters the pipeline."""
+
+    def __init__(self):
+        super().__init__()
+        self.at: float | None = None
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InterruptionFrame) and self.at is None:
+            self.at = time.monotonic()
+        await self.push_frame(frame, direction)
+
+
+def spy_server_events(tts: QwenTTSService) -> list[dict]:
+    events: list[dict] = []
+    original = tts._on_event
+
+    async def spy(msg):
+        events.append(msg)
+        await original(msg)
+
+    tts._on_event = spy
+    return events
+
+
+def spy_sent(tts: QwenTTSService) -> list[dict]:
+    sent: list[dict] = []
+    original = tts._send
+
+    async def spy(msg):
+        sent.append(msg)
+        await original(msg)
+
+    tts._send = spy
+    return sent
+
+
+@pytest.mark.asyncio
+async def test_ws_interruption_leaves_only_the_heard_words_in_the_context(server):
+    words = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen".split()
+    tts = ws_service(server, max_new_tokens=VERY_LONG)
+    events = spy_server_events(tts)
+    context = LLMContext()
+    pair = LLMContextAggregatorPair(context)
+    mark, speaker = MarkInterruption(), Speaker()
+    frames = [LLMFullResponseStartFrame(), *[LLMTextFrame(w + " ") for w in words[:-1]], LLMTextFrame(words[-1]),
+              LLMFullResponseEndFrame(), SleepFrame(sleep=2.5), InterruptionFrame(), SleepFrame(sleep=0.5)]
+    await run_test(Pipeline([mark, tts, speaker, pair.assistant()]), frames_to_send=frames)
+    timed = [(w, s) for e in events if e.get("type") == "timestamps" for w, s in zip(e["words"], e["start"])]
+    assert [w for w, _ in timed] == words[:len(timed)] and len(timed) >= 2, timed
+    heard_s = mark.at - speaker.first_audio
+    expected = [w for w, s in timed if s < heard_s]
+    assistant = " ".join(m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]
+                         for m in context.get_messages() if m["role"] == "assistant").split()
+    assert assistant == words[:len(assistant)], assistant  # a prefix of the reply, in order
+    # The words whose estimated start came before the interruption (give or take one: the clocks differ by
+    # a few milliseconds), and not the whole reply that had been sent.
+    assert abs(len(assistant) - len(expected)) <= 1, (assistant, heard_s, timed)
+    assert 0 < len(assistant) < len(words)
+
+
+@pytest.mark.asyncio
+async def test_ws_voice_change_mid_reply_switches_at_the_next_sentence(server):
+    tts = ws_service(server, text_aggregation_mode=TextAggregationMode.SENTENCE)
+    sent = spy_sent(tts)
+    frames = [LLMFullResponseStartFrame(), LLMTextFrame("Hello there. "), LLMTextFrame("How are"),
+              SleepFrame(sleep=0.3), TTSUpdateSettingsFrame(delta=QwenTTSService.Settings(voice="vivian")),
+              LLMTextFrame(" you today?"), LLMFullResponseEndFrame(), SleepFrame(sleep=0.5)]
+    down, up = await run_test(tts, frames_to_send=frames)
+    assert not [f for f in up if isinstance(f, ErrorFrame)], [f.error for f in up if isinstance(f, ErrorFrame)]
+    configs = [m for m in sent if m["type"] == "config"]
+    assert [c["voice"] for c in configs] == ["ryan", "vivian"]
+    texts = {c["context_id"]: "".join(m["text"] for m in sent if m["type"] == "text"
+                                      and m["context_id"] == c["context_id"]) for c in configs}
+    assert list(texts.values()) == ["Hello there.", "How are you today?"]
+    assert len(assert_started_audio_stopped(down)) == 1  # still one reply for Pipecat
+    first, _ = await ws_reference_audio(server, ["Hello there."], voice="ryan", language=LANGUAGE, seed=7,
+                                        max_new_tokens=SHORT)
+    second, _ = await ws_reference_audio(server, ["How are you today?"], voice="vivian", language=LANGUAGE, seed=7,
+                                         max_new_tokens=SHORT)
+    assert audio_of(down) == first + second  # in order, each in its voice
+
+
+async def active_streams(server) -> int:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{server.base_url}/health") as r:
+            return (await r.json())["active_streams"]
+
+
+@pytest.mark.asyncio
+async def test_ws_llm_stall_longer_than_the_audio_timeout_still_speaks_the_end_and_frees_the_slot(server):
+    tokens = ["Hello", " there,", " how", " are", " you", " today?"]
+    tts = ws_service(server, max_new_tokens=60)
+    events = spy_server_events(tts)
+    frames = [LLMFullResponseStartFrame(), *[LLMTextFrame(t) for t in tokens[:3]], SleepFrame(sleep=4.0),
+              *[LLMTextFrame(t) for t in tokens[3:]], SleepFrame(sleep=4.0), LLMFullResponseEndFrame(),
+              SleepFrame(sleep=3.0)]  # the rest of the reply: generated after the flush
+    down, up = await run_test(tts, frames_to_send=frames)
+    assert not [f for f in up if isinstance(f, ErrorFrame)], [f.error for f in up if isinstance(f, ErrorFrame)]
+    done = [e for e in events if e.get("type") == "audio_done"]
+    assert len(done) == 1 and done[0]["stop_reason"] in ("eos", "max_new_tokens"), events
+    expected, _ = await ws_reference_audio(server, ["".join(tokens)], voice=VOICE, language=LANGUAGE, seed=7,
+                                           max_new_tokens=60)
+    assert audio_of(down) == expected  # the last word (only committed by the flush) was spoken
+    assert_started_audio_stopped(down)  # every started pair stopped, across Pipecat's timeout
+    assert await active_streams(server) == 0
+
+
+@pytest.mark.asyncio
+async def test_ws_context_cut_by_a_reconnect_still_ends_with_tts_stopped(server):
+    tts = ws_service(server, max_new_tokens=VERY_LONG)
+
+    async def drop_connection():
+        await asyncio.sleep(1.5)
+        await tts._websocket.close()  # as a network failure would: the server cancels the connection's contexts
+
+    async def run():
+        dropper = asyncio.create_task(drop_connection())
+        result = await run_test(tts, frames_to_send=[TTSSpeakFrame(VERY_LONG_TEXT), SleepFrame(sleep=3.0),
+                                                     TTSSpeakFrame("Second."), SleepFrame(sleep=1.0)])
+        await dropper
+        return result
+
+    down, _ = await run()
+    contexts = assert_started_audio_stopped(down)  # the cut context ended with its TTSStoppedFrame
+    assert len(contexts) == 2  # and the service spoke the next one on the new connection
+    assert len(audio_of([f for f in down if getattr(f, "context_id", None) == contexts[0]])) < VERY_LONG * 1920 * 2
+
+
+@pytest.mark.asyncio
+async def test_http_forwards_sampling_and_instruction_settings(server):
+    tts = QwenHttpTTSService(base_url=server.base_url,
+                             settings=settings(QwenHttpTTSService, temperature=0.5, top_k=3, top_p=0.8,
+                                               repetition_penalty=1.2))
+    down, _ = await run_test(tts, frames_to_send=[TTSSpeakFrame(TEXT)])
+    expected = await http_reference_audio(server, TEXT, speaker=VOICE, language=LANGUAGE, seed=7,
+                                          max_new_tokens=SHORT, temperature=0.5, top_k=3, top_p=0.8,
+                                          repetition_penalty=1.2)
+    default = await http_reference_audio(server, TEXT, speaker=VOICE, language=LANGUAGE, seed=7, max_new_tokens=SHORT)
+    assert audio_of(down) == expected != default
+    # The tiny 0.6B CustomVoice model takes no instructions: the server's 400 names the field it was sent.
+    tts = QwenHttpTTSService(base_url=server.base_url, settings=settings(QwenHttpTTSService, instructions="softly"))
+    _, up = await run_test(tts, frames_to_send=[TTSSpeakFrame(TEXT)])
+    errors = [f.error for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "instructions" in errors[0], errors
+
+
+@pytest.mark.asyncio
+async def test_ws_server_error_is_one_error_frame_per_reply(server):
+    tts = ws_service(server, voice="nobody", text_aggregation_mode=TextAggregationMode.SENTENCE)
+    frames = [LLMFullResponseStartFrame(), LLMTextFrame("Hello there. "), LLMTextFrame("How are you? "),
+              LLMTextFrame("Fine."), LLMFullResponseEndFrame(), SleepFrame(sleep=1.0)]
+    down, up = await run_test(tts, frames_to_send=frames)
+    errors = [f.error for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "nobody" in errors[0], errors
+    assert not [f for f in down if isinstance(f, TTSAudioRawFrame)]

@@ -10,7 +10,8 @@ generated as soon as the token it reads exists. LiveUtterance is the engine's fr
     flush() commits the rest.
   * can_step(k) is False while frame k's text token has not arrived and the text was not flushed: the engine then
     steps the other streams and not this one. When text arrives slower than speech, the audio pauses (the listener
-    hears a gap) and resumes when the next word is committed.
+    hears a gap); pacing.py decides when it starts and resumes (it buffers a little text first, adapting to the
+    measured arrival rate, so that the pauses are fewer).
   * After flush the text track gets tts_eos and then tts_pad, exactly like the whole-text interleaved layout, so
     text given all at once and flushed produces the same codes as `Synthesizer.stream(text,
     text_layout="interleaved")` with the same seed (when the two tokenize the same way).
@@ -31,6 +32,7 @@ from .config import ModelConfig
 from .engine import Synthesizer, check_max_new_tokens, frame_limit
 from .engine.jobs import prompt_rows
 from .model import PromptEmbedder
+from .pacing import TextPacer, TextPacing
 from .prompt import PromptError, build_prompt
 from .sampling import RandomStream
 
@@ -43,7 +45,7 @@ class LiveUtterance:
 
     def __init__(self, synth: Synthesizer, *, voice: str | None = None, language: str | None = "auto",
                  instruct: str | None = None, seed: int = 0, max_new_tokens: int | None = None,
-                 do_sample: bool = True, **sampling):
+                 do_sample: bool = True, pacing: TextPacing = TextPacing(), **sampling):
         self.config, self.tokenizer = synth.config, synth.tokenizer
         self.voice, self.language, self.instruct = voice, language, instruct
         # Validate voice, language and instruct now, with a placeholder text.
@@ -56,6 +58,7 @@ class LiveUtterance:
         self._committed_chars = 0
         self.tokens: list[int] = []
         self.flushed = False
+        self.pacer = TextPacer(pacing)  # when to start and resume speaking while text is still arriving
         self._inbox: list[str] = []
         self._flush_requested = False
         self._lock = threading.Lock()
@@ -90,6 +93,7 @@ class LiveUtterance:
             return
         if self.flushed:
             raise PromptError("text after flush")
+        self.pacer.on_text()
         self.text += text
         last = None
         for m in _BOUNDARY.finditer(self.text, self._committed_chars):
@@ -109,6 +113,7 @@ class LiveUtterance:
         self._committed_chars = end
         if piece.strip() or self.tokens:
             self.tokens.extend(self.tokenizer.encode_user(piece))
+            self.pacer.on_tokens(len(self.tokens))
         else:  # leading whitespace before any word: keep it with the first word
             self._committed_chars -= len(piece)
 
@@ -144,8 +149,9 @@ class LiveUtterance:
         return self.max_new_tokens, "max_new_tokens"
 
     def can_step(self, frames: int) -> bool:
-        """Frame k reads token k (k >= 1), or tts_eos / tts_pad once the text is flushed."""
-        return self.flushed or len(self.tokens) > frames
+        """Frame k reads token k (k >= 1), or tts_eos / tts_pad once the text is flushed; the pacing policy decides
+        when a stream that ran dry goes on."""
+        return self.pacer.may_speak(len(self.tokens) - frames, self.flushed)
 
     @torch.inference_mode()
     def text_update(self, embedder: PromptEmbedder) -> tuple[torch.Tensor | None, bool]:

@@ -48,22 +48,29 @@ class QwenTTSSettings(TTSSettings):
         voice: speaker name of a CustomVoice checkpoint ("ryan", "vivian", ...; GET /v1/audio/voices lists them).
         language: Pipecat ``Language`` or a model language name ("english", ...); None or "auto" lets the
             model decide.
-        instructions: voice/style description (VoiceDesign checkpoints, 1.7B CustomVoice); WebSocket only.
+        instructions: voice/style description (VoiceDesign checkpoints, 1.7B CustomVoice).
         seed: sampling seed; a fixed seed makes the audio reproducible. None: a fresh seed per request.
         max_new_tokens: frame limit per utterance (80 ms per frame). None: the server's default.
-        temperature: talker sampling temperature; None: the model's default (0.9). WebSocket only.
+        temperature, top_k, top_p, repetition_penalty: the talker's sampling; None: the model's defaults
+            (0.9, 50, 1.0, 1.05).
     """
 
     instructions: str | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
     seed: int | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
     max_new_tokens: int | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
     temperature: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    top_k: int | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    top_p: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    repetition_penalty: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+
+
+# Settings sent as they are when set (the server validates them and names a bad one in its error).
+REQUEST_FIELDS = ("instructions", "seed", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
 
 
 def default_settings(settings_cls, settings: TTSSettings | None, voice: str | None):
     """Store-mode settings with every field given, then the caller's delta applied (Pipecat's pattern)."""
-    s = settings_cls(model=None, voice=voice, language=None, instructions=None, seed=None, max_new_tokens=None,
-                     temperature=None)
+    s = settings_cls(model=None, voice=voice, language=None, **{name: None for name in REQUEST_FIELDS})
     if settings is not None:
         s.apply_update(settings)
     return s
@@ -72,6 +79,12 @@ def default_settings(settings_cls, settings: TTSSettings | None, voice: str | No
 def given(value):
     """A settings value, or None when it is NOT_GIVEN."""
     return value if is_given(value) else None
+
+
+def request_fields(settings: QwenTTSSettings) -> dict:
+    """The set (non-None) instruction, seed, length and sampling settings, as the server's request fields."""
+    values = {name: given(getattr(settings, name)) for name in REQUEST_FIELDS}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
@@ -95,6 +108,26 @@ def error_detail(status: int, body: str) -> str:
     if not isinstance(detail, str):
         detail = json.dumps(detail)
     return f"Qwen TTS server error {status}: {detail.strip()[:500]}"
+
+
+class ReportsErrorsOnce:
+    """Mixin for the services: a context that a server error ended is reported by that error alone.
+
+    Pipecat reports every audio context that ends without audio as an error of its own ("completed with no
+    audio"); for a context whose server error was already pushed upstream that would be a second ErrorFrame for
+    one failure. Contexts marked with `error_reported(context_id)` skip that report (and do not count towards
+    Pipecat's consecutive-silent-contexts limit: their failure was reported as what it was)."""
+
+    def error_reported(self, context_id: str | None) -> None:
+        if context_id:
+            self.__dict__.setdefault("_errors_reported", set()).add(context_id)
+
+    async def _record_context_audio_outcome(self, context_id: str, received_audio: bool):
+        reported = self.__dict__.get("_errors_reported", set())
+        if context_id in reported:
+            reported.discard(context_id)
+            return
+        await super()._record_context_audio_outcome(context_id, received_audio)
 
 
 class PCMStream:

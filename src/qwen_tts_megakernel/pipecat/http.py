@@ -9,12 +9,13 @@ from loguru import logger
 from pipecat.frames.frames import CancelFrame, EndFrame, ErrorFrame, Frame, StartFrame, TTSAudioRawFrame
 from pipecat.services.tts_service import TTSService
 from pipecat.transcriptions.language import Language
+from pipecat.utils.tracing.service_decorators import traced_tts
 
-from ._common import (SERVER_SAMPLE_RATE, PCMStream, QwenTTSSettings, auth_headers, default_settings, error_detail, given,
-                      qwen_language)
+from ._common import (SERVER_SAMPLE_RATE, PCMStream, QwenTTSSettings, ReportsErrorsOnce, auth_headers, default_settings,
+                      error_detail, given, qwen_language, request_fields)
 
 
-class QwenHttpTTSService(TTSService):
+class QwenHttpTTSService(ReportsErrorsOnce, TTSService):
     """Streams speech from a ``qwen-tts-mk serve`` server over HTTP.
 
     Each aggregated text (a sentence by default) is one ``POST /tts/stream``; the response's PCM chunks become
@@ -41,7 +42,7 @@ class QwenHttpTTSService(TTSService):
             base_url: the server's root URL (no trailing path), e.g. ``http://127.0.0.1:8001``.
             aiohttp_session: a session to share; without one the service opens and closes its own.
             api_key: the server's ``--api-key`` (sent as ``Authorization: Bearer``).
-            settings: voice, language, seed, max_new_tokens (``QwenHttpTTSService.Settings``).
+            settings: voice, language, instructions, seed, max_new_tokens, sampling (``QwenHttpTTSService.Settings``).
             read_timeout_s: the longest wait for the next bytes of a response (None: no limit); a long utterance
                 may take as long as it needs as long as it keeps streaming.
             **kwargs: passed to Pipecat's ``TTSService`` (``sample_rate``, ``text_aggregation_mode``, ...).
@@ -80,13 +81,10 @@ class QwenHttpTTSService(TTSService):
 
     def _request_body(self, text: str) -> dict:
         s = self._settings
-        body = {"text": text, "language": given(s.language) or "auto", "speaker": given(s.voice)}
-        for key in ("seed", "max_new_tokens"):
-            value = given(getattr(s, key))
-            if value is not None:
-                body[key] = value
-        return body
+        return {"text": text, "language": given(s.language) or "auto", "speaker": given(s.voice),
+                **request_fields(s)}
 
+    @traced_tts
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
         if self._session is None:  # run_tts before start(): a caller's bug, reported like any failure
             yield ErrorFrame(error="QwenHttpTTSService: no HTTP session (the pipeline has not started)")
@@ -120,6 +118,7 @@ class QwenHttpTTSService(TTSService):
         finally:
             await self.stop_ttfb_metrics()
         if failed:
+            self.error_reported(context_id)
             # End this context now rather than after the stop-frame timeout (its TTSStoppedFrame follows).
             await self.stop_all_metrics()
             await self.remove_audio_context(context_id)

@@ -1,7 +1,8 @@
 """The FastAPI app: chunked HTTP, an OpenAI-compatible speech API, a WebSocket with streamed text, metrics.
 
     POST /tts/stream                  {text, language, speaker, max_new_tokens, seed?} -> chunked PCM16 24 kHz
-    POST /v1/audio/speech             OpenAI's shape (pcm | wav, stream_format audio | sse) + extensions
+    POST /v1/audio/speech             OpenAI's shape (mp3 | opus | aac | flac | wav | pcm, stream_format audio | sse,
+                                      OpenAI's voice names) + extensions
     WS   /v1/audio/speech/stream      contexts with streamed text input (protocol in docs/server.md)
     GET  /v1/audio/voices  /v1/models  /health  /metrics
 
@@ -32,10 +33,12 @@ from ..engine import Request as EngineRequest
 from ..engine import Synthesizer, pick_seed
 from ..live import LiveUtterance
 from ..prompt import PromptError
+from ..word_timing import WordTimeline, timestamps_message
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from .audio_formats import AudioEncoder
 from ..engine import EngineUnavailable
 from .protocol import (LOOPBACK_HOSTS, BadRequest, ServerSettings, SpeechParams, StreamedText, Validator, parse_json,
-                       shown, wav_header)
+                       shown)
 from .worker import EngineWorker, LiveJob, QueueFull, ServerJob, TextJob
 
 log = logging.getLogger("qwen_tts_megakernel.server")
@@ -267,32 +270,45 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
             if not job.finished:
                 job.cancel()
 
-    def audio_headers(job: TextJob) -> dict:
-        return {"X-Sample-Rate": str(sample_rate), "X-Audio-Encoding": "pcm_s16le", "X-Audio-Channels": "1",
+    def audio_headers(job: TextJob, encoder: AudioEncoder) -> dict:
+        encoding = "pcm_s16le" if encoder.format.codec is None else encoder.format.codec
+        return {"X-Sample-Rate": str(sample_rate), "X-Audio-Encoding": encoding, "X-Audio-Channels": "1",
                 "X-Seed": str(job.seed()), "Cache-Control": "no-store"}
 
-    async def pcm_body(job: ServerJob, first, with_wav_header: bool):
-        if with_wav_header:
-            yield wav_header(sample_rate)
-        async for kind, payload in audio_events(job, first):
-            if kind == "chunk":
-                yield payload.pcm.astype("<i2").tobytes()
-            elif kind == "error":
-                # The status line is gone already: end the transfer abnormally so the client sees a broken body.
-                raise RuntimeError(f"stream failed: {payload}")
+    async def audio_body(job: ServerJob, first, encoder: AudioEncoder):
+        """The response body in the encoder's format, each chunk encoded as it comes (server/audio_formats.py)."""
+        try:
+            async for kind, payload in audio_events(job, first):
+                if kind == "chunk":
+                    data = encoder.encode(payload.pcm.astype("<i2").tobytes())
+                    if data:
+                        yield data
+                elif kind == "error":
+                    # The status line is gone already: end the transfer abnormally so the client sees a broken body.
+                    raise RuntimeError(f"stream failed: {payload}")
+                elif kind == "done":
+                    data = encoder.finish()
+                    if data:
+                        yield data
+        finally:
+            encoder.close()
 
-    async def sse_body(job: TextJob, first, with_wav_header: bool):
-        first_chunk = True
+    def sse_delta(data: bytes) -> str:
+        return f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': base64.b64encode(data).decode()})}\n\n"
+
+    async def sse_body(job: TextJob, first, encoder: AudioEncoder):
         async for kind, payload in audio_events(job, first):
             if kind == "chunk":
-                data = payload.pcm.astype("<i2").tobytes()
-                if first_chunk and with_wav_header:
-                    data = wav_header(sample_rate) + data
-                first_chunk = False
-                yield f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': base64.b64encode(data).decode()})}\n\n"
+                data = encoder.encode(payload.pcm.astype("<i2").tobytes())
+                if data:
+                    yield sse_delta(data)
             elif kind == "error":
+                encoder.close()
                 yield f"data: {json.dumps({'type': 'error', 'error': {'message': payload}})}\n\n"
             elif kind == "done":
+                data = encoder.finish()
+                if data:
+                    yield sse_delta(data)
                 n_in = payload.num_text_tokens
                 done = {"type": "speech.audio.done",
                         "usage": {"input_tokens": n_in, "output_tokens": payload.frames,
@@ -330,7 +346,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
             return unauthorized()
         cfg = synth.config
         return {"model": model_name, "model_type": cfg.model_type, "model_size": cfg.model_size,
-                "voices": sorted(synth.voices), "languages": synth.languages,
+                "voices": sorted(synth.voices), "voice_aliases": validator.voice_aliases, "languages": synth.languages,
                 "supports_instructions": bool(cfg.supports_instruct), "sample_rate": sample_rate}
 
     @app.get("/v1/models")
@@ -353,8 +369,9 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         first, failed = await start_stream(job)
         if failed is not None:
             return failed
-        return StreamingResponse(pcm_body(job, first, False), media_type="application/octet-stream",
-                                 headers=audio_headers(job))
+        encoder = AudioEncoder("pcm", sample_rate)
+        return StreamingResponse(audio_body(job, first, encoder), media_type="application/octet-stream",
+                                 headers=audio_headers(job, encoder))
 
     @app.post("/v1/audio/speech")
     async def openai_speech(request: Request):
@@ -370,12 +387,12 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         first, failed = await start_stream(job)
         if failed is not None:
             return failed
-        wav = response_format == "wav"
+        encoder = AudioEncoder(response_format, sample_rate)
         if stream_format == "sse":
-            return StreamingResponse(sse_body(job, first, wav), media_type="text/event-stream",
-                                     headers=audio_headers(job))
-        return StreamingResponse(pcm_body(job, first, wav), media_type="audio/wav" if wav else "audio/pcm",
-                                 headers=audio_headers(job))
+            return StreamingResponse(sse_body(job, first, encoder), media_type="text/event-stream",
+                                     headers=audio_headers(job, encoder))
+        return StreamingResponse(audio_body(job, first, encoder), media_type=encoder.media_type,
+                                 headers=audio_headers(job, encoder))
 
     @app.websocket(WS_PATH)
     async def ws_speech(websocket: WebSocket):
@@ -391,10 +408,12 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
 
 
 class WsContext:
-    def __init__(self, context_id: str, job: LiveJob, text: StreamedText):
+    def __init__(self, context_id: str, job: LiveJob, text: StreamedText, words: WordTimeline):
         self.id = context_id
         self.job = job
         self.text = text
+        self.words = words  # estimated word timings (word_timing.py), sent as "timestamps" events
+        self.audio_seconds = 0.0
         self.cancelled = False
         self.flushed = False
         self.last_input = time.monotonic()  # the latest config/text message (the idle flush counts from it)
@@ -427,6 +446,10 @@ class WsSession:
             return
         async with self.send_lock:
             await self.ws.send_bytes(data)
+
+    async def send_words(self, ctx: WsContext, words) -> None:
+        if words and not ctx.cancelled:
+            await self.send_json(timestamps_message(ctx.id, words))
 
     async def error(self, context_id: str | None, message: str) -> None:
         self.metrics.errors_total.labels(kind="ws_protocol").inc()
@@ -487,6 +510,7 @@ class WsSession:
         except BadRequest as exc:
             await self.error(ctx.id, exc.message)
         ctx.job.request_flush()
+        ctx.words.flush()
 
     async def handle(self, text: str) -> None:
         if len(text) > self.settings.max_ws_message_bytes:
@@ -535,6 +559,7 @@ class WsSession:
                 return
             if piece:
                 ctx.job.add_text(piece)
+                ctx.words.add_text(piece)
         elif kind == "flush":
             if ctx is None:
                 await self.error(cid, f"unknown context {shown(cid)}")
@@ -574,7 +599,8 @@ class WsSession:
                                   "message": "the server is at capacity; retry this context shortly"})
             return None
         ctx = WsContext(cid, job, StreamedText(self.synth.tokenizer, self.settings.max_text_chars,
-                                               self.settings.max_text_tokens))
+                                               self.settings.max_text_tokens),
+                        WordTimeline(self.synth.tokenizer.encode_user))
         self.contexts[cid] = ctx
         ctx.pump = asyncio.create_task(self.pump(ctx))
         return ctx
@@ -600,12 +626,15 @@ class WsSession:
                         continue
                     await start()
                     await self.send_bytes(tag + payload.pcm.astype("<i2").tobytes())
+                    ctx.audio_seconds += len(payload.pcm) / self.synth.sample_rate
+                    await self.send_words(ctx, ctx.words.due(ctx.audio_seconds))
                 elif kind == "error":
                     await self.error(ctx.id, payload)
                 elif kind == "done":
                     await start()
                     info = asdict(payload)
                     reason = "cancelled" if ctx.cancelled else info["stop_reason"]
+                    await self.send_words(ctx, ctx.words.finish(ctx.audio_seconds, reason == "eos"))
                     await self.send_json({"type": "audio_done", "context_id": ctx.id, "stop_reason": reason,
                                           "frames": info["frames"],
                                           "audio_seconds": round(info["audio_seconds"], 4),
@@ -726,7 +755,11 @@ def run_serve(args) -> int:
     synth = Synthesizer.from_pretrained(args.model, backend=args.backend, device=args.device,
                                         dtype=getattr(args, "dtype", None), max_streams=settings.max_active)
     print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    app = create_app(synth, model_name=args.model, api_key=api_key, settings=settings)
+    try:
+        app = create_app(synth, model_name=args.model, api_key=api_key, settings=settings)
+    except ValueError as exc:  # a bad setting, e.g. a voice alias naming a speaker the model lacks
+        print(f"qwen-tts-mk serve: error: {exc}", file=sys.stderr)
+        return 2
     server = uvicorn.Server(uvicorn_config(app, host, port, settings))
 
     async def announce() -> None:  # the address is printed once the socket is bound

@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -20,8 +19,9 @@ from ..engine import Request, Synthesizer
 from ..live import _BOUNDARY as WORD_BOUNDARY  # the commit rule of streamed text: tokens are counted the same way
 from ..prompt import PromptError
 from ..sampling import SAMPLING_RANGES, SamplingError, check_sampling_option
+from .audio_formats import RESPONSE_FORMATS, wav_header  # noqa: F401 - wav_header: re-exported
+from .voice_aliases import parse_aliases, voice_aliases
 
-RESPONSE_FORMATS = ("pcm", "wav")
 STREAM_FORMATS = ("audio", "sse")
 # OpenAI's model names are accepted as aliases so that unmodified clients work; anything else is an error.
 OPENAI_MODEL_ALIASES = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
@@ -59,7 +59,8 @@ def _env_int(name: str, default: int) -> int:
 class ServerSettings:
     """Limits and timeouts of one server (docs/server.md lists each with the error it gives). `serve` sets them
     from its options (`add_arguments`); environment overrides: QWEN_TTS_MK_MAX_ACTIVE, _MAX_QUEUE,
-    _MAX_TEXT_CHARS, _MAX_NEW_TOKENS, _MAX_BUFFERED_CHUNKS."""
+    _MAX_TEXT_CHARS, _MAX_NEW_TOKENS, _MAX_BUFFERED_CHUNKS, _VOICE_ALIASES (OpenAI voice name -> speaker overrides,
+    "alloy=serena,echo=aiden"; voice_aliases.py)."""
 
     # Streams
     max_active: int = field(default_factory=lambda: _env_int("QWEN_TTS_MK_MAX_ACTIVE", 16))
@@ -89,6 +90,8 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host header names accepted ("*": any)
     allowed_origins: tuple[str, ...] = ()  # browser origins accepted besides loopback ones ("*": any)
     cors_origins: tuple[str, ...] = ()  # origins that get CORS headers (none: no CORS)
+    # OpenAI clients
+    voice_aliases: str = field(default_factory=lambda: os.environ.get("QWEN_TTS_MK_VOICE_ALIASES", ""))
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -273,6 +276,8 @@ class Validator:
         self.kv_positions = synth.backend.max_seq_len  # prompt rows + frames of one stream
         # Frames a request gets when it does not say: the checkpoint's default within the server's cap.
         self.default_max_new_tokens = min(synth.config.generation.max_new_tokens, settings.max_new_tokens_limit)
+        # OpenAI voice names -> speakers (voice_aliases.py); a bad override is a ValueError at start-up.
+        self.voice_aliases = voice_aliases(synth.voices, parse_aliases(settings.voice_aliases))
 
     # Fields --------------------------------------------------------------------------------------------------------
 
@@ -304,11 +309,13 @@ class Validator:
         if not isinstance(value, str):
             raise BadRequest(name, f"'{name}' must be a string, got {type(value).__name__}")
         voices = self.synth.voices
+        value = self.voice_aliases.get(value.lower(), value)
         if not voices:
             raise BadRequest(name, f"'{name}' {shown(value)} given, but this {self.synth.config.model_type} model "
                                    "has no named voices; describe the voice with 'instructions'")
         if value.lower() not in voices:
-            raise BadRequest(name, f"unknown {name} {shown(value)}; this model has: {', '.join(sorted(voices))}")
+            raise BadRequest(name, f"unknown {name} {shown(value)}; this model has: {', '.join(sorted(voices))} "
+                                   f"(and OpenAI's names: {', '.join(self.voice_aliases)})")
         return value.lower()
 
     def language(self, body: dict, name: str = "language") -> str:
@@ -423,7 +430,7 @@ class Validator:
             raise BadRequest("voice", f"'voice' is required; this model has: {', '.join(sorted(self.synth.voices))}"
                              if self.synth.voices else "'voice' is required (use \"\" for models without voices)")
         voice = self.voice(body, "voice")
-        response_format = self.choice(body, "response_format", RESPONSE_FORMATS, "wav")
+        response_format = self.choice(body, "response_format", RESPONSE_FORMATS, "mp3")
         stream_format = self.choice(body, "stream_format", STREAM_FORMATS, "audio")
         self.speed(body)
         params = SpeechParams(text=text, voice=voice, language=self.language(body),
@@ -483,14 +490,3 @@ class Validator:
             request = replace(request, limit=frames, limit_reason="max_new_tokens")
         return request
 
-
-def wav_header(sample_rate: int, num_samples: int | None = None) -> bytes:
-    """A 44-byte PCM16 mono WAV header. Streamed WAV (length unknown) uses 0xFFFFFFFF sizes, as OpenAI does."""
-    if num_samples is None:
-        data_size = riff_size = 0xFFFFFFFF
-    else:
-        data_size = 2 * num_samples
-        riff_size = 36 + data_size
-    return (b"RIFF" + struct.pack("<I", riff_size) + b"WAVEfmt " +
-            struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, 2 * sample_rate, 2, 16) +
-            b"data" + struct.pack("<I", data_size))
