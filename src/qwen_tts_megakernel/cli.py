@@ -6,8 +6,9 @@
     qwen-tts-mk voices add NAME REF.wav [--text "transcript"] [--x-vector-only] [--model M] [--voices-dir D]
     qwen-tts-mk voices remove NAME [--voices-dir D]
     qwen-tts-mk serve [--model M] [--backend B] [--host 127.0.0.1] [--port 8001] [--api-key K]
+                      [--ray [--replicas N | --autoscale MIN..MAX] [--gpus-per-replica 1]]
     qwen-tts-mk validate (--model M | --random-weights 0.6b) [--batch 1,2,7,16,64]
-    qwen-tts-mk bench (--all | --decode | --server)
+    qwen-tts-mk bench (--all | --decode | --server | --load | --serve-overhead)
 
 A mistake the user can fix (a bad option value, a device this machine lacks, an output path that cannot be written,
 an unknown voice, a missing model, empty text, ...) prints one line naming it and exits with status 2, never a
@@ -344,6 +345,12 @@ def cmd_voices_remove(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if args.ray:
+        from .server.ray_serve import run_serve_ray
+
+        return run_serve_ray(args)
+    if args.replicas is not None or args.autoscale is not None:
+        raise UsageError("--replicas and --autoscale need --ray")
     import importlib.util
 
     if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("fastapi") is None:
@@ -374,8 +381,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if sum((args.all, args.decode, args.server, args.load)) != 1:
-        raise UsageError("bench needs exactly one of --all, --decode, --server or --load")
+    if sum((args.all, args.decode, args.server, args.load, args.serve_overhead)) != 1:
+        raise UsageError("bench needs exactly one of --all, --decode, --server, --load or --serve-overhead")
     if args.device is not None:
         check_device(args)
     set_threads(args)
@@ -391,9 +398,14 @@ def cmd_bench(args) -> int:
         from .tools.server_bench import run_bench_server
 
         return run_bench_server(args)
+    if args.serve_overhead:
+        from .tools.serve_overhead import run_bench_serve_overhead
+
+        return run_bench_serve_overhead(args)
     from .tools.load_bench import run_bench_load
 
     return run_bench_load(args)
+
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -479,6 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .server.protocol import ServerSettings
 
     ServerSettings.add_arguments(p)
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve: one engine per replica (GPU), one address")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=None, help="--ray: replicas (default 1)")
+    scale.add_argument("--autoscale", default=None, metavar="MIN..MAX", help="--ray: replicas follow the load")
+    p.add_argument("--gpus-per-replica", type=float, default=1.0, help="--ray: 0 serves on CPUs (default 1)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="--ray: (default 1)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("validate", help="compare the megakernel with the reference backend on the GPU")
@@ -498,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="everything vs the alternatives, one process (GPU)")
     p.add_argument("--load", action="store_true",
                    help="a fleet of calls over loopback: closed and open loop, listener underruns (GPU)")
+    p.add_argument("--serve-overhead", action="store_true",
+                   help="time to first audio added by Ray Serve over the direct server, 1 and 16 streams ([ray])")
     p.add_argument("--backends", nargs="+", default=None, choices=["reference", "graphed", "megakernel"],
                    help="--load: backends to run (default: megakernel)")
     p.add_argument("--models", nargs="+", default=None, help="--load: models (default: random:0.6b)")
