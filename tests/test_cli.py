@@ -54,7 +54,7 @@ MISTAKES = [
     ("port-taken", ["serve", "--model", "{tmp}/no-model", "--device", "cpu", "--port", "{busy_port}"],
      "cannot listen there", {}),
     ("tiny-model-not-empty", ["tiny-model", "{tiny}"], "add --force", {}),
-    ("bench-without-mode", ["bench"], "exactly one of --all, --decode, --server or --load", {}),
+    ("bench-without-mode", ["bench"], "exactly one of --all, --decode, --server, --load or --serve-overhead", {}),
 ]
 if NO_CUDA:
     MISTAKES += [

@@ -303,7 +303,7 @@ def run_bench_load(args) -> int:
     args.protocols = tuple(getattr(args, "protocols", None) or ("http", "ws"))
     args.frames = getattr(args, "frames", None) or 100
     args.requests_per_stream = getattr(args, "requests_per_stream", None) or 2
-    args.open_seconds = getattr(args, "open_seconds", None) or 8.0
+    args.open_seconds = getattr(args, "open_seconds", None) or 5.0
     args.ttfa_bound_ms = getattr(args, "ttfa_bound_ms", None) or 200.0
     args.max_active = getattr(args, "max_active", None) or min(64, max(args.levels))  # the kernel steps <= 64
     args.max_queue = getattr(args, "max_queue", None) or 4 * max(args.levels)
