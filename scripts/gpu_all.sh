@@ -3,7 +3,7 @@
 #   engine on the GPU (fault isolation, server limits) -> bench --load (megakernel, graphed reference) -> codec
 #   (batch invariance, SNR, timing) -> megakernel long-run tests -> voice cloning -> a fresh-machine `say` with the
 #   prebuilt kernel and no nvcc. The megakernel's own validate/bench steps are scripts/gpu_check.sh.
-#   run(command="bash scripts/gpu_all.sh", carry=[".whl", ".mkcache", "dist"])
+#   run(command="bash scripts/gpu_all.sh", carry=[".whl", ".mkcache", "dist"])   (STEPS="engine load_mk": some steps)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
@@ -19,6 +19,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>
 rc=0
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $LOG/NAME.log; skipped if it could pass DEADLINE
   local name=$1 secs=$2; shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi  # STEPS="a b": only these
   if [ $((SECONDS + secs)) -gt "$DEADLINE" ]; then echo "== $name: skipped (deadline)"; return; fi
   echo "== $name"
   local t0=$SECONDS

@@ -22,7 +22,7 @@ GREEDY = SamplingParams(do_sample=False, subtalker_dosample=False)
 DEFAULT = SamplingParams()
 WARPED = SamplingParams(temperature=0.7, top_k=10, top_p=0.8, repetition_penalty=1.3, subtalker_temperature=1.2,
                         subtalker_top_k=5, subtalker_top_p=0.9)
-GREEDY_TALKER = SamplingParams(do_sample=False, subtalker_top_k=0, subtalker_top_p=0.7)
+GREEDY_TALKER = SamplingParams(do_sample=False, subtalker_top_k=256, subtalker_top_p=0.7)
 
 
 @pytest.fixture(scope="module", autouse=True)

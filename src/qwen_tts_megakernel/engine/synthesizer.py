@@ -215,7 +215,10 @@ class Synthesizer:
         """The one engine of this synthesizer, started on first use."""
         with self._engine_lock:
             if self._engine is None:
-                codec = StreamingCodec(self.codec, max_streams=self.engine_settings.max_active)
+                # TF32 tensor cores on a GPU (SNR >= 45 dB against fp32 on every stream, tests/test_codec_batch.py;
+                # 2.4x the fp32 throughput at 64 streams on an H200); exact fp32 on the CPU.
+                precision = "tf32" if self.codec_device.type == "cuda" else "fp32"
+                codec = StreamingCodec(self.codec, max_streams=self.engine_settings.max_active, precision=precision)
                 codec.warm_up()  # CUDA graphs for every batch bucket, captured before the first stream
                 self._engine = Engine(self.backend, codec, self.embedder, self.config,
                                       sample_rate=self.sample_rate, settings=self.engine_settings,
