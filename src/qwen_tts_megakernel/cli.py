@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"a Hugging Face id or a local folder (default: {DEFAULT_MODEL})")
     p.add_argument("--voices-dir", **voices_dir)
     p.set_defaults(func=cmd_voices)
-    actions = p.add_subparsers(dest="action")
+    actions = p.add_subparsers(dest="action", help="list (default), add or remove")
     voices_dir["default"] = argparse.SUPPRESS  # given before or after the action, either works
     a = actions.add_parser("list", help="built-in speakers, stored voices and languages")
     a.add_argument("--model", default=argparse.SUPPRESS)
