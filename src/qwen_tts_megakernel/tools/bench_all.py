@@ -92,15 +92,13 @@ def section_streaming(synths: dict, runs: int) -> dict:
 
 
 def section_ttfc_breakdown(synth, runs: int) -> dict:
-    """Where the time to first chunk goes, stage by stage, for each text length. The stages run as in
-    Synthesizer.stream (frame 1 queued behind frame 0); each stage ends when its own work is done:
-      open_stream_prefill  the prefill and stream set-up, device synchronised (the prefill's GPU work included);
-      first_frame          next_frame() returning frame 0's codes from pinned memory (no device sync: a sync
-                           here would also wait for frame 1, queued behind it);
-      first_codec_decode   decoding frame 0 to PCM (waits for the codec's own stream only; it competes with the
-                           still-running frame 1 for the GPU, as it does when streaming)."""
+    """Where the time to first chunk goes, stage by stage, for each text length, through the backend contract as
+    the engine drives it; each stage ends when its own work is done:
+      open_stream_prefill  backend.open: the prefill, device synchronised;
+      first_frame          backend.step returning frame 0's codes;
+      first_codec_decode   decoding frame 0 to PCM."""
     from ..codec import StreamingCodec
-    from ..sampling import RandomStream
+    from ..engine import PromptSource
 
     codec = StreamingCodec(synth.codec, max_streams=1)
     codec.warm_up()
@@ -117,23 +115,21 @@ def section_ttfc_breakdown(synth, runs: int) -> dict:
 
         torch.cuda.synchronize()  # the previous run's queued frame must not count here
         t = time.perf_counter()
-        prompt = synth.prompt(text)
+        request = synth.prepare(text, max_new_tokens=8)
         t = mark("tokenize_and_layout_ms", t)
-        talker = synth.talker
         with torch.inference_mode():
-            prefill = talker.embed_rows(prompt.text_ids, prompt.codec_ids)
-            pad = talker.text_rows([synth.config.ids.tts_pad])[0]
+            spec = PromptSource(request, seed=1).spec(synth.embedder, synth.config)
+            prefill = spec.prefill
             t = mark("embed_rows_ms", t)
-            stream = synth.backend.open_stream(prefill, prefill[:0], pad, synth.sampling_params(), RandomStream(1),
-                                               max_frames=8)
+            [stream] = synth.backend.open([spec])
             t = mark("open_stream_prefill_ms", t)
-            codes = stream.next_frame()
+            codes = synth.backend.step([stream]).codes[0]
             t = mark("first_frame_ms", t, sync=False)
             handle = codec.open()
             codec.push([handle], [codes[None]])  # returns host PCM: waits for the codec's work only
             codec.close(handle)
             mark("first_codec_decode_ms", t, sync=False)
-            stream.close()
+            synth.backend.close(stream)
         marks["prefill_rows"] = len(prefill)
         return marks
 
@@ -191,8 +187,7 @@ def run_all(args) -> int:
     if not torch.cuda.is_available():
         print("bench --all needs a CUDA GPU", file=sys.stderr)
         return 2
-    from ..engine import ReferenceBackend, Synthesizer
-    from ..backends.graphed import GraphedBackend
+    from ..engine import Synthesizer
     from ..synthetic import random_checkpoint, write_random_model
 
     device = torch.device(args.device or "cuda")
@@ -240,12 +235,10 @@ def run_all(args) -> int:
     synths = {}
 
     def load():
-        mk = Synthesizer.from_checkpoint(checkpoint, backend="megakernel", device=device, dtype=torch.bfloat16)
-        synths["megakernel"] = mk
-        params = mk.sampling_params()
-        graphed = GraphedBackend(mk.talker, params, capacity=1024)
-        synths["reference-graphed"] = Synthesizer(checkpoint, graphed, mk.codec, mk.talker)
-        synths["reference"] = Synthesizer(checkpoint, ReferenceBackend(mk.talker), mk.codec, mk.talker)
+        for label, backend in (("megakernel", "megakernel"), ("reference-graphed", "graphed"),
+                               ("reference", "reference")):
+            synths[label] = Synthesizer.from_checkpoint(checkpoint, backend=backend, device=device,
+                                                        dtype=torch.bfloat16, max_streams=4)
         return {"backends": list(synths)}
 
     section("load", load)
