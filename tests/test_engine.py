@@ -233,7 +233,7 @@ def test_cli_tiny_model_then_say_writes_a_24khz_mono_wav(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["say", "", "-o", "x.wav"], "text is empty"),
+    (["say", "", "-o", "x.wav"], "text: empty"),
     (["say", "Hi", "-o", "x.wav", "--voice", "nobody"], "unknown voice"),
     (["say", "Hi", "-o", "x.wav", "--language", "klingon"], "unknown language"),
 ])
