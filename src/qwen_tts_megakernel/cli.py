@@ -494,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve: one engine per replica (GPU), one address")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=None, help="--ray: replicas (default 1)")
-    scale.add_argument("--autoscale", default=None, metavar="MIN..MAX", help="--ray: replicas follow the load")
+    scale.add_argument("--autoscale", default=None, metavar="MIN..MAX", help="--ray: replicas follow the load between MIN and MAX (default: off, a fixed count)")
     p.add_argument("--gpus-per-replica", type=float, default=1.0, help="--ray: 0 serves on CPUs (default 1)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="--ray: (default 1)")
     p.set_defaults(func=cmd_serve)
