@@ -200,6 +200,8 @@ def test_streams_at_different_positions_are_batched_and_exact(synth, solo):
         time.sleep(0.3)
         rest = run_jobs(synth, engine, TEXTS[1:], [11, 12, 13])
         first.join(60)
+        time.sleep(1.0)  # the frame rate counts whole seconds before the current one
+        assert engine.frames_per_second() > 0  # what the server's /metrics reports
     finally:
         engine.stop()
     assert [first_result[0]["pcm"]] + [r["pcm"] for r in rest] == solo

@@ -13,7 +13,7 @@ from qwen_tts_megakernel.engine import Synthesizer
 from qwen_tts_megakernel.prompt import assistant_ids, build_prompt, instruct_ids
 from qwen_tts_megakernel.sampling import (SAMPLING_RANGES, SamplingError, SamplingParams, TalkerRules,
                                           check_sampling_option, choose, sample_talker)
-from qwen_tts_megakernel.server.metrics import FrameRate
+from qwen_tts_megakernel.engine.scheduler import FrameRate
 from qwen_tts_megakernel.server.protocol import (BadRequest, ServerSettings, StreamedText, Validator, parse_json,
                                                  shown)
 from qwen_tts_megakernel.synthetic import write_tiny_model

@@ -75,6 +75,31 @@ class _NoObserver:
     def failed(self, job, message): pass
 
 
+class FrameRate:
+    """Frames per second over the last `window_s` seconds, in fixed memory: one counter per whole second."""
+
+    def __init__(self, window_s: int = 5):
+        self.window_s = window_s
+        self._counts = [0] * (window_s + 1)
+        self._seconds = [-1] * (window_s + 1)
+        self._lock = threading.Lock()
+
+    def add(self, count: int = 1, now: float | None = None) -> None:
+        second = int(time.monotonic() if now is None else now)
+        slot = second % len(self._counts)
+        with self._lock:
+            if self._seconds[slot] != second:
+                self._seconds[slot], self._counts[slot] = second, 0
+            self._counts[slot] += count
+
+    def rate(self, now: float | None = None) -> float:
+        """Frames counted in the last `window_s` whole seconds before the current one, per second."""
+        second = int(time.monotonic() if now is None else now)
+        with self._lock:
+            total = sum(c for c, s in zip(self._counts, self._seconds) if second - self.window_s <= s < second)
+        return total / self.window_s
+
+
 class StepTimes:
     """Wall time of an engine step by batch size (an exponential average per power-of-two bucket): what admission
     control predicts from."""
@@ -123,7 +148,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._unhealthy: str | None = None
-        self._frame_times: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
+        self.frame_rate = FrameRate(5)
         self.eos_id = config.ids.codec_eos
 
     # Control (any thread) --------------------------------------------------------------------------------------
@@ -176,9 +201,8 @@ class Engine:
     def waiting_count(self) -> int:
         return len(self._waiting)
 
-    def frames_per_second(self, window_s: float = 5.0) -> float:
-        now = time.perf_counter()
-        return sum(n for t, n in list(self._frame_times) if now - t <= window_s) / window_s
+    def frames_per_second(self) -> float:
+        return self.frame_rate.rate()
 
     # The scheduler thread --------------------------------------------------------------------------------------
 
@@ -234,17 +258,15 @@ class Engine:
         progressed |= self._open_ready(jobs)
         self._feed_text(jobs)
         stepping = [j for j in jobs if self._can_step(j)]
+        started = time.perf_counter()
         if stepping:
-            started = time.perf_counter()
             self._generate(stepping)
-            self._decode([j for j in jobs if not j.finished and j.chunk_due() and j.audio])
+        due = [j for j in jobs if not j.finished and j.chunk_due() and j.audio]
+        if due:
+            self._decode(due)
+        if stepping:  # the step's wall time, codec included: what admission control predicts from
             self.step_times.record(len(stepping), time.perf_counter() - started)
-            progressed = True
-        else:
-            due = [j for j in jobs if not j.finished and j.chunk_due() and j.audio]
-            if due:
-                self._decode(due)
-                progressed = True
+        progressed |= bool(stepping or due)
         for job in jobs:
             if not job.finished and job.end_reason is not None and not (job.audio and job.pending):
                 self._finish(job, job.end_reason)
@@ -376,7 +398,7 @@ class Engine:
             if job.audio:
                 job.pending.append(codes.copy())
         if generated:
-            self._frame_times.append((time.perf_counter(), generated))
+            self.frame_rate.add(generated)
             self.observer.frames(generated)
 
     def _decode(self, jobs: list[Job]) -> None:

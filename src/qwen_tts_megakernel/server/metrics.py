@@ -2,40 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 - re-exported for the app
 
 PREFIX = "qwen_tts"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 _RTF_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
-
-
-class FrameRate:
-    """Frames per second over the last `window_s` seconds, in fixed memory: one counter per whole second."""
-
-    def __init__(self, window_s: int = 5):
-        self.window_s = window_s
-        self._counts = [0] * (window_s + 1)
-        self._seconds = [-1] * (window_s + 1)
-        self._lock = threading.Lock()
-
-    def add(self, now: float | None = None) -> None:
-        second = int(time.monotonic() if now is None else now)
-        slot = second % len(self._counts)
-        with self._lock:
-            if self._seconds[slot] != second:
-                self._seconds[slot], self._counts[slot] = second, 0
-            self._counts[slot] += 1
-
-    def rate(self, now: float | None = None) -> float:
-        """Frames counted in the last `window_s` whole seconds before the current one, per second."""
-        second = int(time.monotonic() if now is None else now)
-        with self._lock:
-            total = sum(c for c, s in zip(self._counts, self._seconds) if second - self.window_s <= s < second)
-        return total / self.window_s
 
 
 class ServerMetrics:
@@ -60,11 +32,6 @@ class ServerMetrics:
         self.errors_total = Counter(f"{PREFIX}_errors", "Errors by kind (bad_request, unauthorized, queue_full, "
                                     "internal, ws_protocol, forbidden, too_large, timeout)", ["kind"],
                                     registry=r)
-        self.frame_rate = FrameRate(5)
-
-    def observe_frame(self) -> None:
-        self.frames_total.inc()
-        self.frame_rate.add()
 
     def observe_first_chunk(self, endpoint: str, seconds: float) -> None:
         self.time_to_first_chunk.labels(endpoint=endpoint).observe(seconds)
@@ -76,5 +43,4 @@ class ServerMetrics:
             self.real_time_factor.labels(endpoint=job.endpoint).observe(compute_s / info.audio_seconds)
 
     def render(self) -> bytes:
-        self.frames_per_second.set(self.frame_rate.rate())
         return generate_latest(self.registry)
