@@ -3,7 +3,9 @@
 #   engine on the GPU (fault isolation, server limits) -> bench --load (megakernel, graphed reference) -> codec
 #   (batch invariance, SNR, timing) -> megakernel long-run tests -> voice cloning -> a fresh-machine `say` with the
 #   prebuilt kernel and no nvcc. The megakernel's own validate/bench steps are scripts/gpu_check.sh.
-#   run(command="bash scripts/gpu_all.sh", carry=[".whl", ".mkcache", "dist"])   (STEPS="engine load_mk": some steps)
+#   run(command="QWEN_TTS_MK_COMMIT=<sha> bash scripts/gpu_all.sh", carry=[".whl", ".mkcache", "dist"])
+#   (STEPS="engine load_mk": some steps). Write the sha of this checkout into the command here: the copy on the device
+#   machine may carry a stale .git, and the results files record whatever commit the tools find.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
