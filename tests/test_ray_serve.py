@@ -154,7 +154,7 @@ def test_deployment_declares_capacity_resources_and_scaling():
 
     fixed = deployment(options_from(model="m", replicas=3, settings=ServerSettings(max_active=4, max_queue=2)))
     fixed_limit = options_from(model="m").settings.max_new_tokens_limit  # frames of the longest stream
-    assert fixed.num_replicas == 3 and fixed.max_ongoing_requests == 6 and fixed.max_queued_requests == 6
+    assert fixed.num_replicas == 3 and fixed.max_ongoing_requests == 6 and fixed.max_queued_requests == 18
     assert fixed.ray_actor_options["num_gpus"] == 1.0
     assert fixed._deployment_config.graceful_shutdown_timeout_s > 0.08 * fixed_limit
     assert fixed.backpressure_config.status_code == 503 and fixed.backpressure_config.retry_after_s == 1
@@ -162,6 +162,7 @@ def test_deployment_declares_capacity_resources_and_scaling():
                                      settings=ServerSettings(max_active=4, max_queue=2)))
     autoscaling = scaled._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 3, 4)
+    assert scaled.max_queued_requests == 18  # the most replicas' capacity
     assert scaled.ray_actor_options["num_gpus"] == 0
 
 
@@ -280,10 +281,10 @@ def test_serve_overhead_measures_serve_and_direct(cluster, synth):
 def test_every_replica_full_answers_503_with_retry_after(cluster):
     url, _ = cluster
     # Idle WebSocket connections are ongoing requests: 2 x MAX_ACTIVE of them fill both replicas. Then the proxy
-    # holds up to one replica's capacity (MAX_ACTIVE) of further requests, and answers 503 to the rest.
+    # holds up to the deployment's capacity (2 x MAX_ACTIVE) of further requests, and answers 503 to the rest.
     held = [ws_client.connect(url.replace("http://", "ws://") + WS_PATH) for _ in range(2 * MAX_ACTIVE)]
-    with ThreadPoolExecutor(2 * MAX_ACTIVE) as pool:
-        pending = [pool.submit(httpx.get, f"{url}/v1/models", timeout=60) for _ in range(2 * MAX_ACTIVE)]
+    with ThreadPoolExecutor(3 * MAX_ACTIVE) as pool:
+        pending = [pool.submit(httpx.get, f"{url}/v1/models", timeout=60) for _ in range(3 * MAX_ACTIVE)]
         time.sleep(2.0)
         for conn in held:
             conn.close()

@@ -7,8 +7,9 @@ Each replica builds its own Synthesizer (on the GPU Ray gives it, or the CPU) an
 chunked HTTP, the OpenAI speech API, the WebSocket with its contexts, voices, /metrics of that replica, /health.
 Serve routes each request to a replica with the fewest ongoing requests. A replica declares its engine's admission
 limit (max_active + max_queue) as `max_ongoing_requests`; requests that find every replica full wait in the proxy,
-up to one replica's capacity of them, and past that the proxy answers 503 with Retry-After (as a single server
-does). A replica whose engine reports unhealthy fails Serve's health check and is replaced. Every HTTP response and
+up to the deployment's whole capacity of them (capacity x replicas, the most replicas when autoscaled: Serve counts
+a burst's requests as queued while it routes them, so a smaller queue would turn away a burst that fits), and past
+that the proxy answers 503 with Retry-After (as a single server does). A replica whose engine reports unhealthy fails Serve's health check and is replaced. Every HTTP response and
 WebSocket handshake names the replica that serves it in an `X-Replica` header.
 """
 
@@ -54,6 +55,10 @@ class ReplicaOptions:
     def capacity(self) -> int:
         """Streams one replica holds (active + queued): its max_ongoing_requests."""
         return self.settings.max_active + self.settings.max_queue
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscale[1] if self.autoscale is not None else self.replicas
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -132,7 +137,8 @@ def deployment(options: ReplicaOptions):
 
     s = options.settings
     config = dict(name=DEPLOYMENT_NAME, max_ongoing_requests=options.capacity,
-                  max_queued_requests=options.capacity,  # per proxy: requests waiting for a free replica
+                  # Per proxy: requests waiting for a free replica, a burst being routed included.
+                  max_queued_requests=options.capacity * options.max_replicas,
                   backpressure_config={"status_code": 503, "retry_after_s": s.retry_after_s},
                   health_check_period_s=options.health_check_period_s,
                   # A replica being removed (downscaling, redeploy) finishes its streams first, up to the longest one.
