@@ -3,15 +3,21 @@
 #   engine on the GPU (fault isolation, server limits) -> bench --load (megakernel, graphed reference) -> codec
 #   (batch invariance, SNR, timing) -> megakernel long-run tests -> voice cloning -> a fresh-machine `say` with the
 #   prebuilt kernel and no nvcc. The megakernel's own validate/bench steps are scripts/gpu_check.sh.
-#   run(command="QWEN_TTS_MK_COMMIT=<sha> bash scripts/gpu_all.sh", carry=[".whl", ".mkcache", "dist"])
+#   run(command="QWEN_TTS_MK_COMMIT=<sha> bash scripts/gpu_all.sh", carry=[".whl/server", ".whl/av", ".mkcache", "dist"])
 #   (STEPS="engine load_mk": some steps). Write the sha of this checkout into the command here: the copy on the device
 #   machine may carry a stale .git, and the results files record whatever commit the tools find.
+#   Wheels the GPU image lacks travel in .whl/: server/ (FastAPI and friends), av/ (PyAV, 36 MB: only the compressed
+#   formats need it), ray/ (bash scripts/carry_ray.sh: Ray Serve, for the serve_overhead step). 64 MiB per call in
+#   all, so carry the folders the chosen STEPS need.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
-if compgen -G ".whl/server/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/server-site .whl/server/*.whl
-  export PYTHONPATH="$PYTHONPATH:/tmp/server-site"
+if compgen -G ".whl/*/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/server-site .whl/*/*.whl
+  export PYTHONPATH="/tmp/server-site:$PYTHONPATH"
+fi
+if compgen -G ".whl/ray/ray-*.tar.xz" >/dev/null; then
+  mkdir -p /tmp/server-site && tar -C /tmp/server-site -xJf .whl/ray/ray-*.tar.xz
 fi
 if [ -d .mkcache ]; then export QWEN_TTS_MK_CACHE="$PWD/.mkcache"; fi
 LOG="${OUT:-/tmp/gpu_all}/logs"; mkdir -p "$LOG" benchmarks/results
@@ -42,6 +48,10 @@ step codec_timing 90 python3 -m qwen_tts_megakernel.tools.codec_timing --runs 5
 step mk_long 100 python3 -m pytest -q -m gpu tests/test_megakernel.py -k "ten_thousand or ties"
 step clone 60 python3 -m pytest -q -s -m gpu tests/test_clone_gpu.py
 step graphed 60 python3 -m pytest -q -m gpu tests/test_graphed.py
+if python3 -c "import ray.serve" 2>/dev/null; then
+  step serve_overhead 300 env RAY_USAGE_STATS_ENABLED=0 python3 -m qwen_tts_megakernel.cli bench --serve-overhead \
+    --backend megakernel --model random:0.6b --output-dir benchmarks/results
+fi
 if compgen -G "dist/*.whl" >/dev/null; then
   step fresh_say 70 bash -c 'rm -rf /tmp/fresh-site; python3 -m pip install -q --no-deps --no-index --target /tmp/fresh-site dist/*.whl \
     && unset CUDA_HOME CUDA_PATH && export PATH=$(echo "$PATH" | tr : "\n" | grep -v cuda | paste -sd:) \

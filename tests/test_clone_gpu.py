@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 from qwen_tts_megakernel.engine import Synthesizer  # noqa: E402
+from qwen_tts_megakernel.engine.jobs import prompt_rows  # noqa: E402
 from qwen_tts_megakernel.model import Talker  # noqa: E402
 from qwen_tts_megakernel.sampling import SamplingParams  # noqa: E402
 from qwen_tts_megakernel.synthetic import random_checkpoint  # noqa: E402
@@ -61,16 +62,19 @@ def test_megakernel_agrees_with_the_reference_on_clone_prefills(base, kind, layo
     prompt = synth.prompt(TEXT, voice=voices[kind], language="english", text_layout=layout)
     talker = Talker.from_state_dict(config, {k: v.float() for k, v in synth.checkpoint.weights.items()},
                                     device=dev, dtype=torch.float32)
-    prefill = talker.embed_prompt(prompt)
-    text = talker.text_rows(prompt.trailing_text_ids) if prompt.trailing_text_ids else prefill[:0]
-    pad = talker.text_rows([config.ids.tts_pad])[0]
+    rows = prompt_rows(talker.embedder(), config, prompt)
+    # What the engine feeds the kernel: the synthesizer's own embedder rows, the fp32 reference's to the bit.
+    kin = prompt_rows(synth.embedder, config, prompt)
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(kin, rows))
     params, table = SamplingParams(), uniform_table(1234, FRAMES)
-    ref_codes, ref_hid, ref_log = reference_run(talker, prefill, text, pad, params, table, FRAMES)
+    ref_codes, ref_hid, ref_log = reference_run(talker, *rows, params, table, FRAMES)
     n = len(ref_codes)
-    kin = (prefill.to(torch.bfloat16), text.to(torch.bfloat16), pad.to(torch.bfloat16))
     kernel = getattr(synth.backend, "inner", synth.backend)  # the MegakernelBackend under the per-stream adapter
     tf_codes, tf_hid, tf_log = kernel_run(kernel, *kin, params, table, n, forced=ref_codes)
     m = min(len(tf_codes), n)
+    print(f"\n{kind}/{layout}: {len(rows[0])} prefill rows, hidden rel err "
+          f"{max(rel_err(tf_hid[k], ref_hid[k]) for k in range(m)):.2e}, g0 agreement "
+          f"{np.mean(tf_codes[:m, 0] == ref_codes[:m, 0]):.3f}")
     assert max(rel_err(tf_hid[k], ref_hid[k]) for k in range(m)) <= HIDDEN_BOUND
     assert max(rel_err(tf_log[k], ref_log[k]) for k in range(m)) <= HIDDEN_BOUND
     assert np.mean(tf_codes[:m, 0] == ref_codes[:m, 0]) >= AGREE_BOUND

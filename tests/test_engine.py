@@ -280,3 +280,29 @@ def test_real_shapes_match_the_published_parameter_counts(size, params_millions)
     assert abs(total - params_millions) / params_millions < 0.005
     assert config.codec.samples_per_frame == 1920 and config.codec.hidden_size == 512
     assert config.has_mtp_projection == (size == "1.7b")
+
+
+def test_an_fp32_embedder_of_a_bf16_checkpoint_computes_the_fp32_talkers_rows(tmp_path):
+    """The megakernel's prompt rows (model.PromptEmbedder in fp32, the text table left in bf16) equal those of an
+    fp32 talker built from the same bf16 weights, bit for bit: the kernel and the reference start from one input."""
+    from qwen_tts_megakernel.engine.jobs import prompt_rows
+    from qwen_tts_megakernel.model import PromptEmbedder, Talker
+
+    write_tiny_model(tmp_path, "0.6b", "base", seed=3)
+    checkpoint = load_checkpoint(str(tmp_path))
+    weights = {k: v.to(torch.bfloat16) for k, v in checkpoint.weights.items()}
+    embedder = PromptEmbedder.from_state_dict(checkpoint.config, weights, dtype=torch.float32)
+    assert embedder.text_embedding.weight.dtype == torch.bfloat16  # the one large table is not widened
+    assert embedder.text_projection.linear_fc1.weight.dtype == torch.float32
+    talker = Talker.from_state_dict(checkpoint.config, {k: v.float() for k, v in weights.items()},
+                                    dtype=torch.float32)
+    from qwen_tts_megakernel.voices import VoiceEncoder
+
+    audio = 0.3 * np.sin(np.arange(24000 * 2) * (2 * np.pi * 150 / 24000)).astype(np.float32)
+    voice = VoiceEncoder.from_checkpoint(checkpoint).clone(audio, ref_text="A reference.")  # x-vector and frames
+    prompt = build_prompt(checkpoint.config, checkpoint.tokenizer, "Rows computed in fp32.", voice=voice,
+                          language="english", text_layout="prefill")
+    assert prompt.ref_codes is not None and prompt.speaker_embedding is not None
+    for ours, theirs in zip(prompt_rows(embedder, checkpoint.config, prompt),
+                            prompt_rows(talker.embedder(), checkpoint.config, prompt)):
+        assert ours.dtype == torch.float32 and torch.equal(ours, theirs)

@@ -244,6 +244,9 @@ class PromptEmbedder(nn.Module):
     @classmethod
     def from_state_dict(cls, config: ModelConfig, weights: dict[str, torch.Tensor], device=None,
                         dtype: torch.dtype = torch.float32) -> "PromptEmbedder":
+        """`dtype`: what the rows are computed in. The text table (151936 x 2048, the one large tensor) keeps the
+        checkpoint's dtype when that is narrower, its rows widened on lookup (exact), so an fp32 embedder of a bf16
+        checkpoint computes what an fp32 talker of the same weights does without a 1.2 GB fp32 copy of it."""
         t = config.talker
         with torch.device("meta"):
             embedder = cls(nn.Embedding(t.text_vocab_size, t.text_hidden_size),
@@ -260,7 +263,11 @@ class PromptEmbedder(nn.Module):
             names |= {f"frame_tables.{j}.weight": f"talker.code_predictor.model.codec_embedding.{j}.weight"
                       for j in range(cp.num_code_groups - 1)}
         embedder.load_state_dict({ours: weights[theirs] for ours, theirs in names.items()}, strict=True, assign=True)
-        return embedder.to(device=device, dtype=dtype).eval()
+        stored = embedder.text_embedding.weight.dtype
+        embedder = embedder.to(device=device, dtype=dtype).eval()
+        if stored.is_floating_point and torch.finfo(stored).bits < torch.finfo(dtype).bits:
+            embedder.text_embedding.to(dtype=stored)
+        return embedder
 
     @property
     def device(self) -> torch.device:
@@ -269,7 +276,7 @@ class PromptEmbedder(nn.Module):
     def text_rows(self, ids: list[int]) -> torch.Tensor:
         """T(ids) = text_projection(text_embedding(ids)): [n, H]."""
         idx = torch.tensor(ids, dtype=torch.long, device=self.device)
-        return self.text_projection(self.text_embedding(idx))
+        return self.text_projection(self.text_embedding(idx).to(self.codec_embedding.weight.dtype))
 
     def codec_rows(self, ids: list[int]) -> torch.Tensor:
         """C(ids) = codec_embedding(ids): [n, H]."""

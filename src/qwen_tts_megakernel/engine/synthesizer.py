@@ -201,7 +201,10 @@ class Synthesizer:
             return MegakernelBackend(checkpoint.config, checkpoint.weights, device=device,
                                      max_streams=min(max_streams, MAX_BATCH))
 
-        embedder = PromptEmbedder.from_state_dict(checkpoint.config, checkpoint.weights, device=device, dtype=dtype)
+        # The kernel computes in fp32 from the bf16 weights, from fp32 input rows: the prompt rows are computed the
+        # same way (a bf16 embedder's rounding would make its audio differ from the fp32 reference's).
+        embedder = PromptEmbedder.from_state_dict(checkpoint.config, checkpoint.weights, device=device,
+                                                  dtype=torch.float32)
         synth = cls(checkpoint, build(), codec, embedder, None, engine_settings)
         synth.backend_factory = build
         return synth
