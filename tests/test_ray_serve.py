@@ -48,17 +48,35 @@ def synth(model_dir):
     return Synthesizer.from_pretrained(str(model_dir), device="cpu")
 
 
+@pytest.fixture(scope="module", params=["haproxy", "proxy"])
+def ingress(request):
+    return request.param
+
+
+def default_ingress_only(ingress):
+    """Tests of the replicas themselves (failures, health) run behind the default ingress only: the other adds
+    nothing to what they check."""
+    if ingress != "haproxy":
+        pytest.skip("replica behaviour: checked behind the default (haproxy) ingress")
+
+
 @pytest.fixture(scope="module")
-def cluster(model_dir):
-    """(base URL, serve module): a local Ray instance with two CPU replicas, shut down after the module."""
+def cluster(model_dir, ingress):
+    """(base URL, serve module): a local Ray instance with two CPU replicas behind `ingress`, shut down after."""
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
-    from qwen_tts_megakernel.server.ray_serve import start
+    from qwen_tts_megakernel.server.ray_serve import check_ingress_available, ray_environment, start
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    check_ingress_available(ingress)
+    # Read by the Ray processes ray.init() starts. A stopping replica behind HAProxy stays up 30 s by default so
+    # that remote load balancers can drop it; on one machine HAProxy hears at once.
+    env = dict(ray_environment(ingress), RAY_USAGE_STATS_ENABLED="0",
+               RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        options = options_from(model=str(model_dir), device="cpu", replicas=2, gpus_per_replica=0,
+        options = options_from(model=str(model_dir), ingress=ingress, device="cpu", replicas=2, gpus_per_replica=0,
                                cpus_per_replica=0.1, settings=ServerSettings(max_active=MAX_ACTIVE, max_queue=0))
         options.health_check_period_s = 1.0
         # CPU float sums depend on the thread count: replicas use this process's, so audio compares byte for byte.
@@ -69,6 +87,8 @@ def cluster(model_dir):
     finally:
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def solo_pcm(synth, text, seed, frames, layout="prefill") -> bytes:
@@ -152,13 +172,16 @@ def test_deployment_declares_capacity_resources_and_scaling():
     pytest.importorskip("ray.serve")
     from qwen_tts_megakernel.server.ray_serve import deployment
 
-    fixed = deployment(options_from(model="m", replicas=3, settings=ServerSettings(max_active=4, max_queue=2)))
+    fixed = deployment(options_from(model="m", ingress="proxy", replicas=3,
+                                    settings=ServerSettings(max_active=4, max_queue=2)))
     fixed_limit = options_from(model="m").settings.max_new_tokens_limit  # frames of the longest stream
     assert fixed.num_replicas == 3 and fixed.max_ongoing_requests == 6 and fixed.max_queued_requests == 18
+    behind_haproxy = deployment(options_from(model="m", settings=ServerSettings(max_active=4, max_connections=50)))
+    assert behind_haproxy.max_ongoing_requests == 50  # the engine refuses past its capacity, not Serve
     assert fixed.ray_actor_options["num_gpus"] == 1.0
     assert fixed._deployment_config.graceful_shutdown_timeout_s > 0.08 * fixed_limit
     assert fixed.backpressure_config.status_code == 503 and fixed.backpressure_config.retry_after_s == 1
-    scaled = deployment(options_from(model="m", autoscale="1..3", gpus_per_replica=0,
+    scaled = deployment(options_from(model="m", ingress="proxy", autoscale="1..3", gpus_per_replica=0,
                                      settings=ServerSettings(max_active=4, max_queue=2)))
     autoscaling = scaled._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 3, 4)
@@ -200,12 +223,12 @@ def test_serve_overhead_report_subtracts_direct_from_serve():
                 "ttfa_ms": {"p50": p50, "p95": p95, "p99": p95}}
 
     rows = compare([row("http", 1, 40.0, 50.0), row("ws", 16, 60.0, None)],
-                   [row("http", 1, 42.5, 55.0), row("ws", 16, 61.0, 80.0)])
+                   [row("http", 1, 42.5, 55.0), row("ws", 16, 61.0, 80.0)], "haproxy")
     assert rows[0]["added_p50_ms"] == pytest.approx(2.5) and rows[0]["added_p95_ms"] == pytest.approx(5.0)
     assert rows[1]["added_p50_ms"] == pytest.approx(1.0) and rows[1]["added_p95_ms"] is None
     text = markdown({"device": "cpu", "date": "d", "commit": "c", "backend": "reference", "model": "m", "frames": 3,
-                     "comparison": rows})
-    assert "| http | 1 | 4/4 / 4/4 | 40.0 / 42.5 / +2.5 | 50.0 / 55.0 / +5.0 |" in text
+                     "ray": "2.x", "comparison": rows})
+    assert "| haproxy | http | 1 | 4/4 / 4/4 | 40.0 / 42.5 / +2.5 | 50.0 / 55.0 / +5.0 |" in text
 
 
 # Through Serve -------------------------------------------------------------------------------------------------
@@ -261,7 +284,7 @@ def test_sixteen_streams_are_shared_by_both_replicas(cluster, synth):
 
 
 @pytest.mark.ray
-def test_serve_overhead_measures_serve_and_direct(cluster, synth):
+def test_serve_overhead_measures_serve_and_direct(cluster, synth, ingress):
     from qwen_tts_megakernel.testing.server import running_server
     from qwen_tts_megakernel.tools.serve_overhead import compare, measure
 
@@ -270,16 +293,19 @@ def test_serve_overhead_measures_serve_and_direct(cluster, synth):
     with running_server(synth) as (direct_url, _app):
         direct = measure(direct_url, **kw)
     served = measure(url, **kw)
-    rows = compare(direct, served)
+    rows = compare(direct, served, ingress)
     assert [(r["protocol"], r["streams"]) for r in rows] == [("http", 1), ("http", 2), ("ws", 1), ("ws", 2)]
+    assert {r["ingress"] for r in rows} == {ingress}
     for r in rows:
         assert r["ok_direct"] == r["ok_serve"] == "2/2", r
         assert r["direct_p50_ms"] > 0 and r["serve_p50_ms"] > 0 and r["added_p50_ms"] is not None
 
 
 @pytest.mark.ray
-def test_every_replica_full_answers_503_with_retry_after(cluster):
+def test_every_replica_full_answers_503_with_retry_after(cluster, ingress):
     url, _ = cluster
+    if ingress == "haproxy":
+        return every_engine_full_answers_503(url)
     # Idle WebSocket connections are ongoing requests: 2 x MAX_ACTIVE of them fill both replicas. Then the proxy
     # holds up to the deployment's capacity (2 x MAX_ACTIVE) of further requests, and answers 503 to the rest.
     held = [ws_client.connect(url.replace("http://", "ws://") + WS_PATH) for _ in range(2 * MAX_ACTIVE)]
@@ -295,9 +321,48 @@ def test_every_replica_full_answers_503_with_retry_after(cluster):
     assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 200
 
 
+def every_engine_full_answers_503(url):
+    """HAProxy passes each connection to the replica with the fewest: 2 x MAX_ACTIVE WebSocket contexts waiting for
+    the rest of their text fill both engines, and what comes next is refused by a full engine itself, 503 with
+    Retry-After, until a context ends."""
+    calls, held = [], []
+    try:
+        for i in range(2 * MAX_ACTIVE):
+            call = WsCall(url, f"h{i}", "Waiting for the language model to go on.", 300 + i, 50, first_part=16)
+            calls.append(call)
+            while True:  # audio of its first words: the engine admitted it; or an error: it was refused
+                msg = call.conn.recv(timeout=60)
+                if isinstance(msg, bytes):
+                    held.append(call.replica)
+                    break
+                if json.loads(msg)["type"] == "error":
+                    break
+        # leastconn balances connections, not engine slots: allow a context or two to land on a full replica.
+        assert len(held) >= 2 * MAX_ACTIVE - 2 and len(set(held)) == 2, held
+        body = {"text": "One more caller.", "speaker": "ryan", "max_new_tokens": 2}
+        with ThreadPoolExecutor(MAX_ACTIVE) as pool:
+            late = list(pool.map(lambda _: httpx.post(f"{url}/tts/stream", json=body, timeout=60), range(MAX_ACTIVE)))
+        refused = [r for r in late if r.status_code != 200]
+        assert len(late) - len(refused) <= 2 * MAX_ACTIVE - len(held)  # only the room that was left
+        assert len(refused) >= MAX_ACTIVE - 2
+        assert all(r.status_code == 503 and r.headers.get("retry-after") == "1" for r in refused), \
+            [(r.status_code, r.text[:100]) for r in refused]
+    finally:
+        for call in calls:
+            call.conn.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # closed sockets cancel their contexts; then there is room again
+        if httpx.post(f"{url}/tts/stream", json=body, timeout=60).status_code == 200:
+            return
+        time.sleep(0.5)
+    raise AssertionError("no slot came free after the contexts were closed")
+
+
 @pytest.mark.ray
-def test_killed_replica_fails_its_streams_others_finish_and_it_comes_back(cluster, synth):
+def test_killed_replica_fails_its_streams_others_finish_and_it_comes_back(cluster, synth, ingress):
     import ray
+
+    default_ingress_only(ingress)
 
     url, serve = cluster
     # A long HTTP stream picks the replica to kill.
@@ -346,8 +411,10 @@ def test_killed_replica_fails_its_streams_others_finish_and_it_comes_back(cluste
 
 
 @pytest.mark.ray
-def test_unhealthy_engine_fails_the_health_check_and_serve_replaces_the_replica(cluster, model_dir):
+def test_unhealthy_engine_fails_the_health_check_and_serve_replaces_the_replica(cluster, model_dir, ingress):
     from qwen_tts_megakernel.server.ray_serve import deployment
+
+    default_ingress_only(ingress)
 
     _, serve = cluster
     options = options_from(model=str(model_dir), device="cpu", replicas=1, gpus_per_replica=0, cpus_per_replica=0.1,

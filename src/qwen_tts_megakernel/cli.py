@@ -6,7 +6,7 @@
     qwen-tts-mk voices add NAME REF.wav [--text "transcript"] [--x-vector-only] [--model M] [--voices-dir D]
     qwen-tts-mk voices remove NAME [--voices-dir D]
     qwen-tts-mk serve [--model M] [--backend B] [--host 127.0.0.1] [--port 8001] [--api-key K]
-                      [--ray [--replicas N | --autoscale MIN..MAX] [--gpus-per-replica 1]]
+                      [--ray [--replicas N | --autoscale MIN..MAX] [--ray-ingress haproxy|proxy] [--gpus-per-replica 1]]
     qwen-tts-mk validate (--model M | --random-weights 0.6b) [--batch 1,2,7,16,64]
     qwen-tts-mk bench (--all | --decode | --server | --load | --serve-overhead)
 
@@ -495,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=None, help="--ray: replicas (default 1)")
     scale.add_argument("--autoscale", default=None, metavar="MIN..MAX", help="--ray: replicas follow the load between MIN and MAX (default: off, a fixed count)")
+    p.add_argument("--ray-ingress", default="haproxy", choices=["haproxy", "proxy"],
+                   help="--ray: Serve's HAProxy ingress, straight to a replica, or its Python proxy "
+                        "(default haproxy)")
     p.add_argument("--gpus-per-replica", type=float, default=1.0, help="--ray: 0 serves on CPUs (default 1)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="--ray: (default 1)")
     p.set_defaults(func=cmd_serve)
@@ -544,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, choices=["reference", "graphed", "megakernel"],
                    help="--server: the server's backend (default: megakernel on a GPU, else reference)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda)")
+    p.add_argument("--ray-ingress", default=None, choices=["haproxy", "proxy"],
+                   help="--serve-overhead: measure one of Serve's ingresses (default: both)")
     p.add_argument("--batch", default="1", help="--decode: batch sizes, e.g. 1,2,4,8,16,32,64 (default 1)")
     _add_threads_arg(p)
     p.add_argument("--output-dir", default="benchmarks/results", help="where results are written")

