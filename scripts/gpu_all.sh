@@ -49,7 +49,7 @@ step mk_long 100 python3 -m pytest -q -m gpu tests/test_megakernel.py -k "ten_th
 step clone 60 python3 -m pytest -q -s -m gpu tests/test_clone_gpu.py
 step graphed 60 python3 -m pytest -q -m gpu tests/test_graphed.py
 if python3 -c "import ray.serve" 2>/dev/null; then
-  step serve_overhead 300 env RAY_USAGE_STATS_ENABLED=0 python3 -m qwen_tts_megakernel.cli bench --serve-overhead \
+  step serve_overhead 420 env RAY_USAGE_STATS_ENABLED=0 python3 -m qwen_tts_megakernel.cli bench --serve-overhead \
     --backend megakernel --model random:0.6b --output-dir benchmarks/results
 fi
 if compgen -G "dist/*.whl" >/dev/null; then
