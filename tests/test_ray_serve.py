@@ -189,6 +189,23 @@ def test_deployment_declares_capacity_resources_and_scaling():
     assert scaled.ray_actor_options["num_gpus"] == 0
 
 
+def test_the_example_serve_config_builds_and_a_wrong_ingress_is_refused(monkeypatch):
+    pytest.importorskip("ray.serve")
+    yaml = pytest.importorskip("yaml")
+    from pathlib import Path
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "examples" / "serve_config.yaml").read_text())
+    args = config["applications"][0]["args"]
+    assert args["ingress"] == "haproxy"
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")  # as the config's comment says to start Ray
+    built = app_builder(args)
+    assert type(built).__name__ == "Application"
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY")
+    with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_HA_PROXY=1"):
+        app_builder(args)
+    assert type(app_builder(dict(args, ingress="proxy"))).__name__ == "Application"
+
+
 def test_cli_scale_flags_need_ray(capsys):
     assert cli_main(["serve", "--replicas", "2"]) == 2
     assert "--replicas and --autoscale need --ray" in capsys.readouterr().err

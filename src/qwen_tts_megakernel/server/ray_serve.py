@@ -226,7 +226,13 @@ def app_builder(args: dict):
         raise ValueError("application args need 'model' (a Hugging Face id, a folder, or random:0.6b)")
     options = {k: args.pop(k) for k in OPTION_ARGS if k in args}
     args.setdefault("allowed_hosts", ("*",))
-    return application(options_from(**options, settings=ServerSettings(**args)))
+    options = options_from(**options, settings=ServerSettings(**args))
+    started_with = "haproxy" if os.environ.get(HAPROXY_ENV) == "1" else "proxy"  # this process is the cluster's
+    if options.ingress != started_with:
+        raise ValueError(f"ingress {options.ingress!r}, but this Ray cluster runs Serve's {started_with} ingress: "
+                         f"start Ray with {HAPROXY_ENV}={ray_environment(options.ingress)[HAPROXY_ENV]} on every node "
+                         f"(`ray start`, `serve run`), or set ingress: {started_with}")
+    return application(options)
 
 
 def options_from(*, model: str, ingress: str = "haproxy", backend: str = "reference", device: str | None = None,
