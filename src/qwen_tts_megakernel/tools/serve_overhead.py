@@ -96,7 +96,8 @@ def run_bench_serve_overhead(args) -> int:
     protocols = tuple(getattr(args, "protocols", None) or PROTOCOLS)
     ingresses = (args.ray_ingress,) if getattr(args, "ray_ingress", None) else INGRESSES
     max_active = max(levels)
-    kw = dict(protocols=protocols, levels=levels, frames=frames, requests=max(32, 8 * max(levels)))  # 8 rounds at the top level: a burst's TTFA spreads widely
+    # 8 rounds at the top level: the first-audio times of a burst spread widely.
+    kw = dict(protocols=protocols, levels=levels, frames=frames, requests=max(32, 8 * max(levels)))
 
     env = dict(os.environ, QWEN_TTS_MK_MAX_ACTIVE=str(max_active), QWEN_TTS_MK_MAX_QUEUE=str(max_active))
     print(f"[serve-overhead] direct server: {backend} on {model} ...", file=sys.stderr, flush=True)
