@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytestmark = pytest.mark.gpu
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 if not torch.cuda.is_available():

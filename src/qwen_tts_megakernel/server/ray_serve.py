@@ -7,9 +7,10 @@ Each replica builds its own Synthesizer (on the GPU Ray gives it, or the CPU) an
 chunked HTTP, the OpenAI speech API, the WebSocket with its contexts, voices, /metrics of that replica, /health.
 
 Two ingresses, both Serve's own (INGRESSES):
-  * "haproxy" (default): Serve's HAProxy ingress (Ray >= 2.55, `RAY_SERVE_ENABLE_HA_PROXY=1`). HAProxy forwards each
-    connection straight to the HTTP server of a replica with the fewest open connections; a full replica's engine
-    answers 503 with Retry-After itself, as a single server does. Adds well under a millisecond to first audio.
+  * "haproxy" (default): Serve's HAProxy ingress in Ray's high-throughput mode (Ray >= 2.55,
+    `RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1`). HAProxy forwards each connection straight to
+    the HTTP server of a replica with the fewest open connections; a full replica's engine answers 503 with
+    Retry-After itself, as a single server does. Adds 1-3 ms to one stream's first audio on the H200.
   * "proxy": Serve's Python proxy. Each request goes proxy -> router -> replica actor and every response message
     back the same way (about 8-11 ms more to first audio on the H200, benchmarks/results/*-serve-overhead.md).
     A replica declares its engine's admission limit (max_active + max_queue) as `max_ongoing_requests`; requests
@@ -42,13 +43,17 @@ FRAME_SECONDS = 0.08
 ENV_PREFIX = "QWEN_TTS_MK_"  # server limits, the voice library directory: forwarded to every replica
 INGRESSES = ("haproxy", "proxy")
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
 
 def ray_environment(ingress: str) -> dict[str, str]:
-    """Environment variables the Ray processes need for `ingress`: set them before ray.init() starts them."""
+    """Environment variables the Ray processes need for `ingress`: set them before ray.init() starts them.
+    "haproxy" is Ray's high-throughput mode, both of its variables: HAProxy, and (among others) the app running on
+    the replica's own event loop, not on a second one that every response message would have to cross."""
     if ingress not in INGRESSES:
         raise ValueError(f"ingress must be one of {', '.join(INGRESSES)}, got {ingress!r}")
-    return {HAPROXY_ENV: "1" if ingress == "haproxy" else "0"}
+    on = "1" if ingress == "haproxy" else "0"
+    return {HAPROXY_ENV: on, THROUGHPUT_ENV: on}
 
 
 def check_ingress_available(ingress: str) -> None:
@@ -230,8 +235,8 @@ def app_builder(args: dict):
     started_with = "haproxy" if os.environ.get(HAPROXY_ENV) == "1" else "proxy"  # this process is the cluster's
     if options.ingress != started_with:
         raise ValueError(f"ingress {options.ingress!r}, but this Ray cluster runs Serve's {started_with} ingress: "
-                         f"start Ray with {HAPROXY_ENV}={ray_environment(options.ingress)[HAPROXY_ENV]} on every node "
-                         f"(`ray start`, `serve run`), or set ingress: {started_with}")
+                         f"start Ray with {' '.join(f'{k}={v}' for k, v in ray_environment(options.ingress).items())}"
+                         f" on every node (`ray start`, `serve run`), or set ingress: {started_with}")
     return application(options)
 
 
