@@ -1,5 +1,6 @@
 """On a GPU, for the reference and megakernel backends: sampling at the edges of the allowed ranges stays finite and
-in range, a stream whose sampling fails ends with an error alone, and the server keeps serving correct audio.
+in range, values past the edges are refused, and the server keeps serving correct audio. (A stream whose sampling
+fails for real ending alone: tests/test_engine_faults_real.py.)
 Skipped without CUDA. Run: PYTHONPATH=src python -m pytest -q tests/test_server_gpu.py"""
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ httpx = pytest.importorskip("httpx")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from qwen_tts_megakernel import engine as engine_module  # noqa: E402
 from qwen_tts_megakernel.engine import Synthesizer  # noqa: E402
-from qwen_tts_megakernel.sampling import SAMPLING_RANGES, SamplingError  # noqa: E402
+from qwen_tts_megakernel.sampling import SAMPLING_RANGES  # noqa: E402
 from qwen_tts_megakernel.server.protocol import ServerSettings  # noqa: E402
 from qwen_tts_megakernel.testing.server import running_server  # noqa: E402
 
@@ -64,22 +64,4 @@ def test_values_past_the_edges_are_refused(served):
     for field, value in (("temperature", 1e-6), ("top_k", 0), ("top_k", 1000), ("repetition_penalty", 50)):
         r = httpx.post(f"{url}/tts/stream", json={"text": TEXT, field: value}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == field
-    assert_serving(synth, url)
-
-
-def test_a_failing_stream_ends_alone(served, monkeypatch):
-    synth, url = served
-    if synth.backend.name != "reference":
-        pytest.skip("the megakernel samples on the device: failure injection needs the kernel (megakernel issue)")
-    real = engine_module.sample_talker
-
-    def sample_talker(logits, past, step, params, rules, u):
-        if params.temperature == 0.77 and step == 3:
-            raise SamplingError("the scores are not finite (injected)")
-        return real(logits, past, step, params, rules, u)
-
-    monkeypatch.setattr(engine_module, "sample_talker", sample_talker)
-    with pytest.raises(httpx.HTTPError):
-        httpx.post(f"{url}/tts/stream", json={"text": TEXT, "max_new_tokens": FRAMES, "temperature": 0.77},
-                   timeout=120).read()
     assert_serving(synth, url)
