@@ -501,7 +501,9 @@ def test_readers_that_stop_reading_cannot_hold_every_slot(synth):
     their streams after consumer_stall_s, and another client gets its first audio within 1 s again."""
     settings = ServerSettings(**SLOT_SETTINGS)
     body = {"text": "word " * 40, "speaker": "ryan", "seed": 1}  # about 540 frames: the KV capacity's rest
-    with running_server(synth, settings=settings) as (url, app):
+    # Small kernel send buffers: the readers back the server up within a few chunks (with loopback's megabytes
+    # the streams were nearly over before they stalled, and the test took minutes).
+    with running_server(synth, settings=settings, send_buffer_bytes=8192) as (url, app):
         host, port = url.removeprefix("http://").split(":")
         raw = json.dumps(body).encode()
         readers = []

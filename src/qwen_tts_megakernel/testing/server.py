@@ -135,7 +135,13 @@ def prometheus_sum(text: str, name: str, **labels: str) -> float:
 
 @contextlib.contextmanager
 def running_server(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: str | None = None,
-                   settings: ServerSettings | None = None, port: int | None = None, log_level: str = "warning"):
+                   settings: ServerSettings | None = None, port: int | None = None, log_level: str = "warning",
+                   send_buffer_bytes: int | None = None):
+    """The app on 127.0.0.1 in a thread: yields (base URL, app). `send_buffer_bytes`: the kernel send buffer of every
+    connection (SO_SNDBUF of the listening socket, which accepted ones inherit), so that a client that stops
+    reading backs the server up after kilobytes instead of megabytes."""
+    import socket
+
     import uvicorn
 
     from ..server.app import create_app, uvicorn_config
@@ -144,7 +150,16 @@ def running_server(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key
     app = create_app(synth, model_name=model_name, api_key=api_key, settings=settings)
     port = port or free_port()
     server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, settings, log_level=log_level))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    run = server.run
+    if send_buffer_bytes is not None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
+        listener.bind(("127.0.0.1", port))
+
+        def run():
+            server.run(sockets=[listener])
+    thread = threading.Thread(target=run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
