@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import Checkpoint
 from .codec_encoder import CodecEncoder
+from .precision import fp32_precision
 from .prompt import ClonedVoice, PromptError
 from .speaker_encoder import SAMPLE_RATE, SpeakerEncoder
 
@@ -132,15 +133,19 @@ class VoiceEncoder:
             codec = CodecEncoder.from_state_dict(config.codec_encoder, checkpoint.codec_weights, device, dtype)
         return cls(speaker, codec)
 
+    # Exact fp32 (precision.py): on a GPU the engine thread turns TF32 on for its codec pushes, process-wide.
+
     def speaker_embedding(self, audio: np.ndarray) -> torch.Tensor:
         """The x-vector [H] of a 24 kHz clip, float32 on the CPU."""
-        return self.speaker_encoder.embed(audio).float().cpu()
+        with fp32_precision(tf32=False):
+            return self.speaker_encoder.embed(audio).float().cpu()
 
     def reference_codes(self, audio: np.ndarray) -> np.ndarray:
         """Codes [ceil(N / 1920), 16] of a 24 kHz clip."""
         if self.codec_encoder is None:
             raise PromptError("this checkpoint's speech tokenizer has no encoder: only x-vector-only voices work")
-        return self.codec_encoder.encode(audio)
+        with fp32_precision(tf32=False):
+            return self.codec_encoder.encode(audio)
 
     def clone(self, audio: np.ndarray, ref_text: str | None = None, name: str | None = None) -> ClonedVoice:
         """A voice from a 24 kHz clip: in-context when `ref_text` (the clip's transcript) is given, else

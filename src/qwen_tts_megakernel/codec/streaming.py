@@ -43,7 +43,6 @@ Precision (fp32 stays the reference; the others are for the GPU, where they use 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import threading
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..precision import fp32_precision
 from .decoder import CodecDecoder, check_codes
 from .modules import BatchState, ResidualUnit, StateLayout
 
@@ -271,16 +271,9 @@ class StreamingCodec:
             self.store.scatter(rows, part)
         return wav
 
-    @contextlib.contextmanager
     def _precision(self):
         """TF32 on for "tf32" and "bf16", off for "fp32", while the codec runs (a captured graph keeps its choice)."""
-        matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-        saved = matmul.allow_tf32, cudnn.allow_tf32
-        matmul.allow_tf32 = cudnn.allow_tf32 = self.precision != "fp32"
-        try:
-            yield
-        finally:
-            matmul.allow_tf32, cudnn.allow_tf32 = saved
+        return fp32_precision(tf32=self.precision != "fp32")
 
     def _step_for(self, bucket: int, frames: int) -> _Step:
         """The fixed-shape step (bucket, frames), captured as a CUDA graph at its first use on CUDA."""

@@ -23,7 +23,6 @@ row one frame earlier than the reference does; TextTrack keeps that from ever re
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import math
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends.base import BackendError, StepOutput, StreamSpec
+from ..precision import fp32_precision
 from ..sampling import NUM_DRAWS_PER_FRAME
 from .build import load_library
 
@@ -178,30 +178,9 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
-@contextlib.contextmanager
 def _ieee_fp32_matmul():
     """fp32 matmuls without TF32 inside (the default; only a caller who enabled TF32 sees a change, undone after)."""
-    m = torch.backends.cuda.matmul
-    try:
-        tf32, legacy = bool(m.allow_tf32), True
-    except RuntimeError:  # the caller mixed the legacy and the new precision API: use the new one
-        tf32, legacy = getattr(m, "fp32_precision", "ieee") == "tf32", False
-    if not tf32:
-        yield
-        return
-    if legacy:
-        prev = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-    else:
-        prev = m.fp32_precision
-        m.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        if legacy:
-            torch.set_float32_matmul_precision(prev)
-        else:
-            m.fp32_precision = prev
+    return fp32_precision(tf32=False)
 
 
 def prefill_rope(rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
