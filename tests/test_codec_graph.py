@@ -133,7 +133,9 @@ def test_synthesizer_warms_the_codec_graphs_and_streams_through_them(tmp_path, n
         stream = synth.stream("Hello world, this is a test.", seed=5, max_new_tokens=20, chunk_schedule=(1, 2, 4, 8))
         pcm = np.concatenate([c.pcm for c in stream]).astype(np.float64)
         assert len(stream.codes) > 0 and codec._steps == captured  # no capture during the request
-        whole = np.clip(synth.decode(np.stack(stream.codes)), -1, 1) * 32767
-        assert np.abs(pcm - whole).max() <= 2.0
+        whole = np.clip(synth.decode(np.stack(stream.codes)), -1, 1) * 32767  # fp32 (no_tf32)
+        # The engine's codec runs in TF32 on a GPU: within the codec's TF32 bound of the fp32 whole decode.
+        snr = 10 * np.log10(np.sum(whole ** 2) / max(np.sum((pcm - whole) ** 2), 1e-12))
+        assert snr >= 45.0, snr
     finally:
         synth.close()
