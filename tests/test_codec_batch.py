@@ -190,15 +190,6 @@ def test_bf16_copy_leaves_the_reference_decoder_alone(small_window):
 # --- GPU ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def no_tf32():
-    """Full fp32 matmuls and convolutions while the test runs."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def snr_db(reference: np.ndarray, x: np.ndarray) -> float:
     reference, x = reference.astype(np.float64), x.astype(np.float64)
     return float(10 * np.log10(np.sum(reference**2) / np.sum((reference - x) ** 2)))

@@ -42,14 +42,6 @@ def test_fixed_steps_off_cuda_capture_nothing_and_touch_only_their_streams():
 # --- GPU: graph replay against the eager CUDA path ----------------------------------------------------------------
 
 
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("window", [SMALL_WINDOW, 72])

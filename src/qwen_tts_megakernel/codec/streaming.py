@@ -265,15 +265,12 @@ class StreamingCodec:
 
     def _run(self, codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Decode codes [b, n, Q] continuing store rows `rows` [b]; the rows' state moves on. -> [b, n * spf]."""
-        with self._precision():
+        # TF32 on for "tf32" and "bf16", off for "fp32", while the codec runs (a captured graph keeps its choice).
+        with fp32_precision(tf32=self.precision != "fp32"):
             part = self.store.gather(rows)
             wav = self.model(codes, part)
             self.store.scatter(rows, part)
         return wav
-
-    def _precision(self):
-        """TF32 on for "tf32" and "bf16", off for "fp32", while the codec runs (a captured graph keeps its choice)."""
-        return fp32_precision(tf32=self.precision != "fp32")
 
     def _step_for(self, bucket: int, frames: int) -> _Step:
         """The fixed-shape step (bucket, frames), captured as a CUDA graph at its first use on CUDA."""

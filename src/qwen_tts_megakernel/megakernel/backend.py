@@ -178,11 +178,6 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
-def _ieee_fp32_matmul():
-    """fp32 matmuls without TF32 inside (the default; only a caller who enabled TF32 sees a change, undone after)."""
-    return fp32_precision(tf32=False)
-
-
 def prefill_rope(rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """rope_table [P, HD] -> the prefill's NeoX rotation tables (cos, signed sin), each [P, HD]:
     rot(v) = v * cos + cat(v2, v1) * sin_signed == v * cos + cat(-v2, v1) * sin (IEEE: -a * b == a * -b)."""
@@ -720,7 +715,7 @@ class MegakernelBackend:
         side.wait_stream(torch.cuda.current_stream(dev))
         graphs = {}
         try:
-            with _ieee_fp32_matmul():
+            with fp32_precision(tf32=False):  # exact fp32 GEMMs, as the reference
                 for b in reversed(buckets):  # largest first: the smaller captures reuse its blocks of the pool
                     x, kv = self._x_stage[:b], self._kv_stage[:, :, :, :b]
                     with torch.cuda.stream(side):  # warm-up (cuBLAS handles, workspaces) on the capture stream
@@ -765,7 +760,7 @@ class MegakernelBackend:
             self.stream.wait_stream(caller)
         with torch.cuda.stream(self.stream):
             if bucket is None:
-                with _ieee_fp32_matmul():
+                with fp32_precision(tf32=False):  # exact fp32 GEMMs, as the reference
                     self._prefill_layers(rows.to(dev, torch.float32), self.t_kv[slot])
             else:
                 self._x_stage[:n].copy_(rows)

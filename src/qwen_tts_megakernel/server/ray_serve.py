@@ -10,9 +10,10 @@ Two ingresses, both Serve's own (INGRESSES):
   * "haproxy" (default): Serve's HAProxy ingress in Ray's high-throughput mode (Ray >= 2.55,
     `RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1`). HAProxy forwards each connection straight to
     the HTTP server of a replica with the fewest open connections; a full replica's engine answers 503 with
-    Retry-After itself, as a single server does. Adds 1-3 ms to one stream's first audio on the H200.
+    Retry-After itself, as a single server does. Adds about 1 ms to one stream's first audio on the H200
+    (benchmarks/results/*-serve-overhead.md).
   * "proxy": Serve's Python proxy. Each request goes proxy -> router -> replica actor and every response message
-    back the same way (about 8-11 ms more to first audio on the H200, benchmarks/results/*-serve-overhead.md).
+    back the same way (8-13 ms more to first audio on the H200).
     A replica declares its engine's admission limit (max_active + max_queue) as `max_ongoing_requests`; requests
     that find every replica full wait in the proxy, up to the deployment's whole capacity of them (capacity x
     replicas, the most replicas when autoscaled: Serve counts a burst's requests as queued while it routes them, so
@@ -211,8 +212,8 @@ def application(options: ReplicaOptions):
     return deployment(options).bind(options)
 
 
-OPTION_ARGS = ("model", "ingress", "backend", "device", "dtype", "api_key", "replicas", "autoscale", "gpus_per_replica",
-               "cpus_per_replica", "voices_dir")
+OPTION_ARGS = ("model", "ingress", "backend", "device", "dtype", "api_key", "replicas", "autoscale",
+               "gpus_per_replica", "cpus_per_replica", "voices_dir")
 
 
 def app_builder(args: dict):
@@ -220,8 +221,8 @@ def app_builder(args: dict):
 
     `args`: model, ingress (must match how the cluster was started), backend, device, dtype, api_key, replicas,
     autoscale ("MIN..MAX"), gpus_per_replica, cpus_per_replica, voices_dir, and any server setting (max_active,
-    max_queue, allowed_hosts, ...: ServerSettings in server/protocol.py). Host names default to any (`allowed_hosts: ["*"]`): the proxy's exposure is the
-    cluster's choice; set an `api_key` on anything reachable."""
+    max_queue, allowed_hosts, ...: ServerSettings in server/protocol.py). Host names default to any
+    (`allowed_hosts: ["*"]`): the proxy's exposure is the cluster's choice; set an `api_key` on anything reachable."""
     args = dict(args)
     known = set(OPTION_ARGS) | {f.name for f in fields(ServerSettings)}
     unknown = sorted(set(args) - known)
@@ -241,8 +242,8 @@ def app_builder(args: dict):
 
 
 def options_from(*, model: str, ingress: str = "haproxy", backend: str = "reference", device: str | None = None,
-                 dtype: str | None = None,
-                 api_key: str | None = None, replicas: int = 1, autoscale: str | None = None,
+                 dtype: str | None = None, api_key: str | None = None, replicas: int = 1,
+                 autoscale: str | None = None,
                  gpus_per_replica: float = 1.0, cpus_per_replica: float = 1.0, voices_dir: str | None = None,
                  settings: ServerSettings | None = None) -> ReplicaOptions:
     """ReplicaOptions from flat settings (the CLI's and a config file's), checked with messages naming the field."""
@@ -293,8 +294,8 @@ def run_serve_ray(args) -> int:
     from .app import WS_PATH, _is_loopback, serve_settings
 
     options = options_from(model=args.model, ingress=args.ray_ingress, backend=args.backend, device=args.device,
-                           dtype=args.dtype,
-                           api_key=args.api_key, replicas=args.replicas or 1, autoscale=args.autoscale,
+                           dtype=args.dtype, api_key=args.api_key, replicas=args.replicas or 1,
+                           autoscale=args.autoscale,
                            gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                            voices_dir=getattr(args, "voices_dir", None), settings=serve_settings(args))
     if not _is_loopback(args.host) and not options.api_key and not args.allow_unauthenticated_public:
@@ -309,8 +310,8 @@ def run_serve_ray(args) -> int:
     shape = (f"{options.autoscale[0]}..{options.autoscale[1]} replicas (autoscaled)" if options.autoscale
              else f"{options.replicas} replica(s)")
     print(f"deploying {shape} of {args.model} behind Serve's {options.ingress} ingress ({args.backend} backend, "
-          f"{options.gpus_per_replica} GPU and "
-          f"{options.cpus_per_replica} CPU each, {options.capacity} streams each)...", file=sys.stderr, flush=True)
+          f"{options.gpus_per_replica} GPU and {options.cpus_per_replica} CPU each, {options.capacity} streams "
+          "each)...", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop request tears the application down too
     try:
         start(options, host=args.host, port=args.port)
