@@ -116,18 +116,23 @@ __device__ bool decoder_layer(Ctx<Model>& c, ASrc x, int M, int nr, const bf16* 
                               float eps) {
   const MkParams& p = c.p;
   float* x_res = p.x_res;
+  constexpr int sec0 = S::L == Model::T::L && S::V == Model::T::V ? 0 : SEC_CP;  // section ids (trace builds)
   int o0, o1;
   split_range(S::H, c.nb, c.b, o0, o1);
   // 1. input norm + fused QKV
   x.w = norms;
   float* qkv = p.qkv;
   c.template run_phase<1>(x, M, [&](int i, int u, float (&v)[1]) { qkv[(long long)i * S::QKV + u] = v[0]; });
+  MK_SECTION(sec0 + SEC_QKV);
   MK_SYNC();
+  MK_SECTION(sec0 + SEC_QKV_BAR);
   // 2. attention work list (QK-norm + RoPE + KV append inside)
   if (!dev_flag(c.L.flags, FLAG_DEV_NO_ATTENTION))
     attention_phase<S>(qkv, M / nr, nr, c.s_p0, c.s_slot, kv_base, kv_slot_stride, kv_layer_off, cap, norms, rope,
                        eps, p.attn_out, p.attn_part, p.attn_count, c.nb, c.b, c.stage, c.s_last);
+  MK_SECTION(sec0 + SEC_ATTN);
   MK_SYNC();
+  MK_SECTION(sec0 + SEC_ATTN_BAR);
   // 3. o_proj + residual
   c.template run_phase<1>(ASrc{p.attn_out, nullptr, S::QD, nullptr, nullptr, 0.f}, M,
                           [&](int i, int u, float (&v)[1]) {
@@ -135,7 +140,9 @@ __device__ bool decoder_layer(Ctx<Model>& c, ASrc x, int M, int nr, const bf16* 
                             *r = *r + v[0];
                           });
   write_ssq_part(p.ssq_part, x_res, S::H, M, o0, o1, c.nb, c.b);
+  MK_SECTION(sec0 + SEC_O);
   MK_SYNC();
+  MK_SECTION(sec0 + SEC_O_BAR);
   // 4. post-attention norm + gate/up + SiLU
   inv_rms_parts(c.s_inv, p.ssq_part, c.nb, M, 0, 1, S::H, eps);
   float* mlp = p.act;
@@ -144,14 +151,18 @@ __device__ bool decoder_layer(Ctx<Model>& c, ASrc x, int M, int nr, const bf16* 
                             const float g = v[0];
                             mlp[(long long)i * S::F + u] = g / (1.f + __expf(-g)) * v[1];
                           });
+  MK_SECTION(sec0 + SEC_GU);
   MK_SYNC();
+  MK_SECTION(sec0 + SEC_GU_BAR);
   // 5. down + residual
   c.template run_phase<1>(ASrc{mlp, nullptr, S::F, nullptr, nullptr, 0.f}, M, [&](int i, int u, float (&v)[1]) {
     float* r = x_res + (long long)i * S::H + u;
     *r = *r + v[0];
   });
   write_ssq_part(p.ssq_part, x_res, S::H, M, o0, o1, c.nb, c.b);
+  MK_SECTION(sec0 + SEC_DOWN);
   MK_SYNC();
+  MK_SECTION(sec0 + SEC_DOWN_BAR);
   return true;
 }
 
@@ -320,11 +331,13 @@ __device__ __forceinline__ bool frame_body(Ctx<Model>& c) {
         p.x_res[(long long)i * T::H + u] = p.x_in[(long long)c.s_slot[i] * T::H + u];
   }
   inv_rms_rows(c.s_inv, p.x_in, c.s_slot, T::H, B, T::H, (float)p.t_eps);
+  MK_SECTION(SEC_INPUT);
   ASrc x{p.x_in, c.s_slot, T::H, c.s_inv, nullptr, 0.f};
   const long long t_slot_stride = (long long)T::L * 2 * T::NKV * p.max_seq * T::HD;
   for (int l = 0; l < T::L; ++l) {
     if (l > 0) {
       inv_rms_parts(c.s_inv, p.ssq_part, nb, B, 0, 1, T::H, (float)p.t_eps);
+      MK_SECTION(SEC_NORM);
       x = ASrc{p.x_res, nullptr, T::H, c.s_inv, nullptr, 0.f};
     }
     if (!decoder_layer<Model, T>(c, x, B, 1, p.t_norms + (long long)l * T::NORM_ELEMS, p.t_kv, t_slot_stride,
@@ -339,7 +352,9 @@ __device__ __forceinline__ bool frame_body(Ctx<Model>& c) {
     c.template run_phase<1>(ASrc{p.x_res, nullptr, T::H, c.s_inv, p.t_final_norm, c.L.perturb}, B,
                             [&](int i, int u, float (&v)[1]) { logits[(long long)i * T::V + u] = v[0]; });
   }
+  MK_SECTION(SEC_HEAD);
   MK_SYNC();
+  MK_SECTION(SEC_HEAD_BAR);
 
   // ---- codebook 0 ----
   const bool talker_only = (c.L.flags & FLAG_TALKER_ONLY) != 0;
@@ -349,7 +364,9 @@ __device__ __forceinline__ bool frame_body(Ctx<Model>& c) {
     else talker_outputs(c, i, used0);
   }
   if (talker_only) return true;
+  MK_SECTION(SEC_SAMPLE0);
   MK_SYNC();
+  MK_SECTION(SEC_SAMPLE0_BAR);
 
   // ---- code predictor: 15 steps; step j = 1 is the 2-row prefill [h, C(g0)] at positions 0, 1 ----
   const long long c_slot_stride = (long long)C::L * 2 * C::NKV * CP_POS * C::HD;
@@ -369,7 +386,9 @@ __device__ __forceinline__ bool frame_body(Ctx<Model>& c) {
                                 xr[(long long)i * C::H + u] = v[0] + bf16_to_float(bias[u]);
                               });
       write_ssq_part(p.ssq_part, p.x_res, C::H, M, q0, q1, nb, b);
+      MK_SECTION(SEC_CP_INPUT);
       MK_SYNC();
+      MK_SECTION(SEC_CP_INPUT_BAR);
       inv_rms_parts(c.s_inv, p.ssq_part, nb, M, 0, 1, C::H, (float)p.c_eps);
       xc = ASrc{p.x_res, nullptr, C::H, c.s_inv, nullptr, 0.f};
     } else {
@@ -377,11 +396,13 @@ __device__ __forceinline__ bool frame_body(Ctx<Model>& c) {
         for (int u = q0 + threadIdx.x; u < q1; u += NTHREADS)
           p.x_res[(long long)i * C::H + u] = p.cp_in[(long long)i * T::H + u];
       inv_rms_given(c.s_inv, p.cp_in_ssq, M, 0, 1, C::H, (float)p.c_eps);
+      MK_SECTION(SEC_CP_INPUT);
       xc = ASrc{p.cp_in, nullptr, T::H, c.s_inv, nullptr, 0.f};
     }
     for (int l = 0; l < C::L; ++l) {
       if (l > 0) {
         inv_rms_parts(c.s_inv, p.ssq_part, nb, M, 0, 1, C::H, (float)p.c_eps);
+        MK_SECTION(SEC_CP + SEC_NORM);
         xc = ASrc{p.x_res, nullptr, C::H, c.s_inv, nullptr, 0.f};
       }
       if (!decoder_layer<Model, C>(c, xc, M, nr, p.c_norms + (long long)l * C::NORM_ELEMS, p.c_kv, c_slot_stride,
@@ -395,7 +416,9 @@ __device__ __forceinline__ bool frame_body(Ctx<Model>& c) {
       c.template run_phase<1>(ASrc{p.x_res + (nr - 1) * C::H, nullptr, nr * C::H, c.s_inv, p.c_final_norm, 0.f}, B,
                               [&](int i, int u, float (&v)[1]) { logits[(long long)i * C::V + u] = v[0]; });
     }
+    MK_SECTION(SEC_CP_HEAD);
     MK_SYNC();
+    MK_SECTION(SEC_CP_HEAD_BAR);
     for (int i = b; i < B; i += nb) {
       const int used = sample_stream(c, i, j);
       if (j < NCODES - 1) {
@@ -407,8 +430,13 @@ __device__ __forceinline__ bool frame_body(Ctx<Model>& c) {
         finish_stream(c, i);
       }
     }
-    if (j < NCODES - 1) MK_SYNC();
+    MK_SECTION(SEC_CP_SAMPLE);
+    if (j < NCODES - 1) {
+      MK_SYNC();
+      MK_SECTION(SEC_CP_SAMPLE_BAR);
+    }
   }
+  MK_SECTION(SEC_END);
   return true;
 }
 
@@ -484,6 +512,7 @@ __global__ void __launch_bounds__(NTHREADS, 1)
     c.ws.drain();
     return;  // no barrier passed: the barrier base stays valid
   }
+  MK_SECTION(SEC_START);
   const bool ok = frame_body<Model>(c);
   c.ws.drain();
   if (!ok) {

@@ -179,6 +179,33 @@ constexpr int FLAG_TALKER_ONLY = 1;  // stop after codebook 0 (benchmark of the 
 constexpr int FLAG_STREAM_ONLY = 4;  // benchmark floor: stream every weight tile, no math, no grid barrier
 
 // ------------------------------------------------------------------------------------------------------------
+// Section markers: MK_SECTION(id) marks the end of a named section of the frame (ids below). The production build
+// compiles them to nothing; dev/mk_trace.cuh (built in with -include by dev/mk_trace.py) defines them to record a
+// per-block clock stamp, which is how the section table of docs/megakernel.md is measured.
+#ifndef MK_SECTION
+#define MK_SECTION(id) ((void)0)
+#endif
+enum Section {
+  // per decoder layer, talker (+0) and code predictor (+SEC_CP): the section that just ended
+  SEC_QKV = 1, SEC_QKV_BAR, SEC_ATTN, SEC_ATTN_BAR, SEC_O, SEC_O_BAR, SEC_GU, SEC_GU_BAR, SEC_DOWN, SEC_DOWN_BAR,
+  SEC_NORM,  // inv_rms_parts of a layer's input (and the post-attention norm inside SEC_GU's count: see trace)
+  SEC_CP = 16,
+  SEC_START = 40,   // kernel entry, after the stream list checks and the ring prime
+  SEC_INPUT,        // talker input rows: residual copy and their 1 / rms
+  SEC_HEAD,         // talker final norm + codec head product
+  SEC_HEAD_BAR,
+  SEC_SAMPLE0,      // codebook 0 sampling + the predictor's first rows
+  SEC_SAMPLE0_BAR,
+  SEC_CP_INPUT,     // predictor step input (projection or copy, and its norm)
+  SEC_CP_INPUT_BAR,
+  SEC_CP_HEAD,      // predictor final norm + lm_head product
+  SEC_CP_HEAD_BAR,
+  SEC_CP_SAMPLE,    // codebook j sampling + next step's input row
+  SEC_CP_SAMPLE_BAR,
+  SEC_END,
+};
+
+// ------------------------------------------------------------------------------------------------------------
 // Small helpers
 
 // 8 bf16 packed in a uint4 -> 8 floats.

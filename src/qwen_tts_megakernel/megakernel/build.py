@@ -6,8 +6,9 @@ no torch extension build. load_library() takes the first of:
   2. the cache, $QWEN_TTS_MK_CACHE or ~/.cache/qwen_tts_megakernel/<key>-<arch>/libqwen_tts_mk.so,
   3. nvcc, compiling into the cache (the developer path: about a minute, once per source change),
   4. the prebuilt PTX library, which the driver compiles for a GPU that has no library of its own.
-<key> hashes the sources and the nvcc flags, so an edited kernel or a variant ($QWEN_TTS_MK_DEFINES) never loads a
-library built from other code. The libraries link the CUDA runtime statically: they need the driver, no toolkit.
+<key> hashes the sources and the nvcc flags, so an edited kernel or a variant ($QWEN_TTS_MK_DEFINES, or a header
+force-included with $QWEN_TTS_MK_INCLUDE, e.g. dev/mk_trace.cuh) never loads a library built from other code.
+The libraries link the CUDA runtime statically: they need the driver, no toolkit.
 """
 
 from __future__ import annotations
@@ -69,6 +70,17 @@ def variant_defines() -> list[str]:
     return [f"-D{d}" for d in os.environ.get("QWEN_TTS_MK_DEFINES", "").split()]
 
 
+def variant_include() -> list[Path]:
+    """A header force-included into every unit from $QWEN_TTS_MK_INCLUDE (dev/mk_trace.cuh defines MK_SECTION to
+    record a section trace); part of the cache key. Unset = none."""
+    path = os.environ.get("QWEN_TTS_MK_INCLUDE")
+    if not path:
+        return []
+    if not os.path.isfile(path):
+        raise BuildError(f"QWEN_TTS_MK_INCLUDE={path}: no such file")
+    return [Path(path).resolve()]
+
+
 def nvcc_flags(arch: str) -> list[str]:
     """nvcc flags for an sm target ("90a") or "ptx" (compute_80 PTX only)."""
     extra = variant_defines()
@@ -81,10 +93,10 @@ def nvcc_flags(arch: str) -> list[str]:
 
 def source_hash(arch: str) -> str:
     h = hashlib.sha256()
-    for path in sources():
+    for path in sources() + variant_include():
         h.update(path.name.encode())
         h.update(path.read_bytes())
-    h.update(" ".join(nvcc_flags(arch)).encode())
+    h.update(" ".join(nvcc_flags(arch)).encode())  # the force-included header counts by name and content, not path
     return h.hexdigest()[:16]
 
 
@@ -105,7 +117,8 @@ def compile_library(arch: str, out: Path, extra_flags: list[str] | None = None, 
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     units = [str(p) for p in sources() if p.suffix == ".cu"]
-    cmd = [nvcc, *nvcc_flags(arch), *(extra_flags or []), "-o", tmp, *units]
+    include = [f"--pre-include={p}" for p in variant_include()]
+    cmd = [nvcc, *nvcc_flags(arch), *include, *(extra_flags or []), "-o", tmp, *units]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
