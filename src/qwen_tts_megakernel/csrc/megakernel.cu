@@ -52,20 +52,19 @@ struct Ctx {
   const MkLaunch& L;
   WeightStream<Model> ws;
   GridBarrier bar;
-  float* stage;       // shared [STAGE_FLOATS]: staged rows, attention scratch, sampling scores
+  float* stage;       // shared [STAGE_FLOATS]: staged rows, sampling scores
   float* red;         // shared [RED_FLOATS]
   SampleScratch* ss;
   float* s_inv;       // shared [MAX_ROWS] 1 / rms of the current product's rows
   int* s_slot;        // shared [MAX_BATCH] slot of each stream
   int* s_p0;          // shared [MAX_BATCH] first new position of each stream in the current stack
-  int* s_last;        // shared: attention combine flag
   int phase;          // next phase index of the consumer
   int nb, b, B;
 
   __device__ Ctx(const MkParams& p_, const MkLaunch& L_) : p(p_), L(L_) {}
 
-  // Stream every tile of the next phase through tile_mma with rows 0..M-1 of `a`. The rows are staged in shared
-  // memory first when they fit (same values, fewer round trips to L2).
+  // Stream every tile of the next phase through tile_mma with rows 0..M-1 of `a`. The rows that fit are staged in
+  // shared memory first (same values, one L2 trip per phase instead of one per tile).
   template <int HALVES, class Epi>
   __device__ void run_phase(ASrc a, int M, Epi epi) {
     const PhaseW pw = phase_weights<Model>(p, phase++);
@@ -73,7 +72,7 @@ struct Ctx {
     split_range(pw.n_units, nb, b, u0, u1);
     const int upt = units_per_tile(pw.unit_elems, HALVES);
     const int K = pw.unit_elems / HALVES;
-    if (M * K <= STAGE_FLOATS) a = stage_rows(a, M, K, stage);
+    a = stage_rows(a, M, K, stage);
     for (int u = u0; u < u1; u += upt) {
       const bf16* tile = ws.acquire(p);
       if (!dev_flag(L.flags, FLAG_DEV_NO_MATH)) tile_mma<HALVES>(tile, min(upt, u1 - u), K, a, M, u, red, epi);
@@ -116,7 +115,7 @@ __device__ bool decoder_layer(Ctx<Model>& c, ASrc x, int M, int nr, const bf16* 
                               float eps) {
   const MkParams& p = c.p;
   float* x_res = p.x_res;
-  constexpr int sec0 = S::L == Model::T::L && S::V == Model::T::V ? 0 : SEC_CP;  // section ids (trace builds)
+  [[maybe_unused]] constexpr int sec0 = S::L == Model::T::L && S::V == Model::T::V ? 0 : SEC_CP;  // section ids (trace builds)
   int o0, o1;
   split_range(S::H, c.nb, c.b, o0, o1);
   // 1. input norm + fused QKV
@@ -129,7 +128,7 @@ __device__ bool decoder_layer(Ctx<Model>& c, ASrc x, int M, int nr, const bf16* 
   // 2. attention work list (QK-norm + RoPE + KV append inside)
   if (!dev_flag(c.L.flags, FLAG_DEV_NO_ATTENTION))
     attention_phase<S>(qkv, M / nr, nr, c.s_p0, c.s_slot, kv_base, kv_slot_stride, kv_layer_off, cap, norms, rope,
-                       eps, p.attn_out, p.attn_part, p.attn_count, c.nb, c.b, c.stage, c.s_last);
+                       eps, p.attn_out, p.attn_part, p.attn_count, c.nb, c.b);
   MK_SECTION(sec0 + SEC_ATTN);
   MK_SYNC();
   MK_SECTION(sec0 + SEC_ATTN_BAR);
@@ -464,7 +463,7 @@ template <class Model>
 __global__ void __launch_bounds__(NTHREADS, 1)
     frame_kernel(const __grid_constant__ MkParams p, const __grid_constant__ MkLaunch L) {
   extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ int s_flag, s_last, s_bad;
+  __shared__ int s_flag, s_bad;
   __shared__ float s_inv[MAX_ROWS];
   __shared__ int s_slot[MAX_BATCH], s_p0[MAX_BATCH];
   __shared__ __align__(8) uint64_t s_mbar[RING_TILES];
@@ -480,7 +479,6 @@ __global__ void __launch_bounds__(NTHREADS, 1)
   c.s_inv = s_inv;
   c.s_slot = s_slot;
   c.s_p0 = s_p0;
-  c.s_last = &s_last;
   c.bar.count = p.bar_count;
   c.bar.base = *(volatile unsigned long long*)p.bar_base;
   c.bar.error = p.error;
@@ -551,9 +549,9 @@ static void layout(long long* o) {
   using C = typename M::C;
   const long long v[] = {T::H, T::F, T::L, T::V, T::NQ, T::NKV, T::HD, T::LAYER_ELEMS, T::NORM_ELEMS,
                          C::H, C::F, C::L, C::V, C::NQ, C::NKV, C::HD, C::LAYER_ELEMS, C::NORM_ELEMS,
-                         M::PROJ ? 1 : 0, NTHREADS, SMEM_BYTES, NC_MAX, CAND_MAX, OUT_RING, REC_INTS, CP_POS,
+                         M::PROJ ? 1 : 0, NTHREADS, SMEM_BYTES, ATTN_CHUNK, CAND_MAX, OUT_RING, REC_INTS, CP_POS,
                          (long long)sizeof(MkParams), (long long)sizeof(MkSlot), num_phases<M>(), MAX_BATCH,
-                         (long long)sizeof(MkLaunch), CODES_STRIDE};
+                         (long long)sizeof(MkLaunch), CODES_STRIDE, (long long)sizeof(kv_t)};
   for (unsigned i = 0; i < sizeof(v) / sizeof(v[0]); ++i) o[i] = v[i];
 }
 

@@ -5,13 +5,26 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
 namespace mk {
 
 typedef __nv_bfloat16 bf16;
-typedef float kv_t;  // KV-cache element: fp32 (bf16 storage cost ~4e-3 relative error on the logits)
+// KV-cache element: fp16 by default (K follows the QK-norm, so its range is bounded; a V beyond fp16's range becomes
+// inf, and the stream's logits then fail as non-finite), or fp32 with MK_KV_BITS=32. bf16 storage cost ~4e-3
+// relative error on the logits (docs/megakernel.md); fp16 has 8x the mantissa.
+#ifndef MK_KV_BITS
+#define MK_KV_BITS 16
+#endif
+#if MK_KV_BITS == 16
+typedef __half kv_t;
+#elif MK_KV_BITS == 32
+typedef float kv_t;
+#else
+#error "MK_KV_BITS must be 16 or 32"
+#endif
 
 // ------------------------------------------------------------------------------------------------------------
 // Launch geometry and streaming constants
@@ -35,11 +48,15 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 constexpr int RING_TILES = 3;
 constexpr int MAX_BATCH = 64;               // streams per launch
 constexpr int MAX_ROWS = 2 * MAX_BATCH;     // activation rows of a launch (the predictor's 2-row first step)
-constexpr int STAGE_FLOATS = 8192;          // shared scratch: staged activations, attention, sampling scores
+// Shared scratch for staged activation rows and sampling scores: build.py passes MK_STAGE_KB for the target
+// (H100/B200: 104 KB, the rest of the 227 KB per block; 32 KB elsewhere).
+#ifndef MK_STAGE_KB
+#define MK_STAGE_KB 32
+#endif
+constexpr int STAGE_FLOATS = MK_STAGE_KB * 256;
 constexpr int RED_FLOATS = NWARPS * 16 * 16;  // per-warp 16 x 16 partial products of one m16 tile
 constexpr int MISC_BYTES = 8192;            // sampling scratch
-constexpr int NC_MAX = 16;                  // max attention chunks (split over positions) per stream and KV head
-constexpr int CHUNK_POS = 64;               // positions per attention chunk (before the NC_MAX cap)
+constexpr int ATTN_CHUNK = 32;              // cached positions per attention unit (one warp's work)
 constexpr int CAND_MAX = 256;               // max sampling candidates after top-k (ties at the k-th: lowest ids)
 constexpr int OUT_RING = 4;                 // launch records kept (launch % OUT_RING)
 constexpr int REC_INTS = 32;                // one stream's record: codes[16], frame, eos, error, ..., seq
@@ -119,7 +136,7 @@ struct MkParams {
   float* ssq_part;           // [MAX_ROWS][blocks] sum of squares of x_res over the dims each block owns
   float* qkv;                // [MAX_ROWS][QKV]
   float* attn_out;           // [MAX_ROWS][QD]
-  float* attn_part;          // [MAX_BATCH][NQ][NC_MAX][2 + HD] attention partials (m, l, acc) of chunked streams
+  float* attn_part;          // [MAX_BATCH][NQ][max_seq / ATTN_CHUNK][4 + HD] attention partials (m, l, -, -, acc)
   int* attn_count;           // [MAX_BATCH][NKV] chunks finished (the last one combines, then resets it to 0)
   float* act;                // [MAX_ROWS][max(F, CF)] MLP activations
   float* cp_in;              // [MAX_ROWS][H] code-predictor step inputs (hidden, then code embeddings)
@@ -219,6 +236,31 @@ __device__ __forceinline__ void unpack_bf16x8(const uint4& v, float* f) {
 }
 
 __device__ __forceinline__ float bf16_to_float(bf16 x) { return __bfloat162float(x); }
+
+// 4 consecutive KV-cache elements (this lane's dims of a head): loaded raw (one 8- or 16-byte access, 4-element
+// aligned), unpacked to floats where used; stored from floats.
+#if MK_KV_BITS == 16
+typedef uint2 kv4_raw;
+#else
+typedef float4 kv4_raw;
+#endif
+__device__ __forceinline__ kv4_raw load_kv4(const kv_t* src) { return *reinterpret_cast<const kv4_raw*>(src); }
+__device__ __forceinline__ void unpack_kv4(const uint2& u, float (&f)[4]) {
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+  f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y;
+}
+__device__ __forceinline__ void unpack_kv4(const float4& v, float (&f)[4]) {
+  f[0] = v.x; f[1] = v.y; f[2] = v.z; f[3] = v.w;
+}
+__device__ __forceinline__ void store_kv4(__half* dst, const float (&f)[4]) {
+  const __half2 a = __floats2half2_rn(f[0], f[1]), b = __floats2half2_rn(f[2], f[3]);
+  *reinterpret_cast<uint2*>(dst) = make_uint2(*reinterpret_cast<const uint32_t*>(&a),
+                                              *reinterpret_cast<const uint32_t*>(&b));
+}
+__device__ __forceinline__ void store_kv4(float* dst, const float (&f)[4]) {
+  *reinterpret_cast<float4*>(dst) = make_float4(f[0], f[1], f[2], f[3]);
+}
 
 // Sum over the 32 lanes of a warp (butterfly: every lane gets the total, same order in every lane).
 __device__ __forceinline__ float warp_sum(float v) {

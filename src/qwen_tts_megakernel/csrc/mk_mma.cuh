@@ -32,7 +32,8 @@ __device__ __forceinline__ void split2(float x0, float x1, uint32_t& hi, uint32_
 }
 
 // Where the A rows (activations) of a product come from: row i is x + row(i) * stride (fp32), optionally
-// RMSNorm-scaled: x * inv[i] * w[k] + add.
+// RMSNorm-scaled: x * inv[i] * w[k] + add. Rows i < n_staged were copied (norm applied) to shared memory
+// staged[i][K] by stage_rows and are read from there.
 struct ASrc {
   const float* x;
   const int* map;     // row(i) = map[i] (shared memory), or i when null
@@ -40,27 +41,35 @@ struct ASrc {
   const float* inv;   // per-row 1 / rms (shared memory), or null: no norm
   const bf16* w;      // norm weight [K]
   float add;          // added after the norm (the validation perturbation), else 0
+  const float* staged = nullptr;  // shared [n_staged][staged_k]
+  int n_staged = 0, staged_k = 0;
 };
 
+// Row i, elements k..k+7 of `a` (the norm with explicitly rounded operations, so every call site gives the same
+// bits and a staged row equals the row read from global memory).
 __device__ __forceinline__ void load_a8(const ASrc& a, int i, int k, float (&v)[8]) {
-  const float* src = a.x + (long long)(a.map ? a.map[i] : i) * a.stride + k;
+  const bool staged = i < a.n_staged;
+  const float* src = staged ? a.staged + (long long)i * a.staged_k + k
+                            : a.x + (long long)(a.map ? a.map[i] : i) * a.stride + k;
   const float4 p = *reinterpret_cast<const float4*>(src);
   const float4 q = *reinterpret_cast<const float4*>(src + 4);
   v[0] = p.x; v[1] = p.y; v[2] = p.z; v[3] = p.w; v[4] = q.x; v[5] = q.y; v[6] = q.z; v[7] = q.w;
-  if (a.inv) {
+  if (a.inv && !staged) {
     const float inv = a.inv[i];
     float w[8];
     unpack_bf16x8(*reinterpret_cast<const uint4*>(a.w + k), w);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = v[j] * inv * w[j] + a.add;
+    for (int j = 0; j < 8; ++j) v[j] = __fmaf_rn(__fmul_rn(v[j], inv), w[j], a.add);
   }
 }
 
-// Copy rows 0..M-1 of `a` (norm applied) into shared memory [M][K]; returns the ASrc reading them from there.
-// Same values as reading `a` directly (so staging never changes a result): used when the rows fit.
+// Copy the first rows of `a` that fit in `stage` (STAGE_FLOATS, rows of K) into shared memory with the norm
+// applied; returns the ASrc that reads those rows from there and the others as before. Same values either way, so
+// staging never changes a result (and which rows are staged depends on K only, never on the batch).
 __device__ __forceinline__ ASrc stage_rows(const ASrc& a, int M, int K, float* stage) {
+  const int n = min(M, STAGE_FLOATS / K);
   const int per_row = K / 8;
-  for (int t = threadIdx.x; t < M * per_row; t += NTHREADS) {
+  for (int t = threadIdx.x; t < n * per_row; t += NTHREADS) {
     const int i = t / per_row, k = (t % per_row) * 8;
     float v[8];
     load_a8(a, i, k, v);
@@ -69,7 +78,11 @@ __device__ __forceinline__ ASrc stage_rows(const ASrc& a, int M, int K, float* s
     d[1] = make_float4(v[4], v[5], v[6], v[7]);
   }
   __syncthreads();
-  return ASrc{stage, nullptr, K, nullptr, nullptr, 0.f};
+  ASrc s = a;
+  s.staged = stage;
+  s.n_staged = n;
+  s.staged_k = K;
+  return s;
 }
 
 // out(i, unit) for the n_units units of a tile (unit = HALVES consecutive weight rows of K) and the A rows

@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 
 LAYOUT_FIELDS = ("t_H", "t_F", "t_L", "t_V", "t_NQ", "t_NKV", "t_HD", "t_LAYER_ELEMS", "t_NORM_ELEMS",
                  "c_H", "c_F", "c_L", "c_V", "c_NQ", "c_NKV", "c_HD", "c_LAYER_ELEMS", "c_NORM_ELEMS",
-                 "PROJ", "NTHREADS", "SMEM_BYTES", "NC_MAX", "CAND_MAX", "OUT_RING", "REC_INTS", "CP_POS",
-                 "sizeof_params", "sizeof_slot", "num_phases", "MAX_BATCH", "sizeof_launch", "CODES_STRIDE")
+                 "PROJ", "NTHREADS", "SMEM_BYTES", "ATTN_CHUNK", "CAND_MAX", "OUT_RING", "REC_INTS", "CP_POS",
+                 "sizeof_params", "sizeof_slot", "num_phases", "MAX_BATCH", "sizeof_launch", "CODES_STRIDE",
+                 "KV_BYTES")
 REC_FRAME, REC_EOS, REC_ERROR, REC_NCAND, REC_SEQ = 16, 17, 18, 19, 31
 MAX_ROWS_PER_STREAM = 2  # activation rows of one stream in the predictor's first step
 INSTANCE_ERRORS = {1: "grid barrier timeout (a block never arrived: grid larger than the GPU can hold, or a hang)",
@@ -344,14 +345,15 @@ class MegakernelBackend:
         self.c_rope = rope_table(16, c.head_dim, c.rope_theta, dev)
         self._rope_cos, self._rope_sin = prefill_rope(self.t_rope)
 
-        # Caches (per slot). KV in fp32 (kv_t in mk_common.cuh): bf16 storage cost ~4e-3 relative error on the
-        # logits and 90.6 % teacher-forced agreement (docs/megakernel.md).
+        # Caches (per slot). KV in fp16 (kv_t in mk_common.cuh; fp32 in a MK_KV_BITS=32 build): bf16 storage cost
+        # ~4e-3 relative error on the logits and 90.6 % teacher-forced agreement (docs/megakernel.md).
         f32, i32 = torch.float32, torch.int32
+        kv_dtype = {2: torch.float16, 4: torch.float32}[self.lay["KV_BYTES"]]
         S, H = self.max_streams, t.hidden_size
         self.t_kv = torch.zeros(S, t.num_hidden_layers, 2, t.num_key_value_heads, self.max_seq, t.head_dim,
-                                device=dev, dtype=f32)
+                                device=dev, dtype=kv_dtype)
         self.c_kv = torch.zeros(S, c.num_hidden_layers, 2, c.num_key_value_heads, 16, c.head_dim, device=dev,
-                                dtype=f32)
+                                dtype=kv_dtype)
         self.text_capacity = self.max_seq  # text row k is read by launch k < max_seq
         self.slot_x_in = torch.zeros(S, H, device=dev, dtype=f32)
         self.slot_text = torch.zeros(S, self.text_capacity, H, device=dev, dtype=f32)
@@ -377,8 +379,8 @@ class MegakernelBackend:
         self.ssq_part = torch.zeros(R, self.num_blocks, device=dev, dtype=f32)
         self.qkv = torch.zeros(R, t.q_dim + 2 * t.kv_dim, device=dev, dtype=f32)
         self.attn_out = torch.zeros(R, t.q_dim, device=dev, dtype=f32)
-        self.attn_part = torch.zeros(B, t.num_attention_heads, self.lay["NC_MAX"], 2 + t.head_dim, device=dev,
-                                     dtype=f32)
+        max_chunks = -(-self.max_seq // self.lay["ATTN_CHUNK"])  # attention units per stream and KV head
+        self.attn_part = torch.zeros(B, t.num_attention_heads, max_chunks, 4 + t.head_dim, device=dev, dtype=f32)
         self.attn_count = torch.zeros(B, t.num_key_value_heads, device=dev, dtype=i32)
         self.act = torch.zeros(R, fmax, device=dev, dtype=f32)
         self.cp_in = torch.zeros(R, H, device=dev, dtype=f32)

@@ -63,12 +63,12 @@ def bench_prompts(config, n: int, lo: int = 50, hi: int = 800):
             for i in range(n)]
 
 
-def kv_bytes_per_frame(config, positions) -> int:
-    """KV-cache bytes one frame reads (fp32 cache): the talker over each stream's positions 0..pos, the predictor
-    over positions 0..j in step j (K and V, every layer)."""
+def kv_bytes_per_frame(config, positions, elem_bytes: int = 4) -> int:
+    """KV-cache bytes one frame reads (elements of elem_bytes): the talker over each stream's positions 0..pos, the
+    predictor over positions 0..j in step j (K and V, every layer)."""
     t, c = config.talker, config.code_predictor
-    row_t = 2 * t.num_key_value_heads * t.head_dim * 4 * t.num_hidden_layers
-    row_c = 2 * c.num_key_value_heads * c.head_dim * 4 * c.num_hidden_layers
+    row_t = 2 * t.num_key_value_heads * t.head_dim * elem_bytes * t.num_hidden_layers
+    row_c = 2 * c.num_key_value_heads * c.head_dim * elem_bytes * c.num_hidden_layers
     cp_positions = 2 + sum(j + 1 for j in range(2, 16))
     return sum(row_t * (p + 1) + row_c * cp_positions for p in positions)
 
@@ -103,7 +103,7 @@ def bench_megakernel(backend, config, batches, frames: int = 100, warmup: int = 
         hs = backend.open(specs)
         launch = backend._entries(hs)
         positions = [launch.e[i].pos for i in range(launch.n)]
-        r = {"positions": positions, "kv_bytes": kv_bytes_per_frame(config, positions)}
+        r = {"positions": positions, "kv_bytes": kv_bytes_per_frame(config, positions, backend.lay["KV_BYTES"])}
         for name, flags in (("frame", 0), ("talker_step", FLAG_TALKER_ONLY)):
             launch.flags = flags
             r[name + "_ms"], r[name + "_ms_p90"] = _time_launches(backend, launch, frames, warmup)

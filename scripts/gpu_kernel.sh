@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Megakernel experiments in one device call, most important first, each step under a time limit and skipped when it
+# could pass DEADLINE (s); logs and results come back under $OUT:
+#   decode_base / decode - bench --decode (BATCH, DSIZES) of BASE=<src dir> (when given) and of this tree
+#   validate             - validate --batch (VBATCH, VSIZE) of this tree
+#   trace_base / trace   - dev/mk_trace.py section trace (TBATCH, TSIZES) of BASE and of this tree
+#   ring                 - dev/ring_ab.py weight-ring floor A/B against 4c58a06 (.wt-old/src: git archive 4c58a06 src)
+#   run(command="BASE=.wt-base/src STEPS='decode_base decode' bash scripts/gpu_kernel.sh", carry=[".mkcache", ".wt-base"])
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
+if [ -d .mkcache ]; then export QWEN_TTS_MK_CACHE="$PWD/.mkcache"; fi
+LOG="${OUT:-/tmp/gpu_kernel}/logs"; mkdir -p "$LOG" benchmarks/results
+DEADLINE=${DEADLINE:-580}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>&1 | tee "$LOG/gpu.txt"
+rc=0
+step() {  # step NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
+  local left=$((DEADLINE - SECONDS)); [ "$left" -lt 20 ] && { echo "== $name: skipped (deadline)"; return; }
+  [ "$secs" -gt "$left" ] && secs=$left
+  echo "== $name"; local t0=$SECONDS
+  timeout "$secs" "$@" 2>&1 | tee "$LOG/$name.log" | tail -${TAIL:-30}
+  local st=${PIPESTATUS[0]}; echo "== $name: exit $st, $((SECONDS - t0)) s"; [ "$st" -eq 0 ] || rc=1
+}
+DEC="python3 -m qwen_tts_megakernel.cli bench --decode --batch ${BATCH:-1,2,4,8,16,32,64} --frames ${DFRAMES:-50}"
+if [ -n "${BASE:-}" ]; then
+  step decode_base 240 bash -c "mkdir -p $LOG/base && for s in ${DSIZES:-0.6b 1.7b}; do PYTHONPATH=$BASE $DEC --random-weights \$s --output-dir $LOG/base; done"
+fi
+step decode 240 bash -c "for s in ${DSIZES:-0.6b 1.7b}; do $DEC --random-weights \$s --output-dir benchmarks/results; done"
+VAL="python3 -m qwen_tts_megakernel.cli validate --random-weights ${VSIZE:-0.6b} --batch ${VBATCH:-1,2,7,16,64} ${VARGS:-}"
+step validate 300 $VAL
+if [ -n "${VFALLBACK:-}" ] && ! grep -q "overall: PASS" "$LOG/validate.log" 2>/dev/null; then  # e.g. VFALLBACK=MK_KV_BITS=32
+  step validate_fallback 300 env QWEN_TTS_MK_DEFINES="$VFALLBACK" $VAL
+fi
+TRACE="python3 dev/mk_trace.py --batch ${TBATCH:-1,64} --out-dir benchmarks/results"
+if [ -n "${BASE:-}" ]; then
+  step trace_base 150 bash -c "for s in ${TSIZES:-0.6b}; do PYTHONPATH=$BASE $TRACE --size \$s --tag before; done"
+fi
+step trace 150 bash -c "for s in ${TSIZES:-0.6b}; do $TRACE --size \$s ${BASE:+--tag after}; done"
+step ring 200 python3 dev/ring_ab.py --old .wt-old/src --rounds 2 --out benchmarks/results/ring-ab.json
+echo "gpu_kernel rc=$rc"
+if [ -n "${OUT:-}" ]; then cp -r benchmarks/results "$OUT/results"; fi
+exit $rc
