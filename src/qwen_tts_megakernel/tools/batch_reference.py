@@ -9,9 +9,11 @@ reference_run returns, per stream.
 
 It is an oracle, so a stream's values must not depend on the streams beside it. Every product has `rows` rows,
 whatever the number of streams and however many are still running (rows of streams that ended or do not exist are
-zeros), so each product always has the same shape and a product row depends on its input row alone; attention and
-sampling are per stream; RoPE comes from one table indexed by position. A stream's results are therefore the same
-bits in any batch of the same `rows` (tests/test_batch_reference.py checks it). They are not the same bits as
+zeros), so each product always has the same shape and a product row depends on its input row alone; the talker's
+attention and all sampling are per stream, the code predictor's attention (the same positions in every stream) is one
+call whose batch elements are computed apart; RoPE comes from one table indexed by position. A stream's results are therefore the same
+bits in any batch of the same `rows`, as long as the BLAS picks its kernel by shape alone, which CPU BLAS and cuBLAS
+do (tests/test_batch_reference.py checks it on the CPU; on the GPU it rests on that). They are not the same bits as
 reference_run's: a product of 1 row and one of `rows` rows sum in different orders (the BLAS picks its kernel by
 shape), so the two agree to fp32 rounding (about 1e-6 relative), not bit for bit; validate checks a sample of
 streams against reference_run on every run.

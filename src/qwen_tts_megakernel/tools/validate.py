@@ -392,13 +392,18 @@ def run_batch_validation(config, weights, batches, frames: int = 32, seed: int =
         talker = Talker.from_state_dict(config, {k: v.float() for k, v in weights.items()}, device=dev,
                                         dtype=torch.float32)
         params = SamplingParams()
-        prompts = batch_prompts(config, n, frames, seed, lo=min(PROMPT_MIN, max_pos), hi=max_pos)
+        lo = min(PROMPT_MIN, max_pos)
+        prompts = batch_prompts(config, n, frames, seed, lo=lo, hi=max_pos)
         specs = [kernel_spec(p, t, pad, params, tab, frames) for p, t, pad, tab in prompts]
-        stages.note(f"blocks {backend.num_blocks}, streams {n}, prompts {PROMPT_MIN}..{max_pos} rows, "
+        stages.note(f"blocks {backend.num_blocks}, streams {n}, prompts {lo}..{max_pos} rows, "
                     f"max_seq_len {max_seq_len}")
 
     def every(step: int, what: str, total: int):
-        return lambda k: (k + 1) % step == 0 and stages.note(f"  {what} {k + 1}/{total}")
+        """A progress callback: a line after every `step`-th item k (0-based) of `total`."""
+        def progress(k: int) -> None:
+            if (k + 1) % step == 0 or k + 1 == total:
+                stages.note(f"  {what} {k + 1}/{total}")
+        return progress
 
     # The reference: all streams stepped together (tools/batch_reference.py), then a sample checked against the
     # per-stream reference_run.
