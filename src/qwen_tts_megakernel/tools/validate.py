@@ -334,10 +334,15 @@ def device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
 
 
+def print_now(line: str) -> None:
+    """print, flushed: progress lines show at once through a pipe too."""
+    print(line, flush=True)
+
+
 class Stages:
     """Wall time of each stage of a run, with a progress line (seconds since the start) as each starts and ends."""
 
-    def __init__(self, log=print):
+    def __init__(self, log=print_now):
         self.log, self.t0, self.seconds = log, time.perf_counter(), {}
 
     def note(self, text: str) -> None:
@@ -375,7 +380,7 @@ def oracle_ok(check: dict) -> bool:
 
 
 def run_batch_validation(config, weights, batches, frames: int = 32, seed: int = 1234, device="cuda",
-                         max_pos: int = MAX_POS, oracle_rows: int | None = None, log=print,
+                         max_pos: int = MAX_POS, oracle_rows: int | None = None, log=print_now,
                          make_backend=_megakernel) -> dict:
     """Streams with prompts of 20..max_pos rows, `frames` frames each, on the kernel against the batched fp32
     reference. oracle_rows: the rows of every reference product (default max(batches); validate passes the
