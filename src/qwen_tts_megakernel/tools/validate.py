@@ -384,7 +384,8 @@ def run_batch_validation(config, weights, batches, frames: int = 32, seed: int =
                          make_backend=_megakernel) -> dict:
     """Streams with prompts of 20..max_pos rows, `frames` frames each, on the kernel against the batched fp32
     reference. oracle_rows: the rows of every reference product (default max(batches); validate passes the
-    kernel's MAX_BATCH, so a stream's reference values are the same whatever --batch says)."""
+    kernel's MAX_BATCH, so a stream's reference values do not depend on how many streams run beside it).
+    make_backend(config, weights, device, max_streams, max_seq_len): the kernel (tests pass a CPU stand-in)."""
     from ..model import Talker
 
     dev = torch.device(device)
