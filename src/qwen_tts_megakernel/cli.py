@@ -7,7 +7,7 @@
     qwen-tts-mk voices remove NAME [--voices-dir D]
     qwen-tts-mk serve [--model M] [--backend B] [--host 127.0.0.1] [--port 8001] [--api-key K]
                       [--ray [--replicas N | --autoscale MIN..MAX] [--ray-ingress haproxy|proxy] [--gpus-per-replica 1]]
-    qwen-tts-mk validate (--model M | --random-weights 0.6b) [--batch 1,2,7,16,64]
+    qwen-tts-mk validate (--model M | --random-weights 0.6b) [--batch 1,2,7,16,64 [--frames 32] [--max-pos 1500]]
     qwen-tts-mk bench (--all | --decode | --server | --load | --serve-overhead)
 
 A mistake the user can fix (a bad option value, a device this machine lacks, an output path that cannot be written,
@@ -506,9 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="a Hugging Face id or a local folder (default: --random-weights)")
     p.add_argument("--random-weights", default=None, choices=["0.6b", "1.7b"],
                    help="random weights of the real shapes (default: 0.6b when no --model)")
-    p.add_argument("--frames", type=positive_int, default=None, help="frames per stream (default 64; with --batch 8)")
+    p.add_argument("--frames", type=positive_int, default=None, help="frames per stream (default 64; with --batch 32)")
     p.add_argument("--batch", default=None, help="batch sizes to check, e.g. 1,2,7,16,64 (streams at mixed "
                                                  "positions, batch invariance; default: one stream)")
+    p.add_argument("--max-pos", type=positive_int, default=1500,
+                   help="with --batch: the longest prompt in rows; prompts spread over 20..max-pos (default 1500)")
     p.add_argument("--output", default=None,
                    help="JSON report path (default: benchmarks/results/validate-<model>.json)")
     p.set_defaults(func=cmd_validate)

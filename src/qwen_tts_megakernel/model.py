@@ -18,17 +18,18 @@ from .layers import RMSNorm, apply_rope, rope_cos_sin
 
 
 class KVCache:
-    """Keys and values of every layer for one sequence: k, v [layers, kv_heads, capacity, D]; `length` filled."""
+    """Keys and values of every layer for one sequence: k, v [layers, kv_heads, capacity, D]; `length` filled.
+    With `batch` (sequences that share their positions, e.g. (B,)): k, v [layers, *batch, kv_heads, capacity, D]."""
 
-    def __init__(self, cfg: TransformerConfig, capacity: int, device, dtype):
-        shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, capacity, cfg.head_dim)
+    def __init__(self, cfg: TransformerConfig, capacity: int, device, dtype, batch: tuple[int, ...] = ()):
+        shape = (cfg.num_hidden_layers, *batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[-2]
 
     def reset(self) -> None:
         self.length = 0
@@ -52,17 +53,24 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(n, cfg.num_key_value_heads, cfg.head_dim)).transpose(0, 1)
         v = self.v_proj(x).view(n, cfg.num_key_value_heads, cfg.head_dim).transpose(0, 1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.o_proj(self.attend(q, k, v, cache, layer))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """q [..., heads, n, D], k and v [..., kv_heads, n, D] (after QK-norm and RoPE) at cache positions
+        cache.length .. +n-1 -> [..., n, q_dim]; writes k and v into the cache (the caller advances its length).
+        Leading dims: a batched cache's (KVCache `batch`), or none."""
+        cfg, n = self.cfg, q.shape[-2]
         start, end = cache.length, cache.length + n
-        cache.k[layer, :, start:end] = k
-        cache.v[layer, :, start:end] = v
-        keys, values = cache.k[layer, :, :end], cache.v[layer, :, :end]
+        cache.k[layer][..., start:end, :] = k
+        cache.v[layer][..., start:end, :] = v
+        keys, values = cache.k[layer][..., :end, :], cache.v[layer][..., :end, :]
         group = cfg.num_attention_heads // cfg.num_key_value_heads
-        keys = keys.repeat_interleave(group, dim=0)
-        values = values.repeat_interleave(group, dim=0)
+        keys = keys.repeat_interleave(group, dim=-3)
+        values = values.repeat_interleave(group, dim=-3)
         # Causal over the new rows; every cached row before them is visible.
-        mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        mask = torch.ones(n, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0 / math.sqrt(cfg.head_dim))
-        return self.o_proj(out.transpose(0, 1).reshape(n, cfg.q_dim))
+        return out.transpose(-3, -2).flatten(-2)
 
 
 class MLP(nn.Module):

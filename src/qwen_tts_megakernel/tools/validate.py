@@ -1,8 +1,12 @@
 """qwen-tts-mk validate: the megakernel against the reference backend on the GPU, with the same weights.
 
-`--batch 1,2,7,16,64` checks batched launches (streams at mixed positions, prompts of 20..800 rows): every stream of
-the largest batch against the reference (hidden / logits error, teacher-forced agreement), free-running codes under
-shared random numbers, and batch invariance: every stream's codes in every batch equal its solo run on every frame.
+`--batch 1,2,7,16,64` checks batched launches (streams at mixed positions, prompts of 20..--max-pos rows, 1500 by
+default, --frames 32 frames each): every stream of the largest batch against the reference (hidden / logits error,
+teacher-forced agreement), free-running codes under shared random numbers, and batch invariance: every stream's codes
+in every batch equal its solo run on every frame. Batch sizes go up to the kernel's MAX_BATCH. The fp32 reference of
+all streams is one batched run (tools/batch_reference.py: a stream's values do not depend on its batch), checked
+against the per-stream reference_run on a sample of streams (first, last and two between). Progress lines name each
+stage with the seconds since the start; the JSON report holds each stage's wall time (stage_seconds).
 Without --batch, one stream is checked as below.
 
 Reports (table + JSON; exit status 1 when a bound fails):
@@ -18,6 +22,7 @@ Weights: --model M (a checkpoint), or --random-weights 0.6b|1.7b (random tensors
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -27,10 +32,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..precision import fp32_precision
 from ..sampling import RandomStream, SamplingParams, TalkerRules, philox_uniforms, sample_code_predictor, sample_talker
+from .batch_reference import batched_reference_run
 
 HIDDEN_BOUND = 1e-2
 AGREE_BOUND = 0.99
+# The batched reference against reference_run (tools/batch_reference.py): fp32 rounding apart, the same values.
+ORACLE_BOUND = 1e-4
+ORACLE_AGREE = 0.999
+ORACLE_SAMPLE = 4  # streams of a --batch run checked against reference_run
+MAX_POS = 1500  # --batch: the longest prompt (rows); prompts spread over PROMPT_MIN..MAX_POS
+PROMPT_MIN = 20
+FRAMES_BATCH = 32  # --batch: default frames per stream
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,7 +294,7 @@ def run_validation(config, weights, frames: int = 64, seed: int = 1234, device="
     return report
 
 
-def batch_prompts(config, n: int, frames: int, seed: int, lo: int = 20, hi: int = 800):
+def batch_prompts(config, n: int, frames: int, seed: int, lo: int = 20, hi: int = MAX_POS):
     """n streams with prompts of lo..hi rows (spread evenly), their own text, seeds and uniform tables."""
     out = []
     for i in range(n):
@@ -295,33 +309,123 @@ def pick(n_total: int, b: int) -> list[int]:
     return sorted({i * n_total // b for i in range(b)})
 
 
-def run_batch_validation(config, weights, batches, frames: int = 8, seed: int = 1234, device="cuda",
-                         log=print) -> dict:
-    from ..model import Talker
+def sample_streams(n_total: int, k: int = ORACLE_SAMPLE) -> list[int]:
+    """k of n_total streams, the first and the last (shortest and longest prompt) among them."""
+    if n_total <= k:
+        return list(range(n_total))
+    return sorted({round(i * (n_total - 1) / (k - 1)) for i in range(k)})
+
+
+def kernel_max_batch(config) -> int:
+    """The most streams one launch of the compiled kernel takes (its MAX_BATCH), without building a backend."""
+    from ..megakernel.backend import layout, variant_for
+    from ..megakernel.build import load_library
+
+    return int(layout(load_library(), variant_for(config))["MAX_BATCH"])
+
+
+def _megakernel(config, weights, device, max_streams: int, max_seq_len: int):
     from ..megakernel.backend import MegakernelBackend
 
-    dev = torch.device(device)
-    t0 = time.perf_counter()
-    n = max(batches)
-    backend = MegakernelBackend(config, weights, device=dev, max_streams=n, max_seq_len=1024)
-    talker = Talker.from_state_dict(config, {k: v.float() for k, v in weights.items()}, device=dev,
-                                    dtype=torch.float32)
-    params = SamplingParams()
-    prompts = batch_prompts(config, n, frames, seed)
-    specs = [kernel_spec(p, t, pad, params, tab, frames) for p, t, pad, tab in prompts]
-    log(f"setup {time.perf_counter() - t0:.1f} s; blocks {backend.num_blocks}, streams {n}")
+    return MegakernelBackend(config, weights, device=device, max_streams=max_streams, max_seq_len=max_seq_len)
 
-    # The reference, stream by stream.
-    refs = [reference_run(talker, p, t, pad, params, tab, frames) for p, t, pad, tab in prompts]
-    log(f"reference {time.perf_counter() - t0:.1f} s")
+
+def device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
+
+
+def print_now(line: str) -> None:
+    """print, flushed: progress lines show at once through a pipe too."""
+    print(line, flush=True)
+
+
+class Stages:
+    """Wall time of each stage of a run, with a progress line (seconds since the start) as each starts and ends."""
+
+    def __init__(self, log=print_now):
+        self.log, self.t0, self.seconds = log, time.perf_counter(), {}
+
+    def note(self, text: str) -> None:
+        self.log(f"[{time.perf_counter() - self.t0:7.1f} s] {text}")
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        self.note(f"{name} ...")
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        self.note(f"{name}: {self.seconds[name]:.1f} s")
+
+
+def check_oracle(talker, prompts, refs, params, streams: list[int]) -> dict:
+    """The batched reference against reference_run, stream by stream, for `streams`: teacher-forced on the batched
+    run's codes (a code that flips on a near-tie does not change the history), hidden / logits / codes compared."""
+    hid, log, agree = [], [], []
+    for i in streams:
+        prefill, text, pad, table = prompts[i]
+        codes, hidden, logits = refs[i]
+        own, want_hid, want_log = reference_run(talker, prefill, text, pad, params, table, len(codes), forced=codes)
+        m = min(len(own), len(codes))
+        hid += [rel_err(hidden[k], want_hid[k]) for k in range(m)]
+        log += [rel_err(logits[k], want_log[k]) for k in range(m)]
+        agree += list((own[:m] == codes[:m]).reshape(-1)) + [False] * 16 * abs(len(own) - len(codes))
+    return {"streams": streams, "hidden_rel_err_max": max(hid), "logits_rel_err_max": max(log),
+            "codes_agreement": float(np.mean(agree)),
+            "bounds": {"hidden_logits_rel_err": ORACLE_BOUND, "codes_agreement": ORACLE_AGREE}}
+
+
+def oracle_ok(check: dict) -> bool:
+    return bool(check["hidden_rel_err_max"] <= ORACLE_BOUND and check["logits_rel_err_max"] <= ORACLE_BOUND
+                and check["codes_agreement"] >= ORACLE_AGREE)
+
+
+def run_batch_validation(config, weights, batches, frames: int = 32, seed: int = 1234, device="cuda",
+                         max_pos: int = MAX_POS, oracle_rows: int | None = None, log=print_now,
+                         make_backend=_megakernel) -> dict:
+    """Streams with prompts of 20..max_pos rows, `frames` frames each, on the kernel against the batched fp32
+    reference. oracle_rows: the rows of every reference product (default max(batches); validate passes the
+    kernel's MAX_BATCH, so a stream's reference values do not depend on how many streams run beside it).
+    make_backend(config, weights, device, max_streams, max_seq_len): the kernel (tests pass a CPU stand-in)."""
+    from ..model import Talker
+
+    dev = torch.device(device)
+    stages = Stages(log)
+    n = max(batches)
+    max_seq_len = max_pos + frames + 1
+    with stages("setup"):
+        backend = make_backend(config, weights, dev, n, max_seq_len)
+        # The reference gets the bf16 weights upcast to fp32: the same numbers the kernel reads.
+        talker = Talker.from_state_dict(config, {k: v.float() for k, v in weights.items()}, device=dev,
+                                        dtype=torch.float32)
+        params = SamplingParams()
+        lo = min(PROMPT_MIN, max_pos)
+        prompts = batch_prompts(config, n, frames, seed, lo=lo, hi=max_pos)
+        specs = [kernel_spec(p, t, pad, params, tab, frames) for p, t, pad, tab in prompts]
+        stages.note(f"blocks {backend.num_blocks}, streams {n}, prompts {lo}..{max_pos} rows, "
+                    f"max_seq_len {max_seq_len}")
+
+    def every(step: int, what: str, total: int):
+        """A progress callback: a line after every `step`-th item k (0-based) of `total`."""
+        def progress(k: int) -> None:
+            if (k + 1) % step == 0 or k + 1 == total:
+                stages.note(f"  {what} {k + 1}/{total}")
+        return progress
+
+    # The reference: all streams stepped together (tools/batch_reference.py), then a sample checked against the
+    # per-stream reference_run.
+    rows = max(n, oracle_rows or n)
+    with fp32_precision(tf32=False):
+        with stages("reference"):
+            refs = batched_reference_run(talker, prompts, params, frames, rows=rows,
+                                         progress=every(8, "reference frame", frames))
+        with stages("reference check"):
+            oracle = check_oracle(talker, prompts, refs, params, sample_streams(n))
+    oracle["product_rows"] = rows
     # Teacher-forced, all n streams in one batch: each stream sees its reference history.
-    forced = []
-    for codes, _, _ in refs:
-        f = np.zeros((frames, 16), dtype=np.int64)
-        f[: len(codes)] = codes
-        forced.append(f[: len(codes)])
-    tf_specs = [kernel_spec(p, t, pad, params, tab, len(r[0])) for (p, t, pad, tab), r in zip(prompts, refs)]
-    tf = kernel_batch_run(backend, tf_specs, frames, forced=forced)
+    with stages("teacher-forced"):
+        forced = [codes for codes, _, _ in refs]
+        tf_specs = [kernel_spec(p, t, pad, params, tab, len(r[0])) for (p, t, pad, tab), r in zip(prompts, refs)]
+        tf = kernel_batch_run(backend, tf_specs, frames, forced=forced)
     hid_err, log_err, agree0, agree_rest = [], [], [], []
     for (rc, rh, rl), (kc, kh, kl) in zip(refs, tf):
         m = min(len(rc), len(kc))
@@ -331,19 +435,25 @@ def run_batch_validation(config, weights, batches, frames: int = 8, seed: int = 
         full = [k for k in range(m) if rc[k, 0] != config.ids.codec_eos]
         agree_rest += list((kc[full, 1:] == rc[full, 1:]).reshape(-1))
     # Solo free runs, then every batch against them.
-    solo = [kernel_batch_run(backend, [s], frames, debug=False)[0][0] for s in specs]
+    with stages("solo runs"):
+        solo = []
+        for i, s in enumerate(specs):
+            solo.append(kernel_batch_run(backend, [s], frames, debug=False)[0][0])
+            every(8, "solo stream", n)(i)
     divergence = [first_divergence(sc, rc) for sc, (rc, _, _) in zip(solo, refs)]
     invariance = {}
-    for b in batches:
-        idx = pick(n, b)
-        got = kernel_batch_run(backend, [specs[i] for i in idx], frames, debug=False)
-        bad = [i for i, (c, _, _) in zip(idx, got) if not np.array_equal(c, solo[i])]
-        invariance[str(b)] = {"streams": idx, "differ": bad}
-        log(f"batch {b}: {'identical to solo runs' if not bad else f'streams {bad} differ from their solo runs'}")
-    ab = kernel_batch_run(backend, [specs[0]], min(frames, 16), perturb=0.05, debug=False)[0][0]
-    ab_changed = first_divergence(ab, solo[0][: len(ab)]) is not None
+    with stages("batches"):
+        for b in batches:
+            idx = pick(n, b)
+            got = kernel_batch_run(backend, [specs[i] for i in idx], frames, debug=False)
+            bad = [i for i, (c, _, _) in zip(idx, got) if not np.array_equal(c, solo[i])]
+            invariance[str(b)] = {"streams": idx, "differ": bad}
+            stages.note(f"  batch {b}: {'identical to solo runs' if not bad else f'streams {bad} differ'}")
+    with stages("A/B"):
+        ab = kernel_batch_run(backend, [specs[0]], min(frames, 16), perturb=0.05, debug=False)[0][0]
+        ab_changed = first_divergence(ab, solo[0][: len(ab)]) is not None
     report = {
-        "batches": list(batches), "streams": n, "frames": frames,
+        "batches": list(batches), "streams": n, "frames": frames, "max_pos": max_pos, "max_seq_len": max_seq_len,
         "prompt_rows": [int(p[0].shape[0]) for p in prompts],
         "hidden_rel_err_max": max(hid_err), "hidden_rel_err_median": float(np.median(hid_err)),
         "logits_rel_err_max": max(log_err), "logits_rel_err_median": float(np.median(log_err)),
@@ -353,16 +463,18 @@ def run_batch_validation(config, weights, batches, frames: int = 8, seed: int = 
         "batch_invariance": invariance,
         "batch_invariant": all(not v["differ"] for v in invariance.values()),
         "ab_perturbation_changes_codes": bool(ab_changed),
+        "reference_check": oracle,
         "bounds": {"hidden_logits_rel_err": HIDDEN_BOUND, "agreement": AGREE_BOUND},
-        "device": torch.cuda.get_device_name(dev), "blocks": backend.num_blocks,
+        "device": device_name(dev), "blocks": backend.num_blocks,
         "memory_per_stream_bytes": backend.memory_per_stream(),
-        "seconds": time.perf_counter() - t0,
+        "stage_seconds": stages.seconds,
+        "seconds": time.perf_counter() - stages.t0,
     }
     report["frames_compared"] = len(hid_err)
     report["pass"] = bool(report["hidden_rel_err_max"] <= HIDDEN_BOUND and report["logits_rel_err_max"] <= HIDDEN_BOUND
                           and report["teacher_forced_g0_agreement"] >= AGREE_BOUND
                           and report["teacher_forced_g1_15_agreement"] >= AGREE_BOUND and report["batch_invariant"]
-                          and ab_changed)
+                          and ab_changed and oracle_ok(oracle))
     return report
 
 
@@ -371,6 +483,12 @@ def _short(v) -> str:
         hit = [d for d in v if d is not None]
         return f"{len(hit)}/{len(v)} diverge, first at {min(hit)}" if hit else f"none of {len(v)}"
     return str(v)
+
+
+def _oracle_row(c: dict) -> tuple:
+    value = (f"{max(c['hidden_rel_err_max'], c['logits_rel_err_max']):.1e}, codes "
+             f"{100 * c['codes_agreement']:.2f} %, streams {c['streams']}")
+    return ("batched reference = per-stream reference", value, f"<= {ORACLE_BOUND:g}", oracle_ok(c))
 
 
 def format_table(r: dict) -> str:
@@ -389,6 +507,7 @@ def format_table(r: dict) -> str:
             "all ok", r["batch_invariant"])] if "batch_invariance" in r else []),
         ("A/B: perturbed hidden changes codes", str(r["ab_perturbation_changes_codes"]), "True",
          r["ab_perturbation_changes_codes"]),
+        *([_oracle_row(r["reference_check"])] if "reference_check" in r else []),
     ]
     w = max(len(a) for a, *_ in rows)
     lines = [f"{'check':<{w}}  {'value':<40} {'bound':<10} ok"]
@@ -404,8 +523,10 @@ def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="qwen-tts-mk validate")
     p.add_argument("--model", default=None)
     p.add_argument("--random-weights", default=None, choices=["0.6b", "1.7b"])
-    p.add_argument("--frames", type=int, default=None, help="frames per stream (default 64, with --batch 8)")
+    p.add_argument("--frames", type=int, default=None,
+                   help=f"frames per stream (default 64, with --batch {FRAMES_BATCH})")
     p.add_argument("--batch", default=None, help="batch sizes, e.g. 1,2,7,16,64")
+    p.add_argument("--max-pos", type=int, default=MAX_POS, help=f"--batch: longest prompt in rows (default {MAX_POS})")
     p.add_argument("--output", default=None)
     return p.parse_args(argv)
 
@@ -434,10 +555,16 @@ def main_validate(argv=None) -> int:
         except ValueError:
             print(f"--batch: expected comma-separated integers, got {batch!r}", file=sys.stderr)
             return 2
-        if not batches or batches[0] < 1 or batches[-1] > 64:
-            print("--batch: sizes must be 1..64", file=sys.stderr)
+        max_batch = kernel_max_batch(config)
+        if not batches or batches[0] < 1 or batches[-1] > max_batch:
+            print(f"--batch: sizes must be 1..{max_batch} (the kernel's MAX_BATCH)", file=sys.stderr)
             return 2
-        report = run_batch_validation(config, weights, batches, frames=int(frames or 8))
+        max_pos = int(getattr(args, "max_pos", None) or MAX_POS)
+        if max_pos < 1:
+            print(f"--max-pos: expected a positive number of rows, got {max_pos}", file=sys.stderr)
+            return 2
+        report = run_batch_validation(config, weights, batches, frames=int(frames or FRAMES_BATCH), max_pos=max_pos,
+                                      oracle_rows=max_batch)
     else:
         report = run_validation(config, weights, frames=int(frames or 64))
     report["model"] = name
