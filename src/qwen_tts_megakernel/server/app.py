@@ -39,6 +39,7 @@ from .audio_formats import AudioEncoder
 from ..engine import EngineUnavailable
 from .protocol import (LOOPBACK_HOSTS, BadRequest, ServerSettings, SpeechParams, StreamedText, Validator, parse_json,
                        shown)
+from .omni_protocol import FirstMessageReplay, OmniSession, first_message_is_omni
 from .voices_api import voices_router
 from .worker import EngineWorker, LiveJob, QueueFull, ServerJob, TextJob
 
@@ -186,8 +187,8 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
     def authorized(headers, query=None) -> bool:
         if not api_key:
             return True
-        auth = headers.get("authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        token = value.strip() if scheme.lower() in ("bearer", "api-key") else None  # Api-Key: vLLM-Omni, Baseten
         if token is None and query is not None:
             token = query.get("api_key")
         return token is not None and secrets.compare_digest(token.encode(), api_key.encode())
@@ -397,7 +398,11 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
             await websocket.close(code=1008, reason="missing or wrong API key")
             return
         await websocket.accept()
-        await WsSession(websocket, synth, worker, validator, metrics, settings).run()
+        first = await websocket.receive()  # the first message tells the protocol (omni_protocol.py)
+        if first_message_is_omni(first, settings):
+            await OmniSession(websocket, synth, worker, validator, metrics, settings).run(first)
+            return
+        await WsSession(FirstMessageReplay(websocket, first), synth, worker, validator, metrics, settings).run()
 
     return app
 
