@@ -5,6 +5,7 @@
                                       OpenAI's voice names) + extensions
     WS   /v1/audio/speech/stream      contexts with streamed text input (protocol in docs/server.md)
     GET  /v1/audio/voices  /v1/models  /health  /metrics
+    GET  /  /docs                     the demo page and the API description (web_page.py)
 
 See docs/server.md for the protocol and examples.
 """
@@ -41,6 +42,7 @@ from .protocol import (LOOPBACK_HOSTS, BadRequest, ServerSettings, SpeechParams,
                        shown)
 from .omni_protocol import FirstMessageReplay, OmniSession, first_message_is_omni
 from .voices_api import voices_router
+from .web_page import add_offline_docs, web_router
 from .worker import EngineWorker, LiveJob, QueueFull, ServerJob, TextJob
 
 log = logging.getLogger("qwen_tts_megakernel.server")
@@ -162,9 +164,13 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         finally:
             worker.stop()
 
-    # With a key, the API description is off: /docs and /openapi.json would otherwise be open to anyone.
-    app = FastAPI(title="qwen-tts-megakernel", lifespan=lifespan, redoc_url=None,
-                  docs_url=None if api_key else "/docs", openapi_url=None if api_key else "/openapi.json")
+    # With a key, the API description is off: /docs and /openapi.json would otherwise be open to anyone. /docs
+    # serves its assets from the package (web_page.py), or is off without them.
+    app = FastAPI(title="qwen-tts-megakernel", lifespan=lifespan, redoc_url=None, docs_url=None,
+                  openapi_url=None if api_key else "/openapi.json")
+    add_offline_docs(app)
+    if settings.web_page:
+        app.include_router(web_router(api_key_required=api_key is not None))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"],

@@ -92,6 +92,8 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()  # origins that get CORS headers (none: no CORS)
     # OpenAI clients
     voice_aliases: str = field(default_factory=lambda: os.environ.get("QWEN_TTS_MK_VOICE_ALIASES", ""))
+    # The demo page at / (web_page.py; `serve --no-web-page` turns it off)
+    web_page: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -111,7 +113,10 @@ class ServerSettings:
         for f in fields(ServerSettings):
             option = "--" + f.name.replace("_", "-")
             default = getattr(defaults, f.name)
-            if f.name.endswith(("hosts", "origins")):
+            if isinstance(default, bool):
+                group.add_argument(option, default=None, action=argparse.BooleanOptionalAction,
+                                   help=f"default: {'on' if default else 'off'}")
+            elif f.name.endswith(("hosts", "origins")):
                 group.add_argument(option, default=None, metavar="A,B", type=lambda v: tuple(v.split(",")),
                                    help=f"default: {','.join(default) or 'none'}")
             else:
