@@ -279,3 +279,25 @@ def test_api_key_schemes(synth):
                 with ws_client.connect(ws_url, additional_headers=header) as conn:
                     conn.send(json.dumps({"type": "session.config"}))
                     conn.recv(timeout=10)
+
+
+def test_full_server_refuses_the_utterance_in_its_shape(synth):
+    """No slot and no queue place: an error, then the utterance's audio.done with error true, then session.done;
+    the session goes on."""
+    settings = ServerSettings(max_active=1, max_queue=0)
+    with running_server(synth, settings=settings) as (url, app):
+        ws_url = url.replace("http://", "ws://") + WS_PATH
+        with ws_client.connect(ws_url) as busy, ws_client.connect(ws_url) as conn:
+            holder = OmniReader(busy)
+            holder.send(type="session.config", voice="ryan", max_new_tokens=1500, response_format="pcm",
+                        stream_audio=True)
+            holder.send(type="input.text", text="Holding the only slot for a while. ")
+            holder.read_until("audio.start")
+            ws = OmniReader(conn)
+            ws.send(type="session.config", voice="ryan", response_format="pcm")
+            ws.send(type="input.text", text="No room for me.")
+            assert "capacity" in ws.read_until("error")["message"]
+            ws.send(type="input.done")
+            ws.read_until("session.done")
+            assert ws.types() == ["error", "audio.start", "audio.done", "session.done"]
+            assert ws.events[2]["error"] is True and ws.audio == []
