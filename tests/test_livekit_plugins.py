@@ -188,3 +188,41 @@ async def test_openai_tts_streams_and_stops(server):
     finally:
         await tts.aclose()
     assert await wait_idle(app) == 0
+
+
+def wav_file(path, seconds: float = 2.0) -> str:
+    import soundfile as sf
+
+    t = np.arange(int(RATE * seconds)) / RATE
+    audio = 0.3 * np.sin(2 * np.pi * 180 * t) + 0.02 * np.random.default_rng(0).standard_normal(len(t))
+    sf.write(str(path), audio.astype(np.float32), RATE)
+    return str(path)
+
+
+@pytest.mark.asyncio
+async def test_baseten_register_voice_then_speak_with_it(tmp_path, monkeypatch):
+    """On a Base model: the plugin's register_voice (voice.add over the socket) clones a voice, list_voices shows it,
+    and the plugin's defaults (task_type Base, language Auto) speak with it."""
+    monkeypatch.setenv("QWEN_TTS_MK_VOICES_DIR", str(tmp_path / "voices"))
+    model = write_tiny_model(tmp_path / "base", "0.6b", "base", seed=1)
+    synth = Synthesizer.from_pretrained(str(model), device="cpu")
+    with running_server(synth) as (url, app):
+        endpoint = url.replace("http://", "ws://") + WS_PATH
+        voice = await baseten.register_voice(model_endpoint=endpoint, name="agent_voice", api_key="unused",
+                                             ref_audio_path=wav_file(tmp_path / "ref.wav"),
+                                             ref_text="This is what the reference clip says.")
+        assert voice["name"] == "agent_voice" and voice["duration_s"] == 2.0
+        listed = await baseten.list_voices(model_endpoint=endpoint, api_key="unused")
+        assert listed["uploaded_voices"] == ["agent_voice"] and listed["voices"] == []
+        with pytest.raises(RuntimeError, match="already exists"):
+            await baseten.register_voice(model_endpoint=endpoint, name="agent_voice", api_key="unused",
+                                         ref_audio_path=str(tmp_path / "ref.wav"))
+        async with aiohttp.ClientSession() as session:
+            tts = baseten.TTS(model="qwen3-tts", model_endpoint=endpoint, api_key="unused", voice="agent_voice",
+                              http_session=session, max_new_tokens=10)
+            try:
+                events = [e async for e in tts.synthesize("Hello in a cloned voice.")]
+            finally:
+                await tts.aclose()
+        assert len(pcm_of(events)) == 10 * FRAME_SAMPLES * 2
+        assert await wait_idle(app) == 0

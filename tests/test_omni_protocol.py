@@ -220,8 +220,8 @@ def test_voice_list_and_session_close(ws_url, synth):
         listed = ws.read_until("voice.list")
         assert listed["voices"] == sorted(synth.voices) and listed["uploaded_voices"] == []
         assert "english" in listed["languages"]
-        ws.send(type="voice.add", name="x")
-        assert "POST /v1/audio/voices" in ws.read_until("error")["message"]
+        ws.send(type="voice.add", name="x", consent="user_consent", audio_data="")
+        assert "cannot clone voices: serve a Base model" in ws.read_until("error")["message"]
         ws.send(type="session.close")
         with pytest.raises(ws_exceptions.ConnectionClosed):
             conn.recv(timeout=10)

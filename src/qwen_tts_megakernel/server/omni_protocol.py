@@ -15,6 +15,8 @@ changes only the host. The two protocols share the path and are told apart by th
                                                       {"type":"session.done","utterance_index","total_sentences"}
     {"type":"session.close"}                          the socket closes
     {"type":"voice.list"}                             {"type":"voice.list","voices","uploaded_voices","languages"}
+    {"type":"voice.add","name","consent",             {"type":"voice.add","success":true,"voice":{...}} (Base models)
+     "audio_data","ref_text"}
 
 An utterance (the text between two `input.done`) is one engine stream of the same kind as one of our WebSocket
 contexts: it opens at the first text, speaks from the first word while text still arrives, and its audio is
@@ -27,6 +29,8 @@ docs/server.md lists the fields and what is refused.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import time
 from dataclasses import dataclass, field
@@ -36,10 +40,12 @@ from fastapi import WebSocket
 from ..engine import EngineUnavailable, Synthesizer, pick_seed
 from ..live import LiveUtterance
 from ..prompt import PromptError
+from ..voices import VoiceError, check_voice_name, library_for
 from ..word_timing import WordTimeline
 from .audio_formats import RESPONSE_FORMATS, AudioEncoder
 from .metrics import ServerMetrics
 from .protocol import BadRequest, ServerSettings, SpeechParams, StreamedText, Validator, parse_json, shown
+from .voices_api import cloner_for
 from .worker import EngineWorker, LiveJob, QueueFull
 
 OMNI_MESSAGE_TYPES = ("session.config", "input.text", "input.done", "session.close", "voice.list", "voice.add")
@@ -64,6 +70,7 @@ WHY_UNSUPPORTED = {
                        "estimated word times in audio.done",
     "initial_codec_chunk_frames": "the first chunk is always one 80 ms frame here",
 }
+REFUSED_CONSENT = ("", "false", "0", "no", "off")
 QUEUED_MESSAGES = 256  # messages read ahead while an utterance is spoken (then TCP backpressure)
 
 
@@ -273,8 +280,7 @@ class OmniSession:
             await self.send_json(self.voice_list())
             return True
         if kind == "voice.add":
-            await self.error("voice.add is not supported here: store a voice with POST /v1/audio/voices (a Base "
-                             "model), then use its name as 'voice'")
+            await self.add_voice(msg)
             return True
         if kind == "session.close":
             return False
@@ -302,14 +308,41 @@ class OmniSession:
         return True
 
     def voice_list(self) -> dict:
-        from ..voices import library_for
-
         stored = []
         if self.synth.config.model_type == "base":
             library = library_for(self.synth)
             stored = [m["name"] for m in library.list() if m.get("speaker_encoder") == library.fingerprint]
         return {"type": "voice.list", "voices": sorted(self.synth.config.speakers), "uploaded_voices": stored,
                 "languages": self.synth.languages}
+
+    async def add_voice(self, msg: dict) -> None:
+        """Baseten's voice.add: {name, consent, audio_data (base64 of a clip file), audio_format, ref_text} -> the
+        same cloning as POST /v1/audio/voices (Base models), answered {"type": "voice.add", "success", "voice"}."""
+        if self.synth.config.model_type != "base":
+            await self.error(f"voice.add: this model ({self.synth.config.model_type}) cannot clone voices: serve a "
+                             "Base model")
+            return
+        consent = msg.get("consent")
+        if consent is not True and (not isinstance(consent, str) or consent.strip().lower() in REFUSED_CONSENT):
+            await self.error("voice.add: 'consent' must be given (true, or the consent record's id): confirm that "
+                             "the speaker agreed to have their voice cloned")
+            return
+        transcript = msg.get("ref_text")
+        try:
+            name = check_voice_name(msg.get("name"))
+            if transcript is not None and not isinstance(transcript, str):
+                raise VoiceError("ref_text", "'ref_text' must be text")
+            if name in library_for(self.synth):
+                raise VoiceError("name", f"a voice named {name!r} already exists")
+            try:
+                data = base64.b64decode(msg.get("audio_data") or "", validate=True)
+            except (binascii.Error, TypeError, ValueError):
+                raise VoiceError("audio_data", "'audio_data' must be the clip file in base64") from None
+            meta = await cloner_for(self.synth).add(name, data, transcript or None)
+        except (VoiceError, PromptError) as exc:
+            await self.error(f"voice.add: {exc}")
+            return
+        await self.send_json({"type": "voice.add", "success": True, "voice": meta})
 
     # Utterances -------------------------------------------------------------------------------------------------
 

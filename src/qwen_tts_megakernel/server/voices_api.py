@@ -14,6 +14,7 @@ long, silent, unsupported sample rate), 409 (name taken), 413 (too large), 415 (
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Callable
 
 from fastapi import APIRouter, Request
@@ -34,8 +35,7 @@ def voices_router(synth: Synthesizer, *, model_name: str, authorized: Callable[.
     router = APIRouter()
     cfg = synth.config
     can_clone = cfg.model_type == "base"
-    encoder: list[VoiceEncoder] = []  # made on the first upload
-    lock = asyncio.Lock()  # one clone at a time: uploads share one VoiceEncoder
+    cloner = cloner_for(synth, limits)
 
     def stored() -> list[dict]:
         """Stored voices this model can use (made with its speaker encoder)."""
@@ -88,9 +88,7 @@ def voices_router(synth: Synthesizer, *, model_name: str, authorized: Callable[.
             if name in library_for(synth):
                 raise VoiceError("name", f"a voice named {name!r} already exists", 409)
             data = await upload.read(limits.max_bytes + 1)
-            async with lock:
-                voice, seconds = await asyncio.to_thread(_clone, synth, encoder, data, transcript, name, limits)
-                meta = library_for(synth).add(name, voice, duration_s=round(seconds, 3))
+            meta = await cloner.add(name, data, transcript)
         except VoiceError as exc:
             return error(exc.status, str(exc), exc.field)
         except PromptError as exc:
@@ -112,6 +110,32 @@ def voices_router(synth: Synthesizer, *, model_name: str, authorized: Callable[.
         return {"name": name.lower(), "deleted": True}
 
     return router
+
+
+class VoiceCloner:
+    """Clones voices into one synthesizer's library, one at a time (every upload, HTTP or WebSocket, shares one
+    VoiceEncoder, made on the first)."""
+
+    def __init__(self, synth: Synthesizer, limits: ReferenceLimits):
+        self.synth, self.limits = synth, limits
+        self.encoder: list[VoiceEncoder] = []
+        self.lock = threading.Lock()  # a thread lock: the synthesizer may serve apps on several event loops
+
+    async def add(self, name: str, data: bytes, transcript: str | None) -> dict:
+        """The stored voice's metadata; VoiceError or PromptError for a clip or transcript that cannot be used."""
+        return await asyncio.to_thread(self._add, name, data, transcript)
+
+    def _add(self, name: str, data: bytes, transcript: str | None) -> dict:
+        with self.lock:
+            voice, seconds = _clone(self.synth, self.encoder, data, transcript, name, self.limits)
+            return library_for(self.synth).add(name, voice, duration_s=round(seconds, 3))
+
+
+def cloner_for(synth: Synthesizer, limits: ReferenceLimits = ReferenceLimits()) -> VoiceCloner:
+    """The synthesizer's one VoiceCloner (made on first use)."""
+    if getattr(synth, "voice_cloner", None) is None:
+        synth.voice_cloner = VoiceCloner(synth, limits)
+    return synth.voice_cloner
 
 
 def _clone(synth: Synthesizer, encoder: list[VoiceEncoder], data: bytes, transcript: str | None, name: str,
