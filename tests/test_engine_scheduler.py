@@ -19,6 +19,7 @@ from qwen_tts_megakernel.engine import (EngineFull, EngineSettings, EngineUnavai
                                         StreamError, Synthesizer)
 from qwen_tts_megakernel.codec import StreamingCodec
 from qwen_tts_megakernel.engine.scheduler import Engine
+from qwen_tts_megakernel.engine.step_model import StepModel
 from qwen_tts_megakernel.engine.synthesizer import JobEvents
 from qwen_tts_megakernel.sampling import SamplingError
 from qwen_tts_megakernel.synthetic import write_tiny_model
@@ -205,7 +206,7 @@ def test_streams_at_different_positions_are_batched_and_exact(synth, solo):
     finally:
         engine.stop()
     assert [first_result[0]["pcm"]] + [r["pcm"] for r in rest] == solo
-    assert max(engine.step_times.by_bucket) >= 2  # some engine steps carried 2+ streams
+    assert max(engine.step_times.table()) >= 2  # some engine steps carried 2+ streams
 
 
 def test_cancel_ends_one_stream_and_frees_its_slot(synth, solo):
@@ -251,26 +252,172 @@ def test_stalled_consumer_is_ended_and_its_slot_freed(synth):
     assert engine.active_count == 0
 
 
-def test_realtime_admission_holds_new_streams_when_steps_are_too_slow(synth):
-    engine = engine_with(synth, max_active=8)
-    engine.settings.realtime_admission = True
-    engine.step_times.record(1, 0.07)  # one stream alone already takes 70 ms of every 80 ms frame
+class FakeClock:
+    """Seconds that pass only when told: the engine's step times and the step model's ages read it."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+    def advance_to(self, t: float) -> None:
+        with self._lock:
+            self.now = max(self.now, t)
+
+
+class TimedBackend(ReferenceBackend):
+    """The reference backend whose steps take planted times on a fake clock: `cost(batch, n)` seconds for the
+    n-th step (0-based) at that batch size. `machine_delay_s` adds real sleep to each step (a slower machine).
+    Records the fake time each stream (by seed) was opened, and the batch of every step."""
+
+    def __init__(self, talker, clock: FakeClock, cost, machine_delay_s: float = 0.0, max_streams: int = 16):
+        super().__init__(talker, max_streams=max_streams)
+        self.clock, self.cost, self.machine_delay_s = clock, cost, machine_delay_s
+        self.steps_at: dict[int, int] = {}
+        self.batches: list[int] = []
+        self.opened: dict[int, float] = {}
+
+    def open(self, specs):
+        for spec in specs:
+            self.opened[spec.rng.seed] = self.clock()
+        return super().open(specs)
+
+    def step(self, streams):
+        out = super().step(streams)
+        n = len(streams)
+        self.clock.advance(self.cost(n, self.steps_at.get(n, 0)))
+        self.steps_at[n] = self.steps_at.get(n, 0) + 1
+        self.batches.append(n)
+        if self.machine_delay_s:
+            time.sleep(self.machine_delay_s)
+        return out
+
+
+def timed_engine(synth, backend: TimedBackend, **settings) -> Engine:
+    engine = Engine(backend, StreamingCodec(synth.codec), synth.embedder, synth.config,
+                    sample_rate=synth.sample_rate, step_model=StepModel(clock=backend.clock),
+                    settings=EngineSettings(realtime_admission=True, **settings))
+    engine.start()
+    return engine
+
+
+def frames_job(synth, text: str, seed: int, frames: int) -> Job:
+    """A job that only counts frames (no codec, no consumer to wait for)."""
+    return Job(PromptSource(synth.prepare(text, max_new_tokens=frames), seed), lambda e: None, audio=False,
+               max_buffered=1000)
+
+
+def wait_until(condition, what: str, timeout_s: float = 60.0) -> None:
+    """Poll until `condition()` (a bound on a hang, not a timing: the conditions count engine steps)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("machine_delay_s", [0.0, 0.03], ids=["fast-machine", "slow-machine"])
+def test_realtime_admission_holds_new_streams_when_steps_are_too_slow(synth, machine_delay_s):
+    """One stream alone takes 70 ms of every 80 ms frame (planted on the fake clock, whatever this machine's
+    speed): a second stream waits until the first ends. The recorded step times are the planted ones on a fast
+    machine and on one 30 ms slower per step alike, and the waits count engine steps, not seconds."""
+    clock = FakeClock()
+    backend = TimedBackend(synth.talker, clock, lambda n, k: 0.07 * n, machine_delay_s)
+    engine = timed_engine(synth, backend, max_active=8)
     try:
-        first = Job(PromptSource(synth.prepare("First.", max_new_tokens=400), 1), lambda e: None, max_buffered=1000)
-        second = Job(PromptSource(synth.prepare("Second.", max_new_tokens=2), 2), lambda e: None)
+        first, second = frames_job(synth, "First.", 1, 400), frames_job(synth, "Second.", 2, 2)
         engine.submit(first)
-        time.sleep(0.3)
-        engine.step_times.by_bucket = {1: 0.07}
+        wait_until(lambda: backend.steps_at.get(1, 0) >= 5, "five steps of the first stream")
         engine.submit(second)
-        time.sleep(0.5)
+        held_from = backend.steps_at[1]
+        wait_until(lambda: backend.steps_at[1] >= held_from + 20, "twenty more steps of the first stream")
         assert engine.waiting_count == 1 and not second.finished  # held back, not degrading the first
+        assert 2 not in backend.steps_at
         first.cancel()
-        deadline = time.time() + 20
-        while not second.finished and time.time() < deadline:
-            time.sleep(0.05)
-        assert second.finished and second.end_reason in ("max_new_tokens", "length_guard")
+        wait_until(lambda: second.finished, "the second stream")
+        assert second.end_reason in ("max_new_tokens", "length_guard")
     finally:
         engine.stop()
+
+
+def test_a_slow_first_step_at_batch_two_does_not_lock_batch_two_out(synth):
+    """The lock-out of issue 24: the first step at batch 2 takes 100 ms (lazy loading, a prefill landing in the
+    step), later ones 30 ms. A second stream runs beside the first; a later second stream, submitted while the
+    first still runs, is admitted within one second of (fake) time."""
+    clock = FakeClock()
+    backend = TimedBackend(synth.talker, clock, lambda n, k: 0.1 if (n, k) == (2, 0) else 0.015 * (n + 1))
+    engine = timed_engine(synth, backend, max_active=8)
+    try:
+        first = frames_job(synth, "The first stream runs all along.", 1, 400)
+        engine.submit(first)
+        wait_until(lambda: backend.steps_at.get(1, 0) >= 5, "five steps of the first stream")
+        early = frames_job(synth, "Second.", 2, 2)
+        engine.submit(early)
+        wait_until(lambda: early.finished, "the early second stream")
+        assert backend.steps_at[2] >= 1  # the slow first step at batch 2 happened
+        later = frames_job(synth, "Second again.", 3, 6)
+        submitted = clock()
+        engine.submit(later)
+        wait_until(lambda: 3 in backend.opened, "the later second stream to open")
+        assert backend.opened[3] - submitted <= 1.0
+        assert not first.finished  # it was admitted while the first ran
+        wait_until(lambda: later.finished, "the later second stream")
+        assert later.end_reason == "max_new_tokens"
+    finally:
+        first.cancel()
+        engine.stop()
+
+
+def test_poisson_arrivals_through_the_engine_are_admitted_promptly(synth):
+    """Seeded Poisson arrivals (5 per second of fake time, 8 frames each) while every batch size's first step
+    is 4x slow: every stream is served, several run at once, and none waits long for admission."""
+    clock = FakeClock()
+
+    def cost(n, k):
+        return (0.004 + 0.006 * n) * (4 if k == 0 else 1)
+
+    backend = TimedBackend(synth.talker, clock, cost)
+    engine = timed_engine(synth, backend, max_active=8)
+    rng = np.random.default_rng(24)
+    arrivals = clock() + np.cumsum(rng.exponential(1 / 5.0, size=16))
+    jobs = []
+    try:
+        for i, t in enumerate(arrivals):
+            wait_until(lambda: clock() >= t or engine.active_count + engine.waiting_count == 0, "the next arrival")
+            clock.advance_to(t)  # an idle engine does not move the fake clock
+            jobs.append((clock(), frames_job(synth, TEXTS[i % len(TEXTS)], 100 + i, 8)))
+            engine.submit(jobs[-1][1])
+        wait_until(lambda: all(job.finished for _, job in jobs), "every stream", timeout_s=300)
+    finally:
+        engine.stop()
+    assert [job.end_reason for _, job in jobs] == ["max_new_tokens"] * len(jobs)
+    delays = [backend.opened[100 + i] - submitted for i, (submitted, _) in enumerate(jobs)]
+    assert max(delays) <= 1.0, delays
+    assert max(backend.batches) >= 2  # streams overlapped and were batched
+
+
+def test_warm_up_steps_every_batch_bucket_and_measures_it(synth):
+    """Engine.warm_up (start-up) opens and steps throw-away streams at 1, 2 and max_active (3), closes them, and
+    leaves a measured step time at every bucket (planted times on the fake clock)."""
+    clock = FakeClock()
+    backend = TimedBackend(synth.talker, clock, lambda n, k: 0.01 * n, max_streams=4)
+    engine = Engine(backend, StreamingCodec(synth.codec), synth.embedder, synth.config,
+                    sample_rate=synth.sample_rate, step_model=StepModel(clock=clock),
+                    settings=EngineSettings(max_active=3))
+    report = engine.warm_up(synth.warm_up_spec)
+    assert report["batches"] == [1, 2, 3]
+    assert {n: backend.steps_at[n] for n in report["batches"]} == {n: 4 for n in report["batches"]}
+    assert report["seconds"] == pytest.approx(4 * 0.01 * (1 + 2 + 3))
+    for handle in backend.open([synth.warm_up_spec(i) for i in range(backend.max_streams)]):
+        backend.close(handle)  # every slot is free again: the warm-up closed its streams
+    table = engine.step_times.table()
+    assert {b: table[b]["how"] for b in (1, 2, 4)} == {b: "measured" for b in (1, 2, 4)}
+    assert table[4]["predicted_ms"] == pytest.approx(30.0)  # batch 3 runs in bucket 4
 
 
 def test_stream_error_surfaces_in_the_python_api(synth):

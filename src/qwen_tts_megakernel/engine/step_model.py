@@ -43,7 +43,7 @@ class StepModel:
     """Step wall time by batch size, with aging, outlier-robust medians and probing (see the module docstring)."""
 
     def __init__(self, *, window: int = 9, min_samples: int = 3, max_age_s: float = 20.0,
-                 probe_interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
+                 probe_interval_s: float = 0.5, clock: Callable[[], float] = time.monotonic):
         if window < min_samples or min_samples < 1:
             raise ValueError(f"need 1 <= min_samples <= window, got min_samples={min_samples}, window={window}")
         self.window, self.min_samples, self.max_age_s = window, min_samples, max_age_s
