@@ -30,7 +30,7 @@ def model_with(clock, samples: dict[int, list[float]], gap_s: float = 0.01, **kw
     return model
 
 
-def test_the_first_sample_of_a_bucket_is_discarded():
+def test_the_first_sample_at_a_batch_size_is_discarded():
     clock = FakeClock()
     model = model_with(clock, {1: [0.02] * 4, 2: [0.113, 0.03, 0.03, 0.03]})  # a slow first step at batch 2
     assert model.predict(2) == pytest.approx(0.03)
@@ -43,7 +43,7 @@ def test_a_sample_far_above_the_median_does_not_move_the_estimate():
     assert model.predict(1) == pytest.approx(0.02)
 
 
-def test_a_bucket_measured_too_slow_holds_then_ages_into_a_probe():
+def test_a_batch_size_measured_too_slow_holds_then_ages_into_a_probe():
     clock = FakeClock()
     model = model_with(clock, {1: [0.02] * 4, 2: [0.1] * 4})
     assert model.verdict(2, BUDGET) == HOLD
@@ -52,21 +52,21 @@ def test_a_bucket_measured_too_slow_holds_then_ages_into_a_probe():
     assert model.verdict(2, BUDGET) == PROBE
 
 
-def test_a_bucket_without_a_firm_estimate_is_probed_once_per_interval():
+def test_a_batch_size_without_a_firm_estimate_is_probed_once_per_interval():
     clock = FakeClock()
-    model = model_with(clock, {1: [0.02] * 4})
-    assert model.verdict(2, BUDGET) == PROBE  # nothing known at 2, and 1 fits
+    model = model_with(clock, {1: [0.04] * 4})
+    assert model.verdict(2, BUDGET) == PROBE  # nothing known at 2; 1 fits, twice its time would not
     model.record(2, 0.2)  # the probe's first step (its prefill landed in it): discarded
     assert model.verdict(2, BUDGET) == HOLD  # being measured
     clock.advance(model.probe_interval_s + 0.01)
     assert model.verdict(2, BUDGET) == PROBE  # the probed stream left before it was measured: probe again
 
 
-def test_prediction_is_monotone_and_interpolated_between_buckets():
+def test_prediction_is_monotone_and_interpolated_between_measured_sizes():
     clock = FakeClock()
     model = model_with(clock, {1: [0.01] * 4, 2: [0.009] * 4, 8: [0.04] * 4})  # batch 2 measured faster than 1
     assert model.predict(2) == pytest.approx(0.01)  # never below a smaller batch
-    assert model.predict(3) == pytest.approx(0.01 + (0.04 - 0.01) * (4 - 2) / (8 - 2))  # bucket 4, interpolated
+    assert model.predict(4) == pytest.approx(0.01 + (0.04 - 0.01) * (4 - 2) / (8 - 2))  # interpolated
     values = [model.predict(b) for b in range(1, 9)]
     assert values == sorted(values)
 
@@ -77,6 +77,13 @@ def test_a_batch_above_one_too_slow_holds_and_below_one_that_fits_fits():
     assert model.verdict(8, BUDGET) == HOLD
     model = model_with(FakeClock(), {8: [0.03] * 4})
     assert model.verdict(3, BUDGET) == FITS
+
+
+def test_above_the_largest_measured_batch_a_linear_growth_that_fits_admits_and_else_probes():
+    clock = FakeClock()
+    model = model_with(clock, {4: [0.02] * 4})
+    assert model.verdict(12, BUDGET) == FITS  # 0.02 x 12 / 4 = 60 ms
+    assert model.verdict(16, BUDGET) == PROBE  # 80 ms if linear: only a measurement can tell
 
 
 def test_a_stale_measurement_admits_but_never_refuses():
