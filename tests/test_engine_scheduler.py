@@ -542,6 +542,30 @@ def test_warm_up_steps_every_batch_bucket_and_measures_it(synth):
     assert table[3]["predicted_ms"] == pytest.approx(30.0)
 
 
+def test_step_log_shows_the_step_table_and_stream_counts_every_n_steps(synth, caplog):
+    clock = FakeClock()
+    backend = PlantedBackend(clock, lambda n: 0.01 * n, cold_s=0.0, prefill_s=0.0)
+    engine = timed_engine(synth, backend, step_log_every=2)
+    job = frames_job(synth, "Logged.", 1, 6)
+    with caplog.at_level("INFO", logger="qwen_tts_megakernel.engine"):
+        try:
+            engine.submit(job)
+            wait_until(lambda: job.finished, "the stream")
+        finally:
+            engine.stop()
+    lines = [r.getMessage() for r in caplog.records if "step model" in r.getMessage()]
+    assert len(lines) == 3  # steps 2, 4 and 6
+    assert lines[-1].startswith("step 6: batch 1, active 1, waiting 0, step model {1: {'predicted_ms': 10.0")
+
+
+def test_step_log_setting_reads_its_environment_variable(monkeypatch):
+    monkeypatch.setenv("QWEN_TTS_MK_STEP_LOG", "50")
+    assert EngineSettings().step_log_every == 50
+    monkeypatch.setenv("QWEN_TTS_MK_STEP_LOG", "often")
+    with pytest.raises(ValueError, match="QWEN_TTS_MK_STEP_LOG must be a non-negative integer"):
+        EngineSettings()
+
+
 def test_stream_error_surfaces_in_the_python_api(synth):
     """Synthesizer.stream raises StreamError when its stream fails (here: an absurd temperature floor)."""
     bad = Synthesizer(synth.checkpoint, FaultyBackend(synth.talker, seed=5, at_frame=1,
