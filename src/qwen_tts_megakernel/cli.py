@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "first, against a freshly started server per protocol)")
     p.add_argument("--server-logs", type=Path, default=None, metavar="DIR",
                    help="--load: keep each server's log in DIR (with $QWEN_TTS_MK_STEP_LOG=N: the engine's "
-                        "step-time table every N steps)")
+                        "step-time table every N steps; default: logs are not kept)")
     p.add_argument("--runs", type=positive_int, default=5, help="repetitions per measurement (--all)")
     p.add_argument("--only", nargs="+", default=None, metavar="SECTION",
                    help="--all: run just these sections (decode, streaming, ttfc_breakdown, streaming_plot, "
