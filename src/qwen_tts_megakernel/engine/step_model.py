@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -49,20 +50,22 @@ class StepModel:
         self.window, self.min_samples, self.max_age_s = window, min_samples, max_age_s
         self.probe_interval_s = probe_interval_s
         self.clock = clock
-        self._sizes: dict[int, _Bucket] = {}
+        self._sizes: dict[int, _Samples] = {}
+        self._lock = threading.Lock()  # the engine thread records and asks; logs and probes read the table
 
     def record(self, batch: int, seconds: float) -> None:
         """One step of `batch` streams took `seconds` (wall time, codec included)."""
         now = self.clock()
-        b = self._sizes.setdefault(int(batch), _Samples())
-        self._expire(b, now)
-        b.last_at = now
-        if b.first_at is None:
-            b.first_at = now  # this size's first sample: discarded
-            return
-        b.samples.append((now, float(seconds)))
-        while len(b.samples) > self.window:
-            b.samples.popleft()
+        with self._lock:
+            b = self._sizes.setdefault(int(batch), _Samples())
+            self._expire(b, now)
+            b.last_at = now
+            if b.first_at is None:
+                b.first_at = now  # this size's first sample: discarded
+                return
+            b.samples.append((now, float(seconds)))
+            while len(b.samples) > self.window:
+                b.samples.popleft()
 
     def _expire(self, b: _Samples, now: float) -> None:
         while b.samples and now - b.samples[0][0] > self.max_age_s:
@@ -88,12 +91,13 @@ class StepModel:
     def predict(self, batch: int) -> float | None:
         """The expected step time at `batch` streams from fresh measurements (the size's own, interpolated between
         fresh neighbours, or bounded by them), else its stale estimate; None when nothing is known."""
-        return self._predict(int(batch), self.clock())[0]
+        with self._lock:
+            return self._predict(int(batch), self.clock())[0]
 
-    def _predict(self, b: int, now: float) -> tuple[float | None, str]:
+    def _predict(self, b: int, now: float, estimates=None) -> tuple[float | None, str]:
         """(seconds, how): how = "measured", "interpolated", "at least" (a smaller size's fresh time),
         "at most" (a larger size's fresh time), "stale" or "unknown"."""
-        fresh, stale = self._estimates(now)
+        fresh, stale = estimates or self._estimates(now)
         if b in fresh:
             return fresh[b], "measured"
         lower = max((k for k in fresh if k < b), default=None)
@@ -112,40 +116,44 @@ class StepModel:
     def verdict(self, batch: int, budget_s: float) -> str:
         """FITS when a step of `batch` streams is expected within `budget_s`, HOLD when it is known not to be (or a
         probe at its size is being measured), PROBE when only a measurement can tell."""
-        now = self.clock()
-        b = int(batch)
-        fresh, stale = self._estimates(now)
-        lower = max((k for k in fresh if k < b), default=None)
-        upper = min((k for k in fresh if k > b), default=None)
-        seconds, how = self._predict(b, now)
-        if how in ("measured", "interpolated"):
-            return FITS if seconds <= budget_s else HOLD
-        if lower is not None and fresh[lower] > budget_s:
-            return HOLD  # a smaller batch is already too slow
-        if upper is not None and fresh[upper] <= budget_s:
-            return FITS  # a larger batch fits
-        if lower is not None and upper is None and fresh[lower] * b / lower <= budget_s:
-            return FITS  # even growing linearly with the batch (steps grow slower than that), it fits
-        if b in stale and stale[b] <= budget_s:
-            return FITS  # an old measurement may admit, never refuse
-        last = self._sizes[b].last_at if b in self._sizes else None
-        if last is not None and now - last <= self.probe_interval_s:
-            return HOLD  # a stream at this size is being measured
-        return PROBE
+        with self._lock:
+            now = self.clock()
+            b = int(batch)
+            fresh, stale = estimates = self._estimates(now)
+            lower = max((k for k in fresh if k < b), default=None)
+            upper = min((k for k in fresh if k > b), default=None)
+            seconds, how = self._predict(b, now, estimates)
+            if how in ("measured", "interpolated"):
+                return FITS if seconds <= budget_s else HOLD
+            if lower is not None and fresh[lower] > budget_s:
+                return HOLD  # a smaller batch is already too slow
+            if upper is not None and fresh[upper] <= budget_s:
+                return FITS  # a larger batch fits
+            if lower is not None and upper is None and fresh[lower] * b / lower <= budget_s:
+                return FITS  # even growing linearly with the batch (steps grow slower than that), it fits
+            if b in stale and stale[b] <= budget_s:
+                return FITS  # an old measurement may admit, never refuse
+            last = self._sizes[b].last_at if b in self._sizes else None
+            if last is not None and now - last <= self.probe_interval_s:
+                return HOLD  # a stream at this size is being measured
+            return PROBE
 
     def table(self) -> dict[int, dict]:
         """Per batch size seen: the predicted step (ms), the samples kept, the latest sample's age (s) and how the
         prediction is made now (for logs)."""
         now = self.clock()
         out = {}
-        for k in sorted(self._sizes):
-            b = self._sizes[k]
-            seconds, how = self._predict(k, now)
-            out[k] = {"predicted_ms": None if seconds is None else round(1000 * seconds, 2), "how": how,
-                      "samples": len(b.samples),
-                      "age_s": None if b.last_at is None else round(now - b.last_at, 1)}
+        with self._lock:
+            estimates = self._estimates(now)
+            for k in sorted(self._sizes):
+                b = self._sizes[k]
+                seconds, how = self._predict(k, now, estimates)
+                out[k] = {"predicted_ms": None if seconds is None else round(1000 * seconds, 2), "how": how,
+                          "samples": len(b.samples),
+                          "age_s": None if b.last_at is None else round(now - b.last_at, 1)}
         return out
 
     def measured(self) -> dict[int, float]:
         """Batch sizes with a fresh estimate -> seconds (monotone in the size)."""
-        return self._estimates(self.clock())[0]
+        with self._lock:
+            return self._estimates(self.clock())[0]
