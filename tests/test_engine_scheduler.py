@@ -19,7 +19,7 @@ from qwen_tts_megakernel.engine import (EngineFull, EngineSettings, EngineUnavai
                                         StreamError, Synthesizer)
 from qwen_tts_megakernel.codec import StreamingCodec
 from qwen_tts_megakernel.engine.scheduler import Engine
-from qwen_tts_megakernel.engine.step_model import HOLD, StepModel
+from qwen_tts_megakernel.engine.step_model import HOLD, PROBE, StepModel
 from qwen_tts_megakernel.engine.synthesizer import JobEvents
 from qwen_tts_megakernel.sampling import SamplingError
 from qwen_tts_megakernel.synthetic import write_tiny_model
@@ -540,6 +540,32 @@ def test_warm_up_steps_every_batch_bucket_and_measures_it(synth):
     table = engine.step_times.table()
     assert {b: table[b]["how"] for b in (1, 2, 3)} == {b: "measured" for b in (1, 2, 3)}
     assert table[3]["predicted_ms"] == pytest.approx(30.0)
+
+
+class ProbesOnly(StepModel):
+    def verdict(self, batch, budget_s):
+        return PROBE
+
+
+def test_where_only_a_probe_can_tell_one_stream_joins_per_step(synth):
+    clock = FakeClock()
+    submitted = threading.Event()
+    backend = PlantedBackend(clock, lambda n: 0.01, cold_s=0.0, prefill_s=0.0,
+                             after_step=lambda now: submitted.wait(60))  # the first stream runs until all wait
+    engine = timed_engine(synth, backend, ProbesOnly(clock=clock))
+    first = frames_job(synth, "Already running.", 1, 400)
+    others = [frames_job(synth, "Probe me.", 2 + i, 40) for i in range(5)]
+    try:
+        engine.submit(first)
+        wait_until(lambda: len(backend.batches) >= 1, "the first stream to step")
+        for job in others:
+            engine.submit(job)
+        submitted.set()
+        wait_until(lambda: max(backend.batches) == 6, "every stream to join")
+    finally:
+        first.cancel()
+        engine.stop()
+    assert all(b - a <= 1 for a, b in zip(backend.batches, backend.batches[1:])), backend.batches
 
 
 def test_step_log_shows_the_step_table_and_stream_counts_every_n_steps(synth, caplog):

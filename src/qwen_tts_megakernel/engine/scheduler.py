@@ -59,10 +59,10 @@ class EngineSettings:
     queue_timeout_s: float = 30.0  # a job waiting longer for a slot fails
     consumer_stall_s: float = 10.0  # a job whose consumer took nothing for this long with a full buffer fails
     max_buffered: int = 64  # events a job may have outstanding before it pauses (backpressure)
-    realtime_admission: bool = True  # hold new streams back while the measured step time says they would fall
+    realtime_admission: bool = True  # hold new streams back while the step model says they would fall
     realtime_headroom: float = 0.8  # behind real time: admit while the predicted step stays under 0.8 x 80 ms
     max_prefill_rows: int = 4096  # prompt rows opened per engine step
-    warm_up: bool = False  # step every batch bucket at start-up (Synthesizer turns it on for CUDA devices)
+    warm_up: bool = False  # step batch sizes 1, 2, 4, ... at start-up (Synthesizer: on for CUDA devices)
     # Every N steps log the step-time table and the active / waiting stream counts (0: never).
     step_log_every: int = field(default_factory=lambda: _env_int(STEP_LOG_ENV, 0))
 
@@ -240,12 +240,12 @@ class Engine:
                 verdict = self.step_times.verdict(len(self._active) + 1, s.realtime_headroom * FRAME_SECONDS)
                 if verdict == HOLD or (verdict == PROBE and probed):
                     break
-                probed = verdict == PROBE
+                probed |= verdict == PROBE
             self._active.append(self._waiting.popleft())
 
     def warm_up(self, make_spec) -> dict:
-        """Before start(): step every batch bucket (engine/warmup.py) with throw-away streams built by
-        `make_spec(i)`, recording the step times for admission; logs and returns what it cost."""
+        """Before start(): step batch sizes 1, 2, 4, ... max_active (engine/warmup.py) with throw-away streams
+        built by `make_spec(i)`, recording the step times for admission; logs and returns what it cost."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("warm_up() runs before the engine thread starts")
         batches = warm_batches(min(self.settings.max_active, self.backend.max_streams))
