@@ -56,3 +56,52 @@ def test_closed_loop_run_reports_every_figure(url, protocol):
               "runs": [{"backend": "reference", "model": "tiny", "results": [{**result, "shape": "closed",
                                                                               "streams": 3}]}]}
     assert "| closed | " + protocol + " | 3 streams | 3/3 |" in markdown(report)
+
+
+class PhaseServer:
+    """Stands in for load_bench.StartedServer: the module's in-process server, recording which phases started
+    a server (the order is what these tests check; a subprocess per phase would cost a model load each)."""
+
+    phases: list[str] = []
+    url = ""
+
+    def __init__(self, model, backend, device, args, phase):
+        self.phase, self.start_s = phase, 0.5
+        self.server = type("S", (), {"base_url": PhaseServer.url})()
+
+    def __enter__(self):
+        PhaseServer.phases.append(self.phase)
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def bench_args(**kwargs):
+    import argparse
+
+    defaults = dict(levels=(1,), rates=(3.0,), protocols=("http",), frames=3, requests_per_stream=1,
+                    open_seconds=0.8, ttfa_bound_ms=1e9, max_active=4, max_queue=8, open_loop_after_closed=False)
+    return argparse.Namespace(**{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("after_closed", [False, True])
+def test_open_loop_runs_first_on_a_fresh_server_by_default_and_the_report_says_so(url, monkeypatch, after_closed):
+    from qwen_tts_megakernel.tools import load_bench
+
+    PhaseServer.phases, PhaseServer.url = [], url
+    monkeypatch.setattr(load_bench, "StartedServer", PhaseServer)
+    run = load_bench.run_backend("tiny", "reference", "cpu", bench_args(open_loop_after_closed=after_closed))
+    shapes = [r["shape"] for r in run["results"]]
+    report = {"device": "cpu", "date": "d", "commit": "c", "frames": 3, "runs": [run]}
+    if after_closed:
+        assert PhaseServer.phases == ["closed"] and shapes == ["closed", "open"]
+        assert run["open_loop_server"] == run["results"][1]["server"] == "after closed loop"
+        assert "after the closed-loop levels" in load_bench.markdown(report)
+    else:
+        assert PhaseServer.phases == ["open-http", "closed"] and shapes == ["open", "closed"]
+        assert run["open_loop_server"] == run["results"][0]["server"] == "fresh"
+        assert run["server_start_s"] == {"open-http": 0.5, "closed": 0.5}
+        assert "freshly started server" in load_bench.markdown(report)
+        assert "| open | http | 3.0/s (fresh server) |" in load_bench.markdown(report)
+    assert all(r["ok"] == r["requests"] >= 1 for r in run["results"])

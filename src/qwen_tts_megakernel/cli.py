@@ -535,6 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--load: protocols (default: both)")
     p.add_argument("--frames", type=positive_int, default=None,
                    help="--load: frames per request (default: 100 = 8 s)")
+    p.add_argument("--open-loop-after-closed", action="store_true",
+                   help="--load: one server, open loop after the closed loop warmed it (default: the open loop "
+                        "first, against a freshly started server per protocol)")
+    p.add_argument("--server-logs", type=Path, default=None, metavar="DIR",
+                   help="--load: keep each server's log in DIR (with $QWEN_TTS_MK_STEP_LOG=N: the engine's "
+                        "step-time table every N steps; default: logs are not kept)")
     p.add_argument("--runs", type=positive_int, default=5, help="repetitions per measurement (--all)")
     p.add_argument("--only", nargs="+", default=None, metavar="SECTION",
                    help="--all: run just these sections (decode, streaming, ttfc_breakdown, streaming_plot, "

@@ -2,6 +2,8 @@
 
     jobs.py         a stream as the scheduler sees it (Job, PromptSource), chunks, stop reasons, frame limits
     scheduler.py    Engine: admission, batched prefill, one backend step and one codec call per engine step
+    step_model.py   StepModel: what a step costs by batch size, the model real-time admission asks
+    warmup.py       the start-up warm-up: every batch size stepped once before the first stream
     synthesizer.py  Synthesizer: the public API; every call is a Job on the synthesizer's one Engine
 """
 

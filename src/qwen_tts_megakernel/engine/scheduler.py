@@ -3,8 +3,8 @@
 Each engine step, at a frame boundary:
   1. cancelled jobs end (their backend and codec state freed); a job whose consumer stopped taking events for
      `consumer_stall_s` while its buffer is full ends with an error; jobs queued past `queue_timeout_s` fail;
-  2. waiting jobs are admitted while slots are free and the measured step time says every admitted stream stays
-     ahead of real time (admission control; `max_active` caps it);
+  2. waiting jobs are admitted while slots are free and the step model (engine/step_model.py) says every admitted
+     stream stays ahead of real time (admission control; `max_active` caps it);
   3. admitted jobs whose text is ready are opened together: one batched prefill (`backend.open`), bounded by
      `max_prefill_rows` per step so the running streams keep real time;
   4. live-text jobs hand the backend the text rows that arrived;
@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -35,6 +36,8 @@ from ..backends.base import Backend, BackendError
 from ..config import ModelConfig
 from ..model import PromptEmbedder
 from .jobs import Job, JobInfo, AudioChunk, float_to_pcm16
+from .step_model import HOLD, PROBE, StepModel
+from .warmup import warm_batches, warm_up
 
 log = logging.getLogger("qwen_tts_megakernel.engine")
 
@@ -56,9 +59,24 @@ class EngineSettings:
     queue_timeout_s: float = 30.0  # a job waiting longer for a slot fails
     consumer_stall_s: float = 10.0  # a job whose consumer took nothing for this long with a full buffer fails
     max_buffered: int = 64  # events a job may have outstanding before it pauses (backpressure)
-    realtime_admission: bool = True  # hold new streams back while the measured step time says they would fall
+    realtime_admission: bool = True  # hold new streams back while the step model says they would fall
     realtime_headroom: float = 0.8  # behind real time: admit while the predicted step stays under 0.8 x 80 ms
     max_prefill_rows: int = 4096  # prompt rows opened per engine step
+    warm_up: bool = False  # step batch sizes 1, 2, 4, ... at start-up (Synthesizer: on for CUDA devices)
+    # Every N steps log the step-time table and the active / waiting stream counts (0: never).
+    step_log_every: int = field(default_factory=lambda: _env_int(STEP_LOG_ENV, 0))
+
+
+STEP_LOG_ENV = "QWEN_TTS_MK_STEP_LOG"
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ValueError(f"${name} must be a non-negative integer, got {value[:40]!r}")
+    return int(value)
 
 
 class EngineObserver(Protocol):
@@ -100,48 +118,19 @@ class FrameRate:
         return total / self.window_s
 
 
-class StepTimes:
-    """Wall time of an engine step by batch size (an exponential average per power-of-two bucket): what admission
-    control predicts from."""
-
-    def __init__(self, alpha: float = 0.2):
-        self.alpha = alpha
-        self.by_bucket: dict[int, float] = {}
-
-    @staticmethod
-    def bucket(batch: int) -> int:
-        return 1 << max(0, (batch - 1).bit_length())
-
-    def record(self, batch: int, seconds: float) -> None:
-        b = self.bucket(batch)
-        old = self.by_bucket.get(b)
-        self.by_bucket[b] = seconds if old is None else old + self.alpha * (seconds - old)
-
-    def predict(self, batch: int) -> float | None:
-        """The expected step time at `batch` streams: the bucket's average, else the largest smaller bucket's
-        scaled linearly (pessimistic: batching makes steps sub-linear); None before any measurement."""
-        b = self.bucket(batch)
-        if b in self.by_bucket:
-            return self.by_bucket[b]
-        smaller = [k for k in self.by_bucket if k < b]
-        if not smaller:
-            return None
-        k = max(smaller)
-        return self.by_bucket[k] * batch / k
-
-
 class Engine:
     """Owns the GPU: submit() jobs from any thread; the scheduler thread does all model work."""
 
     def __init__(self, backend: Backend, codec, embedder: PromptEmbedder, config: ModelConfig, *,
                  sample_rate: int, settings: EngineSettings | None = None,
-                 backend_factory: Callable[[], Backend] | None = None):
+                 backend_factory: Callable[[], Backend] | None = None, step_model: StepModel | None = None):
         self.backend, self.codec, self.embedder, self.config = backend, codec, embedder, config
         self.sample_rate = sample_rate
         self.settings = settings or EngineSettings()
         self.backend_factory = backend_factory
         self.observer: EngineObserver = _NoObserver()
-        self.step_times = StepTimes()
+        self.step_times = step_model or StepModel()  # what admission predicts from; its clock times the steps
+        self._steps = 0
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
         self._cond = threading.Condition()
@@ -242,14 +231,38 @@ class Engine:
                 self._waiting.remove(job)
                 self._finish(job, "error", f"waited {s.queue_timeout_s:g} s for a free stream slot")
         limit = min(s.max_active, self.backend.max_streams)
+        probed = False
         while self._waiting and len(self._active) < limit:
-            if s.realtime_admission and self._active and not self._keeps_real_time(len(self._active) + 1):
-                break
+            if s.realtime_admission and self._active:
+                # What admission protects: the running streams' real time. A step of every admitted stream must
+                # stay under the headroom x one frame; where no measurement can tell, one stream is admitted per
+                # step to measure (a probe).
+                verdict = self.step_times.verdict(len(self._active) + 1, s.realtime_headroom * FRAME_SECONDS)
+                if verdict == HOLD or (verdict == PROBE and probed):
+                    break
+                probed |= verdict == PROBE
             self._active.append(self._waiting.popleft())
 
-    def _keeps_real_time(self, batch: int) -> bool:
-        predicted = self.step_times.predict(batch)
-        return predicted is None or predicted <= self.settings.realtime_headroom * FRAME_SECONDS
+    def warm_up(self, make_spec) -> dict:
+        """Before start(): step batch sizes 1, 2, 4, ... max_active (engine/warmup.py) with throw-away streams
+        built by `make_spec(i)`, recording the step times for admission; logs and returns what it cost."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("warm_up() runs before the engine thread starts")
+        batches = warm_batches(min(self.settings.max_active, self.backend.max_streams))
+        with torch.no_grad():
+            report = warm_up(self.backend, make_spec, batches, self.eos_id, record=self.step_times.record,
+                             clock=self.step_times.clock)
+        log.info("warm-up: batch sizes %s stepped in %.2f s (last step ms by size: %s)", report["batches"],
+                 report["seconds"], report["step_ms"])
+        return report
+
+    def _log_steps(self, batch: int) -> None:
+        """Every `step_log_every` steps: the step-time table and the stream counts (a load run's diagnosis)."""
+        self._steps += 1
+        every = self.settings.step_log_every
+        if every and self._steps % every == 0:
+            log.info("step %d: batch %d, active %d, waiting %d, step model %s", self._steps, batch,
+                     len(self._active), len(self._waiting), self.step_times.table())
 
     def _step(self, jobs: list[Job]) -> bool:
         """One engine step over the active jobs. Returns whether anything happened."""
@@ -258,14 +271,15 @@ class Engine:
         progressed |= self._open_ready(jobs)
         self._feed_text(jobs)
         stepping = [j for j in jobs if self._can_step(j)]
-        started = time.perf_counter()
+        started = self.step_times.clock()
         if stepping:
             self._generate(stepping)
         due = [j for j in jobs if not j.finished and j.chunk_due() and j.audio]
         if due:
             self._decode(due)
         if stepping:  # the step's wall time, codec included: what admission control predicts from
-            self.step_times.record(len(stepping), time.perf_counter() - started)
+            self.step_times.record(len(stepping), self.step_times.clock() - started)
+            self._log_steps(len(stepping))
         progressed |= bool(stepping or due)
         for job in jobs:
             if not job.finished and job.end_reason is not None and not (job.audio and job.pending):

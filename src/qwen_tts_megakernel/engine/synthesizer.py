@@ -12,6 +12,7 @@ audio are the same bytes for the same seed, however many streams run beside it.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -22,16 +23,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..backends.base import Backend
+from ..backends.base import Backend, StreamSpec
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..codec import CodecDecoder, StreamingCodec
 from ..config import ModelConfig
 from ..model import PromptEmbedder, Talker
 from ..prompt import Prompt, build_prompt
-from ..sampling import SamplingParams
+from ..sampling import RandomStream, SamplingParams
 from ..voices import resolve_voice
 from .jobs import DEFAULT_CHUNK_SCHEDULE, AudioChunk, Job, PromptSource, Request, check_max_new_tokens, frame_limit
 from .scheduler import Engine, EngineSettings
+
+log = logging.getLogger("qwen_tts_megakernel.engine")
 
 BACKENDS = ("reference", "graphed", "megakernel")
 # "random:0.6b" / "random:1.7b": full-size random weights (real shapes) for GPU benchmarks and validation.
@@ -174,10 +177,12 @@ class Synthesizer:
                         device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
                         max_streams: int = 16, engine_settings: EngineSettings | None = None) -> "Synthesizer":
         """From an already loaded checkpoint (e.g. synthetic.random_checkpoint() for benchmarks). Real-time
-        admission (engine/scheduler.py) is on for CUDA devices unless `engine_settings` says otherwise; a CPU
-        engine admits up to its caps (nothing runs in real time there)."""
+        admission (engine/scheduler.py) and the start-up warm-up of every batch bucket (engine/warmup.py) are on
+        for CUDA devices unless `engine_settings` says otherwise; a CPU engine admits up to its caps (nothing runs
+        in real time there)."""
         if engine_settings is None:
-            engine_settings = EngineSettings(realtime_admission=device.type == "cuda")
+            cuda = device.type == "cuda"
+            engine_settings = EngineSettings(realtime_admission=cuda, warm_up=cuda)
         codec = CodecDecoder.from_state_dict(checkpoint.config.codec, checkpoint.codec_weights, device=device,
                                              dtype=torch.float32)
         if backend == "graphed":
@@ -222,12 +227,23 @@ class Synthesizer:
                 # 2.4x the fp32 throughput at 64 streams on an H200); exact fp32 on the CPU.
                 precision = "tf32" if self.codec_device.type == "cuda" else "fp32"
                 codec = StreamingCodec(self.codec, max_streams=self.engine_settings.max_active, precision=precision)
+                started = time.perf_counter()
                 codec.warm_up()  # CUDA graphs for every batch bucket, captured before the first stream
+                log.info("warm-up: codec graphs in %.2f s", time.perf_counter() - started)
                 self._engine = Engine(self.backend, codec, self.embedder, self.config,
                                       sample_rate=self.sample_rate, settings=self.engine_settings,
                                       backend_factory=self.backend_factory)
+                if self.engine_settings.warm_up:  # every batch bucket's first step, before the first stream
+                    self._engine.warm_up(self.warm_up_spec)
             self._engine.start()
             return self._engine
+
+    def warm_up_spec(self, i: int) -> StreamSpec:
+        """The i-th throw-away stream of the start-up warm-up (Engine.warm_up): 32 prompt rows of the tts_pad
+        embedding (any model type, no voice needed), the checkpoint's sampling defaults, 16 frames."""
+        pad = self.embedder.text_rows([self.config.ids.tts_pad])[0]
+        return StreamSpec(prefill=pad.expand(32, -1).clone(), text_rows=pad[None][:0], pad_row=pad,
+                          params=self.sampling_params(), rng=RandomStream(i), max_frames=16)
 
     def close(self) -> None:
         """Stop the engine (streams still running end as cancelled)."""

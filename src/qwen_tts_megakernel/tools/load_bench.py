@@ -8,6 +8,14 @@ over HTTP (/tts/stream) and WebSocket (/v1/audio/speech/stream):
   open loop     Poisson arrivals at R requests per second, R increasing until p95 time to first audio passes
                 the bound (200 ms by default).
 
+By default the open loop runs first, each protocol's rates against a freshly started server, because that is what
+a deployment sees (only the engine's own start-up warm-up ran before); the closed-loop levels run on another
+server. `--open-loop-after-closed` keeps one server and runs the open loop after the closed loop had warmed it
+(the order of results committed before issue 24). The report says which (`open_loop_server`, and each open-loop
+row's `server`), with each server's start-up time. `--server-logs DIR` keeps every server's log; with
+QWEN_TTS_MK_STEP_LOG=N in the environment those logs hold the engine's step-time table and stream counts every N
+steps.
+
 Every request asks for a fixed number of frames (random weights never stop on EOS: the report says so). Each
 simulated listener starts playing at its first audio byte (after a jitter buffer of 0 or 200 ms) and plays in real
 time; an underrun is any moment it has nothing to play (playback then waits for the next bytes). Reported per
@@ -211,13 +219,63 @@ def gpu_memory_mib() -> int | None:
 # The command -----------------------------------------------------------------------------------------------------
 
 
+class StartedServer:
+    """`qwen-tts-mk serve` in a subprocess for one phase of the benchmark: its start-up time (model load and the
+    engine's warm-up) is measured; its log goes to `log_dir` when one is given."""
+
+    def __init__(self, model: str, backend: str, device: str | None, args, phase: str):
+        env = dict(os.environ, QWEN_TTS_MK_MAX_ACTIVE=str(args.max_active),
+                   QWEN_TTS_MK_MAX_QUEUE=str(args.max_queue))
+        log_dir = getattr(args, "server_logs", None)
+        log_path = None
+        if log_dir:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            log_path = Path(log_dir) / f"{model.replace(':', '-').replace('/', '-')}-{backend}-{phase}.log"
+        self.server = TTSServerProcess(model, backend=backend, device=device, env=env, startup_timeout_s=900,
+                                       log_path=log_path)
+        self.label, self.start_s = f"{backend} on {model} ({phase})", None
+
+    def __enter__(self) -> "StartedServer":
+        print(f"[load] starting {self.label} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        self.server.__enter__()
+        self.start_s = time.perf_counter() - started
+        print(f"[load] {self.label} up in {self.start_s:.1f} s", file=sys.stderr, flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.__exit__(*exc)
+
+
+def open_rates(fleet: Fleet, backend: str, protocol: str, args, server: str) -> list[dict]:
+    """The open-loop rates in order, until p95 time to first audio passes the bound; `server` says what ran on
+    the server before ("fresh" or "after closed loop")."""
+    rows = []
+    for rate in args.rates:
+        r = asyncio.run(fleet.open_loop(protocol, rate, args.open_seconds))
+        r.update(server=server, gpu_memory_mib=gpu_memory_mib())
+        rows.append(r)
+        print(f"[load] {backend} {protocol} open {rate}/s ({server} server): p95 TTFA {fmt(r['ttfa_ms']['p95'])} "
+              f"ms, ok {r['ok']}/{r['requests']}", file=sys.stderr, flush=True)
+        if (r["ttfa_ms"]["p95"] or 0) > args.ttfa_bound_ms:
+            break
+    return rows
+
+
 def run_backend(model: str, backend: str, device: str | None, args) -> dict:
-    env = dict(os.environ, QWEN_TTS_MK_MAX_ACTIVE=str(args.max_active), QWEN_TTS_MK_MAX_QUEUE=str(args.max_queue))
-    server = TTSServerProcess(model, backend=backend, device=device, env=env, startup_timeout_s=900)
-    print(f"[load] starting {backend} on {model} ...", file=sys.stderr, flush=True)
-    levels, rows = [], []
-    with server:
-        fleet = Fleet(server.base_url, args.frames)
+    """By default each protocol's open-loop rates run first, against a freshly started server (what a deployment
+    sees: nothing warmed the engine but its own start-up); the closed-loop levels then run on another server,
+    after a warm-up request. `--open-loop-after-closed` runs everything on one server, open loop last."""
+    rows, starts = [], {}
+    fresh_open = not getattr(args, "open_loop_after_closed", False)
+    if fresh_open:
+        for protocol in args.protocols:
+            with StartedServer(model, backend, device, args, f"open-{protocol}") as started:
+                starts[f"open-{protocol}"] = started.start_s
+                rows += open_rates(Fleet(started.server.base_url, args.frames), backend, protocol, args, "fresh")
+    with StartedServer(model, backend, device, args, "closed") as started:
+        starts["closed"] = started.start_s
+        fleet = Fleet(started.server.base_url, args.frames)
         asyncio.run(fleet.closed_loop("http", 2, 1))  # warm-up: graphs, allocator
         for protocol in args.protocols:
             for streams in args.levels:
@@ -227,15 +285,10 @@ def run_backend(model: str, backend: str, device: str | None, args) -> dict:
                 print(f"[load] {backend} {protocol} closed x{streams}: p95 TTFA {fmt(r['ttfa_ms']['p95'])} ms, "
                       f"{fmt(r['audio_s_per_s'])} audio-s/s, underruns@200ms {r['underruns_200ms']['count']}, "
                       f"ok {r['ok']}/{r['requests']}", file=sys.stderr, flush=True)
-            for rate in args.rates:
-                r = asyncio.run(fleet.open_loop(protocol, rate, args.open_seconds))
-                rows.append(r)
-                print(f"[load] {backend} {protocol} open {rate}/s: p95 TTFA {fmt(r['ttfa_ms']['p95'])} ms, "
-                      f"ok {r['ok']}/{r['requests']}", file=sys.stderr, flush=True)
-                if (r["ttfa_ms"]["p95"] or 0) > args.ttfa_bound_ms:
-                    break
-    levels.append({"model": model, "backend": backend, "results": rows})
-    return levels[0]
+            if not fresh_open:
+                rows += open_rates(fleet, backend, protocol, args, "after closed loop")
+    return {"model": model, "backend": backend, "results": rows,
+            "open_loop_server": "fresh" if fresh_open else "after closed loop", "server_start_s": starts}
 
 
 def fmt(v, spec=".1f") -> str:
@@ -249,12 +302,19 @@ def markdown(report: dict) -> str:
              "first audio byte at the client; RTF = request sent to last byte / audio duration; underruns = times "
              "a real-time listener ran dry after its first byte (0 and 200 ms jitter buffers).", ""]
     for run in report["runs"]:
-        lines += [f"## {run['backend']}, {run['model']}", "",
+        order = ("Open-loop rates ran first, each protocol's against a freshly started server (nothing but its own "
+                 "start-up warmed it); the closed-loop levels ran on another server after a warm-up request."
+                 if run.get("open_loop_server") == "fresh" else
+                 "Open-loop rates ran on the same server after the closed-loop levels (which had warmed it).")
+        starts = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in run.get("server_start_s", {}).items())
+        lines += [f"## {run['backend']}, {run['model']}", "", order + (f" Server start-up: {starts}." if starts
+                                                                       else ""), "",
                   "| shape | protocol | load | ok | TTFA p50 / p95 / p99 ms | RTF p50 / p95 | underruns 0 ms "
                   "(count / s) | underruns 200 ms (count / s) | audio s per s | GPU MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in run["results"]:
-            load = f"{r['streams']} streams" if r["shape"] == "closed" else f"{r['rate']}/s"
+            load = (f"{r['streams']} streams" if r["shape"] == "closed" else
+                    f"{r['rate']}/s" + (f" ({r['server']} server)" if r.get("server") else ""))
             t, u0, u2 = r["ttfa_ms"], r["underruns_0ms"], r["underruns_200ms"]
             lines.append(f"| {r['shape']} | {r['protocol']} | {load} | {r['ok']}/{r['requests']} | "
                          f"{fmt(t['p50'])} / {fmt(t['p95'])} / {fmt(t['p99'])} | {fmt(r['rtf']['p50'], '.3f')} / "
