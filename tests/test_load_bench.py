@@ -56,3 +56,12 @@ def test_closed_loop_run_reports_every_figure(url, protocol):
               "runs": [{"backend": "reference", "model": "tiny", "results": [{**result, "shape": "closed",
                                                                               "streams": 3}]}]}
     assert "| closed | " + protocol + " | 3 streams | 3/3 |" in markdown(report)
+
+
+def test_result_files_are_named_by_backend_and_model_size():
+    from qwen_tts_megakernel.tools.load_bench import result_stem
+
+    assert result_stem("NVIDIA H200", ["random:0.6b"], ["megakernel"]) == "nvidia-h200-load-megakernel"
+    assert result_stem("NVIDIA H200", ["random:1.7b"], ["megakernel"]) == "nvidia-h200-load-megakernel-1.7b"
+    assert result_stem("cpu", ["random:0.6b", "random:1.7b"], ["megakernel", "graphed"]) == \
+        "cpu-load-megakernel-graphed-1.7b"

@@ -295,6 +295,14 @@ def plot(report: dict, path: Path) -> bool:
     return True
 
 
+def result_stem(device: str, models: list[str], backends: list[str]) -> str:
+    """The result files' name: `<gpu>-load-<backends>`, plus the model sizes other than the default 0.6B
+    (`nvidia-h200-load-megakernel-1.7b`), so that a 1.7B run does not overwrite the 0.6B one."""
+    sizes = [m.removeprefix("random:") if m.startswith("random:") else Path(m).name for m in models]
+    extra = [s for s in sizes if s != "0.6b"]
+    return "-".join([gpu_slug(device), "load", *backends, *extra])
+
+
 def run_bench_load(args) -> int:
     import torch
 
@@ -316,7 +324,7 @@ def run_bench_load(args) -> int:
               "device": name, "frames": args.frames, "text": TEXT, "runs": []}
     out_dir = Path(getattr(args, "output_dir", None) or "benchmarks/results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{gpu_slug(name)}-load"
+    stem = out_dir / result_stem(name, models, backends)
     for model in models:
         for backend in backends:
             report["runs"].append(run_backend(model, backend, device, args))
