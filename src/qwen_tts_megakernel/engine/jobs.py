@@ -4,7 +4,8 @@ A Job is created by a caller (Synthesizer.stream, the server), handed to Engine.
 only by the scheduler thread, except for the three calls a consumer makes from its own thread: `taken()` (an event
 was consumed: backpressure), `cancel()`, and for live text `source.add_text()` / `source.request_flush()`.
 
-Events go to the job's `emit` callable, on the scheduler thread (it must not block):
+Events go to the job's `emit` callable, in order, on the engine's event thread (engine/delivery.py; it must not
+block):
     ("frame", np.int64 [16])   one frame's codes (jobs created with frames=True)
     ("chunk", AudioChunk)      PCM16 audio (jobs created with audio=True)
     ("done", JobInfo)          the stream ended; stop_reason says why
@@ -166,6 +167,8 @@ class Job:
         self._outstanding = 0  # events emitted and not yet taken by the consumer (backpressure)
         self.last_taken = self.created
         self.wake: Callable[[], None] = lambda: None  # set by the engine on submit
+        # How send() hands an event to `emit`: at once, or (set by the engine on submit) through its courier thread.
+        self.post: Callable[[Callable[[tuple], None], tuple], None] = lambda emit, event: emit(event)
         # Scheduler-thread state.
         self.handle = None  # the backend's stream
         self.codec_handle = None
@@ -207,7 +210,7 @@ class Job:
         if counted:
             with self._lock:
                 self._outstanding += 1
-        self.emit(event)
+        self.post(self.emit, event)
 
     def chunk_due(self) -> bool:
         """Whether the pending frames make a chunk now (or are the last ones)."""
