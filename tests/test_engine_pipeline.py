@@ -166,3 +166,24 @@ def test_a_stream_that_stops_at_eos_still_gets_its_last_chunk(synth):
         pcm, chunks = results[i]
         assert sum(n for _, n in chunks) == 5 + i
         assert len(pcm) == (5 + i) * synth.samples_per_frame * 2
+
+
+def test_host_share_tool_reports_the_step_split_and_the_first_chunk_stages(tmp_path):
+    from qwen_tts_megakernel.tools import host_share
+
+    model = tmp_path / "tiny"
+    write_tiny_model(model, "0.6b", "custom_voice", seed=0)
+    out = tmp_path / "out"
+    assert host_share.main(["--model", str(model), "--backend", "reference", "--device", "cpu",
+                            "--streams", "1", "2", "--frames", "5", "--output-dir", str(out)]) == 0
+    report = __import__("json").loads((out / "cpu-tiny-host-share.json").read_text())
+    one, two = report["results"]
+    assert one["step"]["steps"] == 5
+    # Two streams submitted one after the other may start a step apart: 5 steps together, or 4 and one each alone.
+    assert two["step"]["steps"] >= 4 and sum(b["steps"] for b in two["by_bucket"].values()) in (5, 6)
+    for r in (one, two):
+        s = r["step"]
+        assert s["host_ms"] == pytest.approx(s["step_ms"] - s["gpu_wait_ms"] - s["prefill_ms"])
+        assert list(r["first_chunk_ms"]) == report["stages"]
+        assert r["time_to_first_chunk_ms"] == pytest.approx(sum(r["first_chunk_ms"].values()), rel=0.5)
+    assert f"| 2 | {two['step']['steps']} |" in (out / "cpu-tiny-host-share.md").read_text()

@@ -179,6 +179,7 @@ class Job:
         self.samples = 0
         self.chunks_sent = 0
         self.pending: list[np.ndarray] = []
+        self.marks: dict[str, float] = {}  # when the first chunk passed each stage (first_chunk_stages_ms)
         self.end_reason: str | None = None  # set when generation ended; the job finishes after its last chunk
         self.finished = False
 
@@ -219,6 +220,22 @@ class Job:
         if self.end_reason is not None:
             return True
         return len(self.pending) >= self.schedule[min(self.chunks_sent, len(self.schedule) - 1)]
+
+    FIRST_CHUNK_STAGES = (("queued", "open_start"), ("prefill", "opened"), ("first_step", "first_frame"),
+                          ("codec", "first_pcm"), ("send", "first_sent"))
+
+    def first_chunk_stages_ms(self) -> dict[str, float]:
+        """Where the time to the first chunk went, stage by stage (ms): queued (waiting for a slot or a step
+        boundary), prefill (backend.open, this job's batch), first_step (frame 0), codec (its decode, the int16
+        conversion and the copy to the host), send (until the event thread handed it to the consumer). Stages
+        not reached yet are missing."""
+        out, last = {}, self.created
+        for name, mark in self.FIRST_CHUNK_STAGES:
+            if mark not in self.marks:
+                break
+            out[name] = 1000 * (self.marks[mark] - last)
+            last = self.marks[mark]
+        return out
 
     def info(self, stop_reason: str, sample_rate: int) -> JobInfo:
         now = time.perf_counter()

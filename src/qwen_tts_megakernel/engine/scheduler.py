@@ -44,6 +44,11 @@ log = logging.getLogger("qwen_tts_megakernel.engine")
 FRAME_SECONDS = 0.08
 
 
+def _mark_sent(job: Job) -> None:
+    """Posted after a job's first chunk: the event thread has handed that chunk to the consumer."""
+    job.marks["first_sent"] = time.perf_counter()
+
+
 class EngineFull(Exception):
     """Every stream slot and queue place is taken; try again later (the server answers 503 with Retry-After)."""
 
@@ -340,6 +345,9 @@ class Engine:
             rows += len(spec.prefill)
         if not opening:
             return False
+        open_start = time.perf_counter()
+        for job in opening:
+            job.marks["open_start"] = open_start
         try:
             handles = self.backend.open(specs)
         except BackendError as exc:
@@ -363,7 +371,7 @@ class Engine:
             # The KV cache bounds the frames: the prompt's rows and one position per frame (frame 0 reuses the
             # last prompt row's position).
             job.max_frames = min(spec.max_frames, self.backend.max_seq_len - len(spec.prefill) + 1)
-            job.started = time.perf_counter()
+            job.started = job.marks["opened"] = time.perf_counter()
             if job.audio:
                 try:
                     job.codec_handle = self.lane.open(getattr(job.source, "prime_codes", None))
@@ -425,7 +433,7 @@ class Engine:
             for job in jobs:
                 self._fail(job, exc)
             return
-        generated = 0
+        generated, now = 0, time.perf_counter()
         for i, job in enumerate(jobs):
             if job.finished:
                 continue
@@ -438,6 +446,8 @@ class Engine:
                 continue
             job.frames += 1
             generated += 1
+            if job.frames == 1:
+                job.marks["first_frame"] = now
             if job.want_frames:
                 job.send(("frame", codes.copy()), counted=not job.audio)
             if job.audio:
@@ -460,10 +470,13 @@ class Engine:
                                time_s=now - job.created)
             job.chunks_sent += 1
             job.samples += len(chunk.pcm)
-            if job.first_audio is None:
-                job.first_audio = now
+            first = job.first_audio is None
+            if first:
+                job.first_audio = job.marks["first_pcm"] = now
                 self.observer.first_chunk(job, now - job.created)
             job.send(("chunk", chunk))
+            if first:
+                job.post(_mark_sent, job)
 
     # Ending jobs ----------------------------------------------------------------------------------------------
 
