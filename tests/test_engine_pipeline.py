@@ -187,3 +187,60 @@ def test_host_share_tool_reports_the_step_split_and_the_first_chunk_stages(tmp_p
         assert list(r["first_chunk_ms"]) == report["stages"]
         assert r["time_to_first_chunk_ms"] == pytest.approx(sum(r["first_chunk_ms"].values()), rel=0.5)
     assert f"| 2 | {two['step']['steps']} |" in (out / "cpu-tiny-host-share.md").read_text()
+
+
+class OpenLoggingBackend(SplitBackend):
+    def open(self, specs):
+        self.log.append(("open", len(specs)))
+        return super().open(specs)
+
+
+def test_a_burst_joining_running_streams_is_prefilled_together_first_chunks_at_once_and_exact(synth):
+    """Two streams run; four more arrive at once: one backend.open for the four, each one's first chunk decoded in
+    the step that made its first frame, and every stream's audio what it is alone."""
+    texts = [f"Stream {i} of the burst test speaks here." for i in range(6)]
+    frames = [30, 30, 4, 5, 6, 7]
+    solo = [b"".join(c.pcm.tobytes() for c in synth.stream(t, seed=40 + i, max_new_tokens=n))
+            for i, (t, n) in enumerate(zip(texts, frames))]
+    log: list = []
+    engine = Engine(OpenLoggingBackend(synth.talker, log), LoggingCodec(synth.codec, log), synth.embedder,
+                    synth.config, sample_rate=synth.sample_rate, settings=EngineSettings(realtime_admission=False))
+    engine.start()
+    jobs, events = [], []
+
+    def submit(i):
+        ev = JobEvents(engine)
+        ev.job = Job(PromptSource(synth.prepare(texts[i], max_new_tokens=frames[i]), 40 + i), ev.emit)
+        engine.submit(ev.job)
+        jobs.append(ev.job)
+        events.append(ev)
+
+    try:
+        with engine._cond:  # the scheduler admits at a step boundary, under this lock: both arrive together
+            submit(0)
+            submit(1)
+        kind, first = events[0].next()
+        assert kind == "chunk"  # the first two are running
+        with engine._cond:
+            for i in range(2, 6):
+                submit(i)
+        pcm = []
+        for i, ev in enumerate(events):
+            got = first.pcm.tobytes() if i == 0 else b""
+            while (event := ev.next())[0] != "done":
+                got += event[1].pcm.tobytes()
+            pcm.append(got)
+    finally:
+        engine.stop()
+    assert pcm == solo
+    assert [n for kind, n in log if kind == "open"] == [2, 4]
+    burst = log.index(("open", 4))
+    # After the burst's open: its step (the four and the running ones), then at once the four first chunks, one
+    # frame each, before anything else.
+    kind, stepped = log[burst + 1]
+    assert kind == "begin" and stepped >= 4
+    nxt = log.index(("finish", stepped), burst)
+    assert log[nxt + 1] == ("decode", [1, 1, 1, 1])
+    for job in jobs:
+        stages = job.first_chunk_stages_ms()
+        assert list(stages) == [name for name, _ in Job.FIRST_CHUNK_STAGES] and min(stages.values()) >= 0
