@@ -79,6 +79,7 @@ def test_every_section_of_bench_all_renders_its_own_producers_result(report):
         assert heading in md
     assert "| 64 | 23.600 |" in md  # the 64-stream decode row, from the batched result
     assert "| reference | short (5 words) | 25 |" in md
+    assert "first codec decode | send |" in md  # the first chunk's stages, the last one included
 
 
 def test_the_readme_table_renders_the_same_report(report):

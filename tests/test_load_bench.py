@@ -56,6 +56,11 @@ def test_closed_loop_run_reports_every_figure(url, protocol):
               "runs": [{"backend": "reference", "model": "tiny", "results": [{**result, "shape": "closed",
                                                                               "streams": 3}]}]}
     assert "| closed | " + protocol + " | 3 streams | 3/3 |" in markdown(report)
+    if protocol == "ws":  # the server's audio_done says where its first chunk's time went
+        stages = result["first_chunk_ms_p50"]
+        assert {"queued", "prefill", "first_step", "codec", "to_client"} <= set(stages)
+        assert all(stages[k] >= 0 for k in ("queued", "prefill", "first_step", "codec"))
+        assert "First chunk, stage by stage" in markdown(report)
 
 
 def test_result_files_are_named_by_backend_and_model_size():

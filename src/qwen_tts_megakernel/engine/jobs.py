@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -91,6 +91,7 @@ class JobInfo:
     elapsed_ms: float
     seed: int
     num_text_tokens: int
+    first_chunk_ms: dict[str, float] = field(default_factory=dict)  # Job.first_chunk_stages_ms() at the end
 
 
 def float_to_pcm16(audio: np.ndarray) -> np.ndarray:
@@ -243,4 +244,4 @@ class Job:
                        time_to_first_audio_ms=None if self.first_audio is None
                        else 1000 * (self.first_audio - self.created),
                        elapsed_ms=1000 * (now - self.created), seed=self.source.seed,
-                       num_text_tokens=self.source.num_text_tokens)
+                       num_text_tokens=self.source.num_text_tokens, first_chunk_ms=self.first_chunk_stages_ms())

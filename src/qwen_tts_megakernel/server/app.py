@@ -639,6 +639,7 @@ class WsSession:
                 elif kind == "done":
                     await start()
                     info = asdict(payload)
+                    stages = info["first_chunk_ms"]  # where the first chunk's time went, stage by stage
                     reason = "cancelled" if ctx.cancelled else info["stop_reason"]
                     await self.send_words(ctx, ctx.words.finish(ctx.audio_seconds, reason == "eos"))
                     await self.send_json({"type": "audio_done", "context_id": ctx.id, "stop_reason": reason,
@@ -646,7 +647,8 @@ class WsSession:
                                           "audio_seconds": round(info["audio_seconds"], 4),
                                           "time_to_first_audio_ms": None if info["time_to_first_audio_ms"] is None
                                           else round(info["time_to_first_audio_ms"], 2),
-                                          "elapsed_ms": round(info["elapsed_ms"], 2), "seed": info["seed"]})
+                                          "elapsed_ms": round(info["elapsed_ms"], 2), "seed": info["seed"],
+                                          "first_chunk_ms": {k: round(v, 3) for k, v in stages.items()}})
                     break
         except Exception:  # noqa: BLE001 - socket gone
             ctx.job.cancel()

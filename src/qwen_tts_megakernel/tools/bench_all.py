@@ -102,12 +102,19 @@ def section_ttfc_breakdown(synth, runs: int) -> dict:
     the engine drives it; each stage ends when its own work is done:
       open_stream_prefill  backend.open: the prefill, device synchronised;
       first_frame          backend.step returning frame 0's codes;
-      first_codec_decode   decoding frame 0 to PCM."""
+      first_codec_decode   decoding frame 0 to int16 PCM on the host (the engine's push_pcm16: decode, conversion
+                           on the device, one copy);
+      send                 the engine's event thread handing the chunk to a consumer's queue."""
+    import queue
+
     from ..codec import StreamingCodec
     from ..engine import PromptSource
+    from ..engine.delivery import Courier
 
     codec = StreamingCodec(synth.codec, max_streams=1)
     codec.warm_up()
+    courier, inbox = Courier(), queue.SimpleQueue()
+    courier.start()
 
     def once(text: str) -> dict:
         marks = {}
@@ -132,18 +139,24 @@ def section_ttfc_breakdown(synth, runs: int) -> dict:
             codes = synth.backend.step([stream]).codes[0]
             t = mark("first_frame_ms", t, sync=False)
             handle = codec.open()
-            codec.push([handle], [codes[None]])  # returns host PCM: waits for the codec's work only
+            pcm = codec.push_pcm16([handle], [codes[None]]).wait()  # waits for the codec's work only
             codec.close(handle)
-            mark("first_codec_decode_ms", t, sync=False)
+            t = mark("first_codec_decode_ms", t, sync=False)
+            courier.post(inbox.put, ("chunk", pcm[0]))
+            inbox.get()
+            mark("send_ms", t, sync=False)
             synth.backend.close(stream)
         marks["prefill_rows"] = len(prefill)
         return marks
 
-    once("Warm up.")
-    out = {}
-    for label, (text, _) in TEXTS.items():
-        samples = [once(text) for _ in range(runs)]
-        out[label] = {k: statistics.median([x[k] for x in samples]) for k in samples[0]}
+    try:
+        once("Warm up.")
+        out = {}
+        for label, (text, _) in TEXTS.items():
+            samples = [once(text) for _ in range(runs)]
+            out[label] = {k: statistics.median([x[k] for x in samples]) for k in samples[0]}
+    finally:
+        courier.stop()
     return out
 
 

@@ -49,6 +49,7 @@ class Heard:
     sent: float
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # (time, bytes) per received piece
     error: str | None = None
+    server_first_chunk_ms: dict[str, float] = field(default_factory=dict)  # WS audio_done: the server's stages
 
     @property
     def audio_s(self) -> float:
@@ -91,6 +92,13 @@ def summarize(heard: list[Heard], wall_s: float) -> dict:
               "rtf": {"p50": percentile(rtf, 50), "p95": percentile(rtf, 95)},
               "audio_s": sum(h.audio_s for h in ok), "wall_s": wall_s,
               "audio_s_per_s": sum(h.audio_s for h in ok) / wall_s if wall_s > 0 else None}
+    staged = [h for h in ok if h.server_first_chunk_ms]
+    if staged:  # WebSocket: where the first chunk's time went in the server, then the rest until the client had it
+        stages = {name: percentile([h.server_first_chunk_ms[name] for h in staged if name in h.server_first_chunk_ms],
+                                   50) for name in staged[0].server_first_chunk_ms}
+        stages["to_client"] = percentile([1000 * h.first_audio_s - sum(h.server_first_chunk_ms.values())
+                                          for h in staged], 50)
+        result["first_chunk_ms_p50"] = stages
     for buffer_s in JITTER_BUFFERS_S:
         counts = [underruns(h.arrivals, buffer_s) for h in ok]
         result[f"underruns_{int(buffer_s * 1000)}ms"] = {"count": sum(c for c, _ in counts),
@@ -138,6 +146,7 @@ async def ws_request(ws_url: str, cid: str, body: dict) -> Heard:
                     heard.error = "ws error: " + event.get("message", "")[:60]
                     return heard
                 if event["type"] == "audio_done":
+                    heard.server_first_chunk_ms = event.get("first_chunk_ms") or {}
                     return heard
     except Exception as exc:  # noqa: BLE001
         heard.error = type(exc).__name__
@@ -262,6 +271,18 @@ def markdown(report: dict) -> str:
                          f"{u2['count']} / {u2['seconds']:.2f} | {fmt(r['audio_s_per_s'])} | "
                          f"{r.get('gpu_memory_mib') or '-'} |")
         lines.append("")
+        staged = [r for r in run["results"] if r.get("first_chunk_ms_p50")]
+        if staged:
+            names = list(staged[0]["first_chunk_ms_p50"])
+            lines += ["First chunk, stage by stage (WebSocket; p50 ms; the server's stages from its audio_done, "
+                      "to_client = the client's time to first audio minus them):", "",
+                      "| shape | load | " + " | ".join(n.replace("_", " ") for n in names) + " |",
+                      "|---|---|" + "---|" * len(names)]
+            for r in staged:
+                load = f"{r['streams']} streams" if r["shape"] == "closed" else f"{r['rate']}/s"
+                lines.append(f"| {r['shape']} | {load} | "
+                             + " | ".join(fmt(r["first_chunk_ms_p50"].get(n), ".2f") for n in names) + " |")
+            lines.append("")
     lines.append("Written by `qwen-tts-mk bench --load` (src/qwen_tts_megakernel/tools/load_bench.py).")
     return "\n".join(lines) + "\n"
 
