@@ -8,11 +8,13 @@ Each engine step, at a frame boundary:
   3. admitted jobs whose text is ready are opened together: one batched prefill (`backend.open`), bounded by
      `max_prefill_rows` per step so the running streams keep real time;
   4. live-text jobs hand the backend the text rows that arrived;
-  5. ONE `backend.step` generates the next frame of every job that can make progress (not backpressured, its
-     next text token present, under its frame limit);
-  6. ONE `codec.push` decodes the pending frames of every job whose chunk is due (first chunk = 1 frame, then
-     the job's chunk schedule), and the chunks go out;
-  7. jobs that ended send their last chunk and ("done", info).
+  5. ONE backend step is launched for the next frame of every job that can make progress (not backpressured,
+     its next text token present, under its frame limit), and while it runs
+  6. ONE codec push decodes the pending frames of every job whose chunk is due (first chunk = 1 frame, then the
+     job's chunk schedule) on the codec's own CUDA stream (engine/pipeline.py);
+  7. the step's frames come back; a job's first frame is decoded at once (its first chunk waits for no later
+     step), and the chunks go out through the courier thread (engine/delivery.py);
+  8. jobs that ended (their last chunk sent) send ("done", info).
 Everything done for one job runs under that job's own error handling: a failure ends that job with ("error",
 message) and never the others. A BackendError (the backend as a whole broke) fails every open job, then the engine
 rebuilds the backend with `backend_factory` if it has one; if that fails too, `health()` reports why and submit()
