@@ -8,8 +8,9 @@
 A backend with begin_step/finish_step (the megakernel) returns from begin at once; any other backend steps inside
 begin (the reference and graphed backends: the same codes, no overlap). The lane decodes through the codec's
 push_pcm16 on CUDA (decode, int16 conversion and one device -> host copy, all queued on its stream, never a
-device-wide synchronisation) and through its push plus the same int16 conversion elsewhere: off CUDA every step is
-synchronous, so the CPU engine computes exactly what it always did.
+device-wide synchronisation) and through its push plus jobs.float_to_pcm16 elsewhere (the same rounding, bit for
+bit: tests/test_engine_pipeline.py): off CUDA every step is synchronous, so the CPU engine computes exactly what it
+always did.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from ..backends.base import StepOutput
-from ..codec.streaming import to_pcm16
+from .jobs import float_to_pcm16
 
 
 class StepInFlight:
@@ -75,6 +76,8 @@ class CodecLane:
         device = getattr(codec, "device", torch.device("cpu"))
         self.overlapped = device.type == "cuda" and hasattr(codec, "push_pcm16")
         self.cuda_stream = torch.cuda.Stream(device) if self.overlapped else None
+        if self.cuda_stream is not None:  # after whatever made the codec's weights and state (warm-up included)
+            self.cuda_stream.wait_stream(torch.cuda.current_stream(device))
 
     def _on_stream(self):
         return torch.cuda.stream(self.cuda_stream) if self.cuda_stream is not None else contextlib.nullcontext()
@@ -89,7 +92,7 @@ class CodecLane:
     def _push(self, handles: list, frames: list[np.ndarray]):
         if self.overlapped:
             return self.codec.push_pcm16(handles, frames)
-        return [to_pcm16(torch.from_numpy(np.asarray(pcm))).numpy() for pcm in self.codec.push(handles, frames)]
+        return [float_to_pcm16(pcm) for pcm in self.codec.push(handles, frames)]
 
     def decode(self, jobs: list) -> Decoding:
         """Queue the chunks of `jobs` (their pending frames, which leave the jobs)."""
