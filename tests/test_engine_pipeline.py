@@ -244,3 +244,15 @@ def test_a_burst_joining_running_streams_is_prefilled_together_first_chunks_at_o
     for job in jobs:
         stages = job.first_chunk_stages_ms()
         assert list(stages) == [name for name, _ in Job.FIRST_CHUNK_STAGES] and min(stages.values()) >= 0
+
+
+def test_step_profile_between_two_snapshots_is_what_happened_in_between():
+    profile = StepProfile()
+    profile.record(16, wall_s=0.010, gpu_wait_s=0.009)
+    before = profile.totals()
+    profile.record(16, wall_s=0.020, gpu_wait_s=0.018, prefill_s=0.001)
+    profile.record(64, wall_s=0.030, gpu_wait_s=0.029)
+    got = StepProfile.between(before, profile.totals())
+    assert got["16"]["steps"] == 1 and got["16"]["host_ms"] == pytest.approx(1.0)
+    assert got["64"]["steps"] == 1 and got["64"]["host_ms"] == pytest.approx(1.0)
+    assert StepProfile.between(profile.totals(), profile.totals()) == {}

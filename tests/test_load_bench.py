@@ -56,6 +56,10 @@ def test_closed_loop_run_reports_every_figure(url, protocol):
               "runs": [{"backend": "reference", "model": "tiny", "results": [{**result, "shape": "closed",
                                                                               "streams": 3}]}]}
     assert "| closed | " + protocol + " | 3 streams | 3/3 |" in markdown(report)
+    step = result["engine_step"]  # the server's step split over this level, from /health before and after
+    assert step["steps"] >= 1 and step["host_ms"] >= 0
+    assert step["host_ms"] == pytest.approx(step["step_ms"] - step["gpu_wait_ms"] - step["prefill_ms"])
+    assert "| " + protocol + " | 3 streams | <= " in markdown(report)
     if protocol == "ws":  # the server's audio_done says where its first chunk's time went
         stages = result["first_chunk_ms_p50"]
         assert {"queued", "prefill", "first_step", "codec", "to_client"} <= set(stages)

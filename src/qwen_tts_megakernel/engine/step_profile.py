@@ -49,6 +49,27 @@ class StepProfile:
         with self._lock:
             self._by_bucket.clear()
 
+    def totals(self) -> dict[str, dict]:
+        """{bucket: {"steps", "wall_s", "gpu_wait_s", "prefill_s"}}: running sums, so a reader can take the
+        difference of two snapshots (what one benchmark level did)."""
+        with self._lock:
+            return {str(b): {"steps": s.steps, "wall_s": s.wall_s, "gpu_wait_s": s.gpu_wait_s,
+                             "prefill_s": s.prefill_s} for b, s in sorted(self._by_bucket.items())}
+
+    @staticmethod
+    def between(before: dict, after: dict) -> dict[str, dict]:
+        """The summary (as summary()) of the steps between two totals() snapshots."""
+        out = {}
+        for b, a in after.items():
+            z = before.get(b, {"steps": 0, "wall_s": 0.0, "gpu_wait_s": 0.0, "prefill_s": 0.0})
+            steps = a["steps"] - z["steps"]
+            if steps > 0:
+                d = {k: (a[k] - z[k]) / steps for k in ("wall_s", "gpu_wait_s", "prefill_s")}
+                out[b] = {"steps": steps, "step_ms": 1e3 * d["wall_s"], "gpu_wait_ms": 1e3 * d["gpu_wait_s"],
+                          "prefill_ms": 1e3 * d["prefill_s"],
+                          "host_ms": 1e3 * (d["wall_s"] - d["gpu_wait_s"] - d["prefill_s"])}
+        return out
+
     def summary(self) -> dict[str, dict]:
         """{bucket: {"steps", "step_ms", "gpu_wait_ms", "prefill_ms", "host_ms"}} (means per step), smallest
         bucket first."""

@@ -337,7 +337,8 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         ok, reason = engine_health(worker)
         body = {"status": "ok" if ok else "unavailable", "reason": reason, "model": model_name,
                 "model_type": synth.config.model_type, "sample_rate": sample_rate,
-                "active_streams": worker.active_count, "queue_depth": worker.waiting_count}
+                "active_streams": worker.active_count, "queue_depth": worker.waiting_count,
+                "engine_steps": worker.step_totals()}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")

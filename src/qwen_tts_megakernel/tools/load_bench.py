@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.step_profile import StepProfile
 from ..testing.server import TTSServerProcess
 from .common import git_commit, gpu_slug
 
@@ -180,10 +181,22 @@ class Fleet:
                 for _ in range(requests_per_stream):
                     heard.append(await self.one(client, protocol))
 
+            before = await self.engine_steps(client)
             start = time.perf_counter()
             await asyncio.gather(*[caller() for _ in range(streams)])
             wall = time.perf_counter() - start
-        return {"shape": "closed", "protocol": protocol, "streams": streams, **summarize(heard, wall)}
+            steps = StepProfile.between(before, await self.engine_steps(client))
+        # The engine's step split at this level's full batch (its largest bucket): GPU waits, prefill, host work.
+        full = max(steps, key=int) if steps else None
+        return {"shape": "closed", "protocol": protocol, "streams": streams, **summarize(heard, wall),
+                "engine_step": steps.get(full), "engine_steps_by_bucket": steps}
+
+    async def engine_steps(self, client) -> dict:
+        """The server's running step totals (GET /health's engine_steps; {} from a server without them)."""
+        try:
+            return (await client.get(f"{self.url}/health")).json().get("engine_steps") or {}
+        except Exception:  # noqa: BLE001 - the split is extra information; the run goes on without it
+            return {}
 
     async def open_loop(self, protocol: str, rate: float, duration_s: float, seed: int = 0) -> dict:
         import httpx
@@ -233,9 +246,11 @@ def run_backend(model: str, backend: str, device: str | None, args) -> dict:
                 r = asyncio.run(fleet.closed_loop(protocol, streams, args.requests_per_stream))
                 r["gpu_memory_mib"] = gpu_memory_mib()
                 rows.append(r)
+                step = r["engine_step"] or {}
                 print(f"[load] {backend} {protocol} closed x{streams}: p95 TTFA {fmt(r['ttfa_ms']['p95'])} ms, "
                       f"{fmt(r['audio_s_per_s'])} audio-s/s, underruns@200ms {r['underruns_200ms']['count']}, "
-                      f"ok {r['ok']}/{r['requests']}", file=sys.stderr, flush=True)
+                      f"ok {r['ok']}/{r['requests']}; engine step {fmt(step.get('step_ms'), '.2f')} ms, host "
+                      f"{fmt(step.get('host_ms'), '.3f')} ms", file=sys.stderr, flush=True)
             for rate in args.rates:
                 r = asyncio.run(fleet.open_loop(protocol, rate, args.open_seconds))
                 rows.append(r)
@@ -271,6 +286,19 @@ def markdown(report: dict) -> str:
                          f"{u2['count']} / {u2['seconds']:.2f} | {fmt(r['audio_s_per_s'])} | "
                          f"{r.get('gpu_memory_mib') or '-'} |")
         lines.append("")
+        split = [r for r in run["results"] if r.get("engine_step")]
+        if split:
+            lines += ["Engine step at each closed-loop level's full batch (means; host = the step's wall time "
+                      "minus its GPU waits and prefill, what no GPU speed hides):", "",
+                      "| protocol | load | streams stepped | steps | step ms | GPU wait ms | prefill ms | host ms |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in split:
+                e = r["engine_step"]
+                bucket = max(r["engine_steps_by_bucket"], key=int)
+                lines.append(f"| {r['protocol']} | {r['streams']} streams | <= {bucket} | {e['steps']} | "
+                             f"{e['step_ms']:.2f} | {e['gpu_wait_ms']:.2f} | {e['prefill_ms']:.2f} | "
+                             f"{e['host_ms']:.3f} |")
+            lines.append("")
         staged = [r for r in run["results"] if r.get("first_chunk_ms_p50")]
         if staged:
             names = list(staged[0]["first_chunk_ms_p50"])
