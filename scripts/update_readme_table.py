@@ -23,18 +23,24 @@ def table(r: dict, source: str) -> str:
     s = r["sections"]
     what = (f"A later partial run (`bench --all --only {' '.join(r['only'])}`)" if r.get("only")
             else "Measured")
-    lines = [f"{what} on {r['device']} ({r['date'][:10]}, commit {r['commit']}), {r['model']}, batch 1, "
+    lines = [f"{what} on {r['device']} ({r['date'][:10]}, commit {r['commit']}), {r['model']}, "
              f"fixed frame counts (random weights never stop). Source: `{source}`, written by "
              "`qwen-tts-mk bench --all`.", ""]
     dec = s.get("decode")
     if dec:
-        mk, g, e = dec["megakernel"], dec.get("reference_graphs", {}), dec.get("reference_eager", {})
-        lines += ["| per frame | megakernel | floor (bandwidth) | reference + CUDA graphs | reference eager |",
-                  "|---|---|---|---|---|",
-                  f"| talker step (ms) | {fmt(mk.get('talker_step_ms'), 3)} | {fmt(dec['floor']['talker_step_ms'], 3)} "
-                  f"| {fmt(g.get('talker_step_ms'), 3)} | {fmt(e.get('talker_step_ms'), 3)} |",
-                  f"| full frame (ms) | {fmt(mk.get('frame_ms'), 3)} | {fmt(dec['floor']['frame_ms'], 3)} "
-                  f"| {fmt(g.get('frame_ms'), 3)} | {fmt(e.get('frame_ms'), 3)} |", ""]
+        g = dec.get("reference_graphs") or {}
+        batches = list(dec["megakernel"])
+        ref = [g.get(b) if isinstance(g.get(b), dict) else {} for b in batches]
+        lines += ["| per frame, streams | " + " | ".join(batches) + " |", "|---" * (len(batches) + 1) + "|",
+                  "| megakernel frame (ms) | " + " | ".join(fmt(dec["megakernel"][b]["frame_ms"], 3) for b in batches)
+                  + " |",
+                  "| megakernel talker step (ms) | "
+                  + " | ".join(fmt(dec["megakernel"][b]["talker_step_ms"], 3) for b in batches) + " |",
+                  "| floor, weight ring (ms) | "
+                  + " | ".join(fmt(dec["megakernel"][b]["floor_ring_ms"], 3) for b in batches) + " |",
+                  "| reference + CUDA graphs frame (ms) | " + " | ".join(fmt(r.get("frame_ms"), 3) for r in ref) + " |",
+                  "| megakernel audio s/s | " + " | ".join(fmt(dec["megakernel"][b]["audio_s_per_s"]) for b in batches)
+                  + " |", ""]
     st = s.get("streaming")
     off = {v.get("text"): v for v in (s.get("official") or {}).get("results", [])}
     if st:

@@ -56,6 +56,24 @@ def test_closed_loop_run_reports_every_figure(url, protocol):
               "runs": [{"backend": "reference", "model": "tiny", "results": [{**result, "shape": "closed",
                                                                               "streams": 3}]}]}
     assert "| closed | " + protocol + " | 3 streams | 3/3 |" in markdown(report)
+    step = result["engine_step"]  # the server's step split over this level, from /health before and after
+    assert step["steps"] >= 1 and step["host_ms"] >= 0
+    assert step["host_ms"] == pytest.approx(step["step_ms"] - step["gpu_wait_ms"] - step["prefill_ms"])
+    assert "| " + protocol + " | 3 streams | <= " in markdown(report)
+    if protocol == "ws":  # the server's audio_done says where its first chunk's time went
+        stages = result["first_chunk_ms_p50"]
+        assert {"queued", "prefill", "first_step", "codec", "to_client"} <= set(stages)
+        assert all(stages[k] >= 0 for k in ("queued", "prefill", "first_step", "codec"))
+        assert "First chunk, stage by stage" in markdown(report)
+
+
+def test_result_files_are_named_by_backend_and_model_size():
+    from qwen_tts_megakernel.tools.load_bench import result_stem
+
+    assert result_stem("NVIDIA H200", ["random:0.6b"], ["megakernel"]) == "nvidia-h200-load-megakernel"
+    assert result_stem("NVIDIA H200", ["random:1.7b"], ["megakernel"]) == "nvidia-h200-load-megakernel-1.7b"
+    assert result_stem("cpu", ["random:0.6b", "random:1.7b"], ["megakernel", "graphed"]) == \
+        "cpu-load-megakernel-graphed-1.7b"
 
 
 class PhaseServer:

@@ -13,6 +13,8 @@ batched decode, so no stream is cut down to the smallest count) and decodes each
     part = store.gather(rows); wav = decoder(codes, part); store.scatter(rows, part)
 
 all on the device. The codes go to the device in one copy and the PCM of every stream comes back in one copy.
+`push_pcm16` queues the same decode, the int16 conversion and that one copy (to pinned memory) on the caller's CUDA
+stream and returns at once: the engine runs the codec on its own stream, beside the talker's next step.
 
 Execution, by device:
   * CUDA (default): a CUDA graph per (batch bucket, frames per step). Buckets are 1, 2, 4, ... up to max_streams; a
@@ -167,22 +169,30 @@ class StreamingCodec:
         """Decode the next frames of each stream: codes[i] [n_i, 16] (host integers; n_i may differ, and may be 0)
         -> float32 PCM [n_i * 1920] in [-1, 1] per stream, in order. Every argument is checked before any state
         moves, so a push that raises ValueError changed nothing (a caller may retry its streams one by one)."""
-        if len(streams) != len(codes):
-            raise ValueError(f"push got {len(streams)} streams and {len(codes)} code arrays")
-        host = [self._host_codes(c, f"codes[{i}]") for i, c in enumerate(codes)]
+        host = self._checked(streams, codes)
         with self._lock:
-            seen = set()
-            for i, stream in enumerate(streams):
-                self._check_own(stream, f"streams[{i}]")
-                if stream.closed:
-                    raise ValueError(f"streams[{i}] is closed")
-                if id(stream) in seen:
-                    raise ValueError(f"streams[{i}] appears twice in one push")
-                seen.add(id(stream))
-            pcm = self._push(streams, host)
-            for stream, c in zip(streams, host):
-                stream.frames += len(c)
-        return pcm
+            out, spans = self._enqueue(streams, host)
+            self._count(streams, host)
+            pcm = out.cpu().numpy()  # one device -> host copy (waits for the decode)
+        return [pcm[slice(*span)] for span in spans]
+
+    @torch.inference_mode()
+    def push_pcm16(self, streams: list[CodecStream], codes: list[torch.Tensor | np.ndarray]) -> PendingPCM:
+        """As push, without waiting: the decode, the conversion to int16 PCM (jobs.float_to_pcm16's rounding) and one
+        device -> host copy into pinned memory are queued on the current CUDA stream, and the returned PendingPCM's
+        wait() gives the int16 arrays once they are there (at once off CUDA)."""
+        host = self._checked(streams, codes)
+        with self._lock:
+            out, spans = self._enqueue(streams, host)
+            self._count(streams, host)
+            pcm = to_pcm16(out)
+            if self.device.type != "cuda":
+                return PendingPCM(pcm, spans, None)
+            pinned = torch.empty(pcm.shape, dtype=torch.int16, pin_memory=True)
+            pinned.copy_(pcm, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return PendingPCM(pinned, spans, done)
 
     @torch.inference_mode()
     def warm_up(self, batch_sizes: tuple[int, ...] | None = None, frames: tuple[int, ...] = STEP_FRAMES) -> None:
@@ -214,7 +224,35 @@ class StreamingCodec:
     def _bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
+    def _checked(self, streams: list[CodecStream], codes) -> list[torch.Tensor]:
+        """The host codes of a push, every argument checked before any state moves."""
+        if len(streams) != len(codes):
+            raise ValueError(f"push got {len(streams)} streams and {len(codes)} code arrays")
+        host = [self._host_codes(c, f"codes[{i}]") for i, c in enumerate(codes)]
+        seen = set()
+        for i, stream in enumerate(streams):
+            self._check_own(stream, f"streams[{i}]")
+            if stream.closed:
+                raise ValueError(f"streams[{i}] is closed")
+            if id(stream) in seen:
+                raise ValueError(f"streams[{i}] appears twice in one push")
+            seen.add(id(stream))
+        return host
+
+    @staticmethod
+    def _count(streams: list[CodecStream], codes: list[torch.Tensor]) -> None:
+        for stream, c in zip(streams, codes):
+            stream.frames += len(c)
+
     def _push(self, streams: list[CodecStream], codes: list[torch.Tensor]) -> list[np.ndarray]:
+        out, spans = self._enqueue(streams, codes)
+        pcm = out.cpu().numpy()
+        return [pcm[slice(*span)] for span in spans]
+
+    def _enqueue(self, streams: list[CodecStream], codes: list[torch.Tensor]
+                 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Queue the decode of every stream's codes: the float32 PCM of all of them on the device, and each stream's
+        span of it (empty for a stream that pushed no frames)."""
         spf, q = self.samples_per_frame, self.decoder.cfg.num_quantizers
         groups: dict[int, list[int]] = {}  # frames -> indices of the streams pushing that many
         for i, c in enumerate(codes):
@@ -237,8 +275,7 @@ class StreamingCodec:
             for j, i in enumerate(members):
                 spans[i] = (at_out + j * n * spf, at_out + (j + 1) * n * spf)
             at_code, at_row, at_out = at_code + b * n * q, at_row + b, at_out + b * n * spf
-        pcm = out.cpu().numpy()  # one device -> host copy (waits for the decode)
-        return [pcm[slice(*spans[i])] if i in spans else np.zeros(0, np.float32) for i in range(len(codes))]
+        return out, [spans.get(i, (0, 0)) for i in range(len(codes))]
 
     def _decode(self, codes: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
         """codes [b, n, Q] of the streams in store rows `rows` [b] -> out [b, n * samples_per_frame]."""
@@ -296,6 +333,29 @@ class StreamingCodec:
         step.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(step.graph, pool=self._pool):
             step.wav = self._run(step.codes, step.rows)
+
+
+def to_pcm16(audio: torch.Tensor) -> torch.Tensor:
+    """float PCM in [-1, 1] -> int16, on the tensor's device: clip, scale by 32767, round half to even (the same
+    float32 operations as jobs.float_to_pcm16, so the same bits)."""
+    return (audio.clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16)
+
+
+class PendingPCM:
+    """The int16 PCM of one push_pcm16, per stream, once its device -> host copy is done."""
+
+    def __init__(self, pcm: torch.Tensor, spans: list[tuple[int, int]], done: torch.cuda.Event | None):
+        self.pcm, self.spans, self.done = pcm, spans, done
+
+    def ready(self) -> bool:
+        return self.done is None or self.done.query()
+
+    def wait(self) -> list[np.ndarray]:
+        """Per stream its int16 PCM (waits for this push's copy only, never for the whole device)."""
+        if self.done is not None:
+            self.done.synchronize()
+        pcm = self.pcm.numpy()
+        return [pcm[a:b] for a, b in self.spans]
 
 
 def _bf16_copy(decoder: CodecDecoder) -> CodecDecoder:

@@ -4,7 +4,8 @@ A Job is created by a caller (Synthesizer.stream, the server), handed to Engine.
 only by the scheduler thread, except for the three calls a consumer makes from its own thread: `taken()` (an event
 was consumed: backpressure), `cancel()`, and for live text `source.add_text()` / `source.request_flush()`.
 
-Events go to the job's `emit` callable, on the scheduler thread (it must not block):
+Events go to the job's `emit` callable, in order, on the engine's event thread (engine/delivery.py; it must not
+block):
     ("frame", np.int64 [16])   one frame's codes (jobs created with frames=True)
     ("chunk", AudioChunk)      PCM16 audio (jobs created with audio=True)
     ("done", JobInfo)          the stream ended; stop_reason says why
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -90,6 +91,7 @@ class JobInfo:
     elapsed_ms: float
     seed: int
     num_text_tokens: int
+    first_chunk_ms: dict[str, float] = field(default_factory=dict)  # Job.first_chunk_stages_ms() at the end
 
 
 def float_to_pcm16(audio: np.ndarray) -> np.ndarray:
@@ -166,6 +168,8 @@ class Job:
         self._outstanding = 0  # events emitted and not yet taken by the consumer (backpressure)
         self.last_taken = self.created
         self.wake: Callable[[], None] = lambda: None  # set by the engine on submit
+        # How send() hands an event to `emit`: at once, or (set by the engine on submit) through its courier thread.
+        self.post: Callable[[Callable[[tuple], None], tuple], None] = lambda emit, event: emit(event)
         # Scheduler-thread state.
         self.handle = None  # the backend's stream
         self.codec_handle = None
@@ -176,6 +180,7 @@ class Job:
         self.samples = 0
         self.chunks_sent = 0
         self.pending: list[np.ndarray] = []
+        self.marks: dict[str, float] = {}  # when the first chunk passed each stage (first_chunk_stages_ms)
         self.end_reason: str | None = None  # set when generation ended; the job finishes after its last chunk
         self.finished = False
 
@@ -207,7 +212,7 @@ class Job:
         if counted:
             with self._lock:
                 self._outstanding += 1
-        self.emit(event)
+        self.post(self.emit, event)
 
     def chunk_due(self) -> bool:
         """Whether the pending frames make a chunk now (or are the last ones)."""
@@ -217,10 +222,26 @@ class Job:
             return True
         return len(self.pending) >= self.schedule[min(self.chunks_sent, len(self.schedule) - 1)]
 
+    FIRST_CHUNK_STAGES = (("queued", "open_start"), ("prefill", "opened"), ("first_step", "first_frame"),
+                          ("codec", "first_pcm"), ("send", "first_sent"))
+
+    def first_chunk_stages_ms(self) -> dict[str, float]:
+        """Where the time to the first chunk went, stage by stage (ms): queued (waiting for a slot or a step
+        boundary), prefill (backend.open, this job's batch), first_step (frame 0), codec (its decode, the int16
+        conversion and the copy to the host), send (until the event thread handed it to the consumer). Stages
+        not reached yet are missing."""
+        out, last = {}, self.created
+        for name, mark in self.FIRST_CHUNK_STAGES:
+            if mark not in self.marks:
+                break
+            out[name] = 1000 * (self.marks[mark] - last)
+            last = self.marks[mark]
+        return out
+
     def info(self, stop_reason: str, sample_rate: int) -> JobInfo:
         now = time.perf_counter()
         return JobInfo(stop_reason=stop_reason, frames=self.frames, audio_seconds=self.samples / sample_rate,
                        time_to_first_audio_ms=None if self.first_audio is None
                        else 1000 * (self.first_audio - self.created),
                        elapsed_ms=1000 * (now - self.created), seed=self.source.seed,
-                       num_text_tokens=self.source.num_text_tokens)
+                       num_text_tokens=self.source.num_text_tokens, first_chunk_ms=self.first_chunk_stages_ms())

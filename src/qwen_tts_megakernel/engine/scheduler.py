@@ -8,11 +8,13 @@ Each engine step, at a frame boundary:
   3. admitted jobs whose text is ready are opened together: one batched prefill (`backend.open`), bounded by
      `max_prefill_rows` per step so the running streams keep real time;
   4. live-text jobs hand the backend the text rows that arrived;
-  5. ONE `backend.step` generates the next frame of every job that can make progress (not backpressured, its
-     next text token present, under its frame limit);
-  6. ONE `codec.push` decodes the pending frames of every job whose chunk is due (first chunk = 1 frame, then
-     the job's chunk schedule), and the chunks go out;
-  7. jobs that ended send their last chunk and ("done", info).
+  5. ONE backend step is launched for the next frame of every job that can make progress (not backpressured,
+     its next text token present, under its frame limit), and while it runs
+  6. ONE codec push decodes the pending frames of every job whose chunk is due (first chunk = 1 frame, then the
+     job's chunk schedule) on the codec's own CUDA stream (engine/pipeline.py);
+  7. the step's frames come back; a job's first frame is decoded at once (its first chunk waits for no later
+     step), and the chunks go out through the courier thread (engine/delivery.py);
+  8. jobs that ended (their last chunk sent) send ("done", info).
 Everything done for one job runs under that job's own error handling: a failure ends that job with ("error",
 message) and never the others. A BackendError (the backend as a whole broke) fails every open job, then the engine
 rebuilds the backend with `backend_factory` if it has one; if that fails too, `health()` reports why and submit()
@@ -35,13 +37,21 @@ import torch
 from ..backends.base import Backend, BackendError
 from ..config import ModelConfig
 from ..model import PromptEmbedder
+from .delivery import Courier
 from .jobs import Job, JobInfo, AudioChunk, float_to_pcm16
+from .pipeline import CodecLane, Decoding, StepInFlight
 from .step_model import HOLD, PROBE, StepModel
+from .step_profile import StepProfile
 from .warmup import warm_batches, warm_up
 
 log = logging.getLogger("qwen_tts_megakernel.engine")
 
 FRAME_SECONDS = 0.08
+
+
+def _mark_sent(job: Job) -> None:
+    """Posted after a job's first chunk: the event thread has handed that chunk to the consumer."""
+    job.marks["first_sent"] = time.perf_counter()
 
 
 class EngineFull(Exception):
@@ -125,6 +135,10 @@ class Engine:
                  sample_rate: int, settings: EngineSettings | None = None,
                  backend_factory: Callable[[], Backend] | None = None, step_model: StepModel | None = None):
         self.backend, self.codec, self.embedder, self.config = backend, codec, embedder, config
+        self.lane = CodecLane(codec)  # the codec on its own CUDA stream, beside the backend's step
+        self.courier = Courier()  # events reach their consumers off the scheduler thread
+        self.step_profile = StepProfile()  # where step time goes: GPU waits, prefill, host work
+        self._stepped_at: float | None = None  # when the previous step ended, while steps follow each other
         self.sample_rate = sample_rate
         self.settings = settings or EngineSettings()
         self.backend_factory = backend_factory
@@ -146,6 +160,7 @@ class Engine:
         with self._cond:
             if self._thread is None or not self._thread.is_alive():
                 self._stop = False
+                self.courier.start()
                 self._thread = threading.Thread(target=self._run, name="tts-engine", daemon=True)
                 self._thread.start()
 
@@ -155,6 +170,8 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self.courier.stop(timeout)  # after the scheduler's last events: it delivers them, then ends
 
     def wake(self) -> None:
         with self._cond:
@@ -178,6 +195,7 @@ class Engine:
             if held >= self.settings.max_active + self.settings.max_queue:
                 raise EngineFull(f"{held} streams in progress or queued")
             job.wake = self.wake
+            job.post = self.courier.post
             job.max_buffered = min(job.max_buffered, self.settings.max_buffered)
             self._waiting.append(job)
             self._cond.notify_all()
@@ -265,27 +283,48 @@ class Engine:
                      len(self._active), len(self._waiting), self.step_times.table())
 
     def _step(self, jobs: list[Job]) -> bool:
-        """One engine step over the active jobs. Returns whether anything happened."""
+        """One engine step over the active jobs, as a pipeline: frame t+1's backend step is launched first, frame
+        t's chunks are decoded on the codec's stream beside it, then the step's result comes back; a stream's first
+        chunk is decoded as soon as its first frame exists. Returns whether anything happened."""
+        started = time.perf_counter()
         progressed = self._end_cancelled_and_stalled(jobs)
         jobs = [j for j in jobs if not j.finished]
         progressed |= self._open_ready(jobs)
+        opened = time.perf_counter()
         self._feed_text(jobs)
         stepping = [j for j in jobs if self._can_step(j)]
-        started = self.step_times.clock()
-        if stepping:
-            self._generate(stepping)
-        due = [j for j in jobs if not j.finished and j.chunk_due() and j.audio]
-        if due:
-            self._decode(due)
+        step_clock = self.step_times.clock()  # admission's clock (injected in tests)
+        launched = self._launch(stepping) if stepping else None
+        due = [j for j in jobs if self._chunk_due(j)]
+        decoding = self.lane.decode(due) if due else None
+        gpu_wait = 0.0
+        if launched is not None:
+            self._collect(stepping, launched)
+            gpu_wait += launched.wait_s
+        in_lane = set(map(id, due))
+        first = [j for j in stepping if j.chunks_sent == 0 and id(j) not in in_lane and self._chunk_due(j)]
+        first_decoding = self.lane.decode(first) if first else None
+        for d in (decoding, first_decoding):
+            if d is not None:
+                self._deliver(d)
+                gpu_wait += d.wait_s
+        now = time.perf_counter()
         if stepping:  # the step's wall time, codec included: what admission control predicts from
-            self.step_times.record(len(stepping), self.step_times.clock() - started)
+            self.step_times.record(len(stepping), self.step_times.clock() - step_clock)
             self._log_steps(len(stepping))
+            since = self._stepped_at if self._stepped_at is not None else started
+            self.step_profile.record(len(stepping), now - since, gpu_wait, opened - started)
+        self._stepped_at = now if stepping else None
         progressed |= bool(stepping or due)
         for job in jobs:
             if not job.finished and job.end_reason is not None and not (job.audio and job.pending):
                 self._finish(job, job.end_reason)
                 progressed = True
         return progressed
+
+    @staticmethod
+    def _chunk_due(job: Job) -> bool:
+        return not job.finished and job.audio and job.codec_handle is not None and job.chunk_due()
 
     def _end_cancelled_and_stalled(self, jobs: list[Job]) -> bool:
         ended = False
@@ -323,6 +362,9 @@ class Engine:
             rows += len(spec.prefill)
         if not opening:
             return False
+        open_start = time.perf_counter()
+        for job in opening:
+            job.marks["open_start"] = open_start
         try:
             handles = self.backend.open(specs)
         except BackendError as exc:
@@ -346,10 +388,10 @@ class Engine:
             # The KV cache bounds the frames: the prompt's rows and one position per frame (frame 0 reuses the
             # last prompt row's position).
             job.max_frames = min(spec.max_frames, self.backend.max_seq_len - len(spec.prefill) + 1)
-            job.started = time.perf_counter()
+            job.started = job.marks["opened"] = time.perf_counter()
             if job.audio:
                 try:
-                    job.codec_handle = self.codec.open(getattr(job.source, "prime_codes", None))
+                    job.codec_handle = self.lane.open(getattr(job.source, "prime_codes", None))
                 except Exception as exc:  # noqa: BLE001
                     self._fail(job, exc)
         return True
@@ -385,19 +427,33 @@ class Engine:
             return False
         return job.source.can_step(job.frames)
 
-    def _generate(self, jobs: list[Job]) -> None:
+    def _launch(self, jobs: list[Job]) -> StepInFlight | None:
         try:
-            out = self.backend.step([j.handle for j in jobs])
+            return StepInFlight.begin(self.backend, [j.handle for j in jobs])
         except BackendError as exc:
             self._backend_broke(exc)
-            return
         except Exception as exc:  # noqa: BLE001 - the step as a whole failed: fail its jobs, keep the engine
             log.exception("backend step failed")
             for job in jobs:
                 self._fail(job, exc)
+        return None
+
+    def _collect(self, jobs: list[Job], launched: StepInFlight) -> None:
+        """The launched step's frames: EOS ends a job, every other frame goes out (frames) or waits for its chunk."""
+        try:
+            out = launched.finish()
+        except BackendError as exc:
+            self._backend_broke(exc)
             return
-        generated = 0
+        except Exception as exc:  # noqa: BLE001
+            log.exception("backend step failed")
+            for job in jobs:
+                self._fail(job, exc)
+            return
+        generated, now = 0, time.perf_counter()
         for i, job in enumerate(jobs):
+            if job.finished:
+                continue
             if i in out.failed:
                 self._fail(job, out.failed[i])
                 continue
@@ -407,6 +463,8 @@ class Engine:
                 continue
             job.frames += 1
             generated += 1
+            if job.frames == 1:
+                job.marks["first_frame"] = now
             if job.want_frames:
                 job.send(("frame", codes.copy()), counted=not job.audio)
             if job.audio:
@@ -415,36 +473,27 @@ class Engine:
             self.frame_rate.add(generated)
             self.observer.frames(generated)
 
-    def _decode(self, jobs: list[Job]) -> None:
-        """One codec call for every job whose chunk is due; a failing push is retried job by job so that one
-        job's failure ends only that job."""
-        jobs = [j for j in jobs if j.codec_handle is not None]
-        if not jobs:
-            return
-        try:
-            pcm = self.codec.push([j.codec_handle for j in jobs], [np.stack(j.pending) for j in jobs])
-        except Exception:  # noqa: BLE001
-            pcm = []
-            for job in jobs:
-                try:
-                    pcm.append(self.codec.push([job.codec_handle], [np.stack(job.pending)])[0])
-                except Exception as exc:  # noqa: BLE001
-                    pcm.append(None)
-                    self._fail(job, exc)
+    def _deliver(self, decoding: Decoding) -> None:
+        """Send the chunks of one lane decode (a job whose push failed ends with its error)."""
+        results = decoding.wait()
         now = time.perf_counter()
-        for job, audio in zip(jobs, pcm):
-            if audio is None or job.finished:
+        for (job, pcm), first_frame, frames in zip(results, decoding.first_frames, decoding.num_frames):
+            if job.finished:
                 continue
-            chunk = AudioChunk(pcm=float_to_pcm16(audio), sample_rate=self.sample_rate,
-                               first_frame=job.frames - len(job.pending), num_frames=len(job.pending),
+            if isinstance(pcm, Exception):
+                self._fail(job, pcm)
+                continue
+            chunk = AudioChunk(pcm=pcm, sample_rate=self.sample_rate, first_frame=first_frame, num_frames=frames,
                                time_s=now - job.created)
-            job.pending.clear()
             job.chunks_sent += 1
             job.samples += len(chunk.pcm)
-            if job.first_audio is None:
-                job.first_audio = now
+            first = job.first_audio is None
+            if first:
+                job.first_audio = job.marks["first_pcm"] = now
                 self.observer.first_chunk(job, now - job.created)
             job.send(("chunk", chunk))
+            if first:
+                job.post(_mark_sent, job)
 
     # Ending jobs ----------------------------------------------------------------------------------------------
 
@@ -460,7 +509,7 @@ class Engine:
             return
         job.finished = True
         job.end_reason = reason
-        for free, handle in ((self.backend.close, job.handle), (self.codec.close, job.codec_handle)):
+        for free, handle in ((self.backend.close, job.handle), (self.lane.close, job.codec_handle)):
             if handle is not None:
                 try:
                     free(handle)

@@ -568,6 +568,12 @@ class MegakernelBackend:
              timeout_s: float = 30.0) -> StepOutput:
         """One frame for each given stream, in one launch. `perturb` (validation) is added to the talker hidden
         state; `flags` = FLAG_TALKER_ONLY stops after codebook 0 (benchmarks)."""
+        return self.finish_step(self.begin_step(streams, perturb=perturb, flags=flags), timeout_s=timeout_s)
+
+    def begin_step(self, streams: Sequence[MegakernelStream], *, perturb: float = 0.0, flags: int = 0
+                   ) -> tuple[list[MegakernelStream], MkLaunch]:
+        """Queue step()'s launch and return at once; finish_step() waits for its records. Between the two the
+        caller may queue other work (the engine decodes the previous frame's chunks on the codec's stream)."""
         self._check_usable()
         streams = list(streams)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -575,6 +581,12 @@ class MegakernelBackend:
         L.seq, L.flags, L.perturb = self._seq, int(flags), float(perturb)
         self._seq = (self._seq + 1) & 0x3FFFFFFF
         self.launch(L)
+        return streams, L
+
+    def finish_step(self, launched: tuple[list[MegakernelStream], MkLaunch], *, timeout_s: float = 30.0
+                    ) -> StepOutput:
+        """The frames of a begin_step(): polls its records in host memory (no device-wide synchronisation)."""
+        streams, L = launched
         recs = self.out_host[L.seq % self.lay["OUT_RING"], : L.n]
         want = L.seq + 1
         t0 = time.perf_counter()

@@ -337,7 +337,8 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         ok, reason = engine_health(worker)
         body = {"status": "ok" if ok else "unavailable", "reason": reason, "model": model_name,
                 "model_type": synth.config.model_type, "sample_rate": sample_rate,
-                "active_streams": worker.active_count, "queue_depth": worker.waiting_count}
+                "active_streams": worker.active_count, "queue_depth": worker.waiting_count,
+                "engine_steps": worker.step_totals()}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -639,6 +640,7 @@ class WsSession:
                 elif kind == "done":
                     await start()
                     info = asdict(payload)
+                    stages = info["first_chunk_ms"]  # where the first chunk's time went, stage by stage
                     reason = "cancelled" if ctx.cancelled else info["stop_reason"]
                     await self.send_words(ctx, ctx.words.finish(ctx.audio_seconds, reason == "eos"))
                     await self.send_json({"type": "audio_done", "context_id": ctx.id, "stop_reason": reason,
@@ -646,7 +648,8 @@ class WsSession:
                                           "audio_seconds": round(info["audio_seconds"], 4),
                                           "time_to_first_audio_ms": None if info["time_to_first_audio_ms"] is None
                                           else round(info["time_to_first_audio_ms"], 2),
-                                          "elapsed_ms": round(info["elapsed_ms"], 2), "seed": info["seed"]})
+                                          "elapsed_ms": round(info["elapsed_ms"], 2), "seed": info["seed"],
+                                          "first_chunk_ms": {k: round(v, 3) for k, v in stages.items()}})
                     break
         except Exception:  # noqa: BLE001 - socket gone
             ctx.job.cancel()

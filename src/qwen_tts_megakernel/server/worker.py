@@ -144,6 +144,10 @@ class EngineWorker:
     def frames_per_second(self) -> float:
         return self.engine.frames_per_second()
 
+    def step_totals(self) -> dict:
+        """The engine's step split so far (engine/step_profile.py), for /health and `bench --load`."""
+        return self.engine.step_profile.totals()
+
     def update_gauges(self) -> None:
         self.metrics.active_streams.set(self.engine.active_count)
         self.metrics.queue_depth.set(self.engine.waiting_count)

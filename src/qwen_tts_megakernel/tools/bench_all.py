@@ -1,8 +1,8 @@
 """`qwen-tts-mk bench --all`: the whole system against the alternatives, in one process, on one GPU.
 
 Sections (each median and p95 over several runs, all on the same random full-size weights and GPU):
-  decode     megakernel talker step and full frame vs the reference backend eager and with CUDA graphs, next to
-             the bandwidth floor measured in the same run (tools/mk_bench.py)
+  decode     megakernel talker step and full frame at 1, 16 and 64 streams vs the batched reference with CUDA
+             graphs, next to the bandwidth floors measured in the same run (tools/mk_bench.py)
   streaming  in-process time to first chunk (request -> first PCM chunk of one frame) and RTF (compute time /
              audio duration) for short, medium and long texts, per backend
   official   the official qwen-tts package's generate: time to complete audio and RTF (own process)
@@ -47,9 +47,15 @@ SECTIONS = ("decode", "streaming", "ttfc_breakdown", "streaming_plot", "official
 # Sections -------------------------------------------------------------------------------------------------------
 
 
+def _sync() -> None:
+    """Wait for the GPU (nothing to wait for on a CPU-only run: the CPU tests run these sections there)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def measure_stream(synth, text: str, frames: int, seed: int) -> dict:
     """One streamed utterance: time to first chunk, compute time, chunk arrival times (s) vs audio end times."""
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     stream = synth.stream(text, seed=seed, max_new_tokens=frames)
     arrivals, audio_ends, produced = [], [], 0
@@ -96,24 +102,31 @@ def section_ttfc_breakdown(synth, runs: int) -> dict:
     the engine drives it; each stage ends when its own work is done:
       open_stream_prefill  backend.open: the prefill, device synchronised;
       first_frame          backend.step returning frame 0's codes;
-      first_codec_decode   decoding frame 0 to PCM."""
+      first_codec_decode   decoding frame 0 to int16 PCM on the host (the engine's push_pcm16: decode, conversion
+                           on the device, one copy);
+      send                 the engine's event thread handing the chunk to a consumer's queue."""
+    import queue
+
     from ..codec import StreamingCodec
     from ..engine import PromptSource
+    from ..engine.delivery import Courier
 
     codec = StreamingCodec(synth.codec, max_streams=1)
     codec.warm_up()
+    courier, inbox = Courier(), queue.SimpleQueue()
+    courier.start()
 
     def once(text: str) -> dict:
         marks = {}
 
         def mark(name: str, t0: float, sync: bool = True) -> float:
             if sync:
-                torch.cuda.synchronize()
+                _sync()
             now = time.perf_counter()
             marks[name] = 1000 * (now - t0)
             return now
 
-        torch.cuda.synchronize()  # the previous run's queued frame must not count here
+        _sync()  # the previous run's queued frame must not count here
         t = time.perf_counter()
         request = synth.prepare(text, max_new_tokens=8)
         t = mark("tokenize_and_layout_ms", t)
@@ -126,18 +139,24 @@ def section_ttfc_breakdown(synth, runs: int) -> dict:
             codes = synth.backend.step([stream]).codes[0]
             t = mark("first_frame_ms", t, sync=False)
             handle = codec.open()
-            codec.push([handle], [codes[None]])  # returns host PCM: waits for the codec's work only
+            pcm = codec.push_pcm16([handle], [codes[None]]).wait()  # waits for the codec's work only
             codec.close(handle)
-            mark("first_codec_decode_ms", t, sync=False)
+            t = mark("first_codec_decode_ms", t, sync=False)
+            courier.post(inbox.put, ("chunk", pcm[0]))
+            inbox.get()
+            mark("send_ms", t, sync=False)
             synth.backend.close(stream)
         marks["prefill_rows"] = len(prefill)
         return marks
 
-    once("Warm up.")
-    out = {}
-    for label, (text, _) in TEXTS.items():
-        samples = [once(text) for _ in range(runs)]
-        out[label] = {k: statistics.median([x[k] for x in samples]) for k in samples[0]}
+    try:
+        once("Warm up.")
+        out = {}
+        for label, (text, _) in TEXTS.items():
+            samples = [once(text) for _ in range(runs)]
+            out[label] = {k: statistics.median([x[k] for x in samples]) for k in samples[0]}
+    finally:
+        courier.stop()
     return out
 
 
@@ -247,7 +266,7 @@ def run_all(args) -> int:
         from .mk_bench import run_bench
 
         return run_bench(size=size, device=str(device), out_dir=str(out_dir), weights=checkpoint.weights,
-                         config=checkpoint.config)
+                         config=checkpoint.config, batches=DECODE_BATCHES)
 
     section("decode", decode)
     section("streaming", lambda: section_streaming(synths, runs))
@@ -306,6 +325,9 @@ def _ms(d: dict | None, key: str = "median") -> str:
     return f"{d[key]:.1f}" if d and isinstance(d.get(key), (int, float)) else "n/a"
 
 
+DECODE_BATCHES = (1, 16, 64)
+
+
 def format_markdown(r: dict) -> str:
     s = r["sections"]
     lines = [f"# {r['device']}: qwen-tts-megakernel vs alternatives ({r['model']})", "",
@@ -313,15 +335,16 @@ def format_markdown(r: dict) -> str:
              f"{r.get('kernel_defines') or 'defaults'}. {r['fixed_frame_count']}.", ""]
     dec = s.get("decode")
     if dec:
-        mk, g, e = dec["megakernel"], dec.get("reference_graphs", {}), dec.get("reference_eager", {})
-        lines += ["## Decode (batch 1)", "", "| | talker step (ms) | full frame (ms) |", "|---|---|---|",
-                  f"| megakernel | {mk.get('talker_step_ms', float('nan')):.3f} | {mk.get('frame_ms', float('nan')):.3f} |",
-                  f"| floor at {dec['matvec_GBps']:.0f} GB/s | {dec['floor']['talker_step_ms']:.3f} | "
-                  f"{dec['floor']['frame_ms']:.3f} |",
-                  f"| reference + CUDA graphs | {g.get('talker_step_ms', float('nan')):.3f} | "
-                  f"{g.get('frame_ms', float('nan')):.3f} |",
-                  f"| reference eager | {e.get('talker_step_ms', float('nan')):.3f} | "
-                  f"{e.get('frame_ms', float('nan')):.3f} |", ""]
+        g = dec.get("reference_graphs") or {}
+        lines += ["## Decode, batched (megakernel: one launch per frame for every stream)", "",
+                  "| streams | frame ms | talker step ms | audio s/s | floor ring / matvec ms | "
+                  "reference + CUDA graphs frame ms |", "|---|---|---|---|---|---|"]
+        for b, m in dec["megakernel"].items():
+            ref = g.get(b) if isinstance(g.get(b), dict) else {}
+            lines.append(f"| {b} | {m['frame_ms']:.3f} | {m['talker_step_ms']:.3f} | {m['audio_s_per_s']:.1f} | "
+                         f"{m['floor_ring_ms']:.3f} / {m['floor_matvec_ms']:.3f} | {_ms(ref, 'frame_ms')} |")
+        lines += ["", f"Weight ring alone {dec['ring_GBps']:.0f} GB/s, large bf16 matvec {dec['matvec_GBps']:.0f} GB/s "
+                  f"(the floors: weight + KV bytes over these).", ""]
     st = s.get("streaming")
     if st:
         lines += ["## In-process streaming", "", "| backend | text | frames | time to first chunk (ms) median / p95 | "

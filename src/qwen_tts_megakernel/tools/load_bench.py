@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.step_profile import StepProfile
 from ..testing.server import TTSServerProcess
 from .common import git_commit, gpu_slug
 
@@ -57,6 +58,7 @@ class Heard:
     sent: float
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # (time, bytes) per received piece
     error: str | None = None
+    server_first_chunk_ms: dict[str, float] = field(default_factory=dict)  # WS audio_done: the server's stages
 
     @property
     def audio_s(self) -> float:
@@ -99,6 +101,13 @@ def summarize(heard: list[Heard], wall_s: float) -> dict:
               "rtf": {"p50": percentile(rtf, 50), "p95": percentile(rtf, 95)},
               "audio_s": sum(h.audio_s for h in ok), "wall_s": wall_s,
               "audio_s_per_s": sum(h.audio_s for h in ok) / wall_s if wall_s > 0 else None}
+    staged = [h for h in ok if h.server_first_chunk_ms]
+    if staged:  # WebSocket: where the first chunk's time went in the server, then the rest until the client had it
+        stages = {name: percentile([h.server_first_chunk_ms[name] for h in staged if name in h.server_first_chunk_ms],
+                                   50) for name in staged[0].server_first_chunk_ms}
+        stages["to_client"] = percentile([1000 * h.first_audio_s - sum(h.server_first_chunk_ms.values())
+                                          for h in staged], 50)
+        result["first_chunk_ms_p50"] = stages
     for buffer_s in JITTER_BUFFERS_S:
         counts = [underruns(h.arrivals, buffer_s) for h in ok]
         result[f"underruns_{int(buffer_s * 1000)}ms"] = {"count": sum(c for c, _ in counts),
@@ -146,6 +155,7 @@ async def ws_request(ws_url: str, cid: str, body: dict) -> Heard:
                     heard.error = "ws error: " + event.get("message", "")[:60]
                     return heard
                 if event["type"] == "audio_done":
+                    heard.server_first_chunk_ms = event.get("first_chunk_ms") or {}
                     return heard
     except Exception as exc:  # noqa: BLE001
         heard.error = type(exc).__name__
@@ -179,10 +189,22 @@ class Fleet:
                 for _ in range(requests_per_stream):
                     heard.append(await self.one(client, protocol))
 
+            before = await self.engine_steps(client)
             start = time.perf_counter()
             await asyncio.gather(*[caller() for _ in range(streams)])
             wall = time.perf_counter() - start
-        return {"shape": "closed", "protocol": protocol, "streams": streams, **summarize(heard, wall)}
+            steps = StepProfile.between(before, await self.engine_steps(client))
+        # The engine's step split at this level's full batch (its largest bucket): GPU waits, prefill, host work.
+        full = max(steps, key=int) if steps else None
+        return {"shape": "closed", "protocol": protocol, "streams": streams, **summarize(heard, wall),
+                "engine_step": steps.get(full), "engine_steps_by_bucket": steps}
+
+    async def engine_steps(self, client) -> dict:
+        """The server's running step totals (GET /health's engine_steps; {} from a server without them)."""
+        try:
+            return (await client.get(f"{self.url}/health")).json().get("engine_steps") or {}
+        except Exception:  # noqa: BLE001 - the split is extra information; the run goes on without it
+            return {}
 
     async def open_loop(self, protocol: str, rate: float, duration_s: float, seed: int = 0) -> dict:
         import httpx
@@ -282,9 +304,11 @@ def run_backend(model: str, backend: str, device: str | None, args) -> dict:
                 r = asyncio.run(fleet.closed_loop(protocol, streams, args.requests_per_stream))
                 r["gpu_memory_mib"] = gpu_memory_mib()
                 rows.append(r)
+                step = r["engine_step"] or {}
                 print(f"[load] {backend} {protocol} closed x{streams}: p95 TTFA {fmt(r['ttfa_ms']['p95'])} ms, "
                       f"{fmt(r['audio_s_per_s'])} audio-s/s, underruns@200ms {r['underruns_200ms']['count']}, "
-                      f"ok {r['ok']}/{r['requests']}", file=sys.stderr, flush=True)
+                      f"ok {r['ok']}/{r['requests']}; engine step {fmt(step.get('step_ms'), '.2f')} ms, host "
+                      f"{fmt(step.get('host_ms'), '.3f')} ms", file=sys.stderr, flush=True)
             if not fresh_open:
                 rows += open_rates(fleet, backend, protocol, args, "after closed loop")
     return {"model": model, "backend": backend, "results": rows,
@@ -322,6 +346,31 @@ def markdown(report: dict) -> str:
                          f"{u2['count']} / {u2['seconds']:.2f} | {fmt(r['audio_s_per_s'])} | "
                          f"{r.get('gpu_memory_mib') or '-'} |")
         lines.append("")
+        split = [r for r in run["results"] if r.get("engine_step")]
+        if split:
+            lines += ["Engine step at each closed-loop level's full batch (means; host = the step's wall time "
+                      "minus its GPU waits and prefill, what no GPU speed hides):", "",
+                      "| protocol | load | streams stepped | steps | step ms | GPU wait ms | prefill ms | host ms |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in split:
+                e = r["engine_step"]
+                bucket = max(r["engine_steps_by_bucket"], key=int)
+                lines.append(f"| {r['protocol']} | {r['streams']} streams | <= {bucket} | {e['steps']} | "
+                             f"{e['step_ms']:.2f} | {e['gpu_wait_ms']:.2f} | {e['prefill_ms']:.2f} | "
+                             f"{e['host_ms']:.3f} |")
+            lines.append("")
+        staged = [r for r in run["results"] if r.get("first_chunk_ms_p50")]
+        if staged:
+            names = list(staged[0]["first_chunk_ms_p50"])
+            lines += ["First chunk, stage by stage (WebSocket; p50 ms; the server's stages from its audio_done, "
+                      "to_client = the client's time to first audio minus them):", "",
+                      "| shape | load | " + " | ".join(n.replace("_", " ") for n in names) + " |",
+                      "|---|---|" + "---|" * len(names)]
+            for r in staged:
+                load = f"{r['streams']} streams" if r["shape"] == "closed" else f"{r['rate']}/s"
+                lines.append(f"| {r['shape']} | {load} | "
+                             + " | ".join(fmt(r["first_chunk_ms_p50"].get(n), ".2f") for n in names) + " |")
+            lines.append("")
     lines.append("Written by `qwen-tts-mk bench --load` (src/qwen_tts_megakernel/tools/load_bench.py).")
     return "\n".join(lines) + "\n"
 
@@ -355,6 +404,14 @@ def plot(report: dict, path: Path) -> bool:
     return True
 
 
+def result_stem(device: str, models: list[str], backends: list[str]) -> str:
+    """The result files' name: `<gpu>-load-<backends>`, plus the model sizes other than the default 0.6B
+    (`nvidia-h200-load-megakernel-1.7b`), so that a 1.7B run does not overwrite the 0.6B one."""
+    sizes = [m.removeprefix("random:") if m.startswith("random:") else Path(m).name for m in models]
+    extra = [s for s in sizes if s != "0.6b"]
+    return "-".join([gpu_slug(device), "load", *backends, *extra])
+
+
 def run_bench_load(args) -> int:
     import torch
 
@@ -376,7 +433,7 @@ def run_bench_load(args) -> int:
               "device": name, "frames": args.frames, "text": TEXT, "runs": []}
     out_dir = Path(getattr(args, "output_dir", None) or "benchmarks/results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{gpu_slug(name)}-load"
+    stem = out_dir / result_stem(name, models, backends)
     for model in models:
         for backend in backends:
             report["runs"].append(run_backend(model, backend, device, args))

@@ -278,27 +278,9 @@ def run_bench(size: str = "0.6b", device="cuda", out_dir: str = "benchmarks/resu
     wb = be.weight_bytes()
     mk = bench_megakernel(be, config, batches, frames=frames)
     bw2 = matvec_bandwidth(dev)
-    floor_bw = max(bw, bw2)
-    ring_bw = wb["frame"] / (mk["frame_stream_only_ms"] * 1e-3) / 1e9  # what the weight ring reaches alone
-    rows = {}
-    for B in batches:
-        r = mk[str(B)]
-        total = wb["frame"] + r["kv_bytes"]
-        rows[str(B)] = {
-            **r,
-            "frames_per_s": B / (r["frame_ms"] * 1e-3),
-            "audio_s_per_s": B / (r["frame_ms"] * 1e-3) * 0.08,
-            "GBps": total / (r["frame_ms"] * 1e-3) / 1e9,
-            "floor_ring_ms": total / ring_bw / 1e6,
-            "floor_matvec_ms": total / floor_bw / 1e6,
-        }
-    res = {
-        "gpu": torch.cuda.get_device_name(dev), "model": f"random-{size}", "blocks": be.num_blocks,
-        "weight_bytes": wb, "matvec_GBps": floor_bw, "ring_GBps": ring_bw,
-        "stream_only_ms": {"talker_step": mk["talker_step_stream_only_ms"], "frame": mk["frame_stream_only_ms"]},
-        "memory_per_stream_bytes": be.memory_per_stream(),
-        "megakernel": rows,
-    }
+    res = summarize_decode(gpu=torch.cuda.get_device_name(dev), size=size, blocks=be.num_blocks, weight_bytes=wb,
+                           matvec_GBps=max(bw, bw2), megakernel=mk, batches=batches,
+                           memory_per_stream=be.memory_per_stream(), hidden_size=config.talker.hidden_size)
     del be
     torch.cuda.empty_cache()
     try:
@@ -306,15 +288,42 @@ def run_bench(size: str = "0.6b", device="cuda", out_dir: str = "benchmarks/resu
     except Exception as e:  # a baseline failure must not hide the kernel's numbers
         res["reference_graphs"] = {"error": repr(e)}
     torch.cuda.empty_cache()
-    # The issue's targets (ms per frame) for the two sizes; other batch sizes show none.
-    res["targets"] = ({"1": 2.0, "16": 2.5, "64": 3.5} if config.talker.hidden_size == 1024 else
-                      {"1": 3.0, "64": 5.5})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slug = gpu_slug(res["gpu"]) + ("" if size == "0.6b" else f"-{size}")
     (out / f"{slug}-decode-batch.json").write_text(json.dumps(res, indent=2) + "\n")
     (out / f"{slug}-decode-batch.md").write_text(format_md(res))
     return res
+
+
+def summarize_decode(*, gpu: str, size: str, blocks: int, weight_bytes: dict, matvec_GBps: float, megakernel: dict,
+                     batches, memory_per_stream: int, hidden_size: int) -> dict:
+    """The decode result from the raw measurements (bench_megakernel's dict): per batch size the frame and talker
+    step times, throughput, achieved bandwidth and the two floors; what `bench --decode` writes and `bench --all`'s
+    decode section reports."""
+    mk = megakernel
+    ring_bw = weight_bytes["frame"] / (mk["frame_stream_only_ms"] * 1e-3) / 1e9  # what the weight ring reaches alone
+    rows = {}
+    for B in batches:
+        r = mk[str(B)]
+        total = weight_bytes["frame"] + r["kv_bytes"]
+        rows[str(B)] = {
+            **r,
+            "frames_per_s": B / (r["frame_ms"] * 1e-3),
+            "audio_s_per_s": B / (r["frame_ms"] * 1e-3) * 0.08,
+            "GBps": total / (r["frame_ms"] * 1e-3) / 1e9,
+            "floor_ring_ms": total / ring_bw / 1e6,
+            "floor_matvec_ms": total / matvec_GBps / 1e6,
+        }
+    return {
+        "gpu": gpu, "model": f"random-{size}", "blocks": blocks,
+        "weight_bytes": weight_bytes, "matvec_GBps": matvec_GBps, "ring_GBps": ring_bw,
+        "stream_only_ms": {"talker_step": mk["talker_step_stream_only_ms"], "frame": mk["frame_stream_only_ms"]},
+        "memory_per_stream_bytes": memory_per_stream,
+        "megakernel": rows,
+        # The issue's targets (ms per frame) for the two sizes; other batch sizes show none.
+        "targets": {"1": 2.0, "16": 2.5, "64": 3.5} if hidden_size == 1024 else {"1": 3.0, "64": 5.5},
+    }
 
 
 def _f(d: dict, k: str, fmt: str = ".3f") -> str:

@@ -42,6 +42,23 @@ def stub_torchaudio_if_missing() -> None:
     sys.modules["torchaudio.compliance"].kaldi = sys.modules["torchaudio.compliance.kaldi"]
 
 
+def frames_summary(frames: int, runs: list[tuple[float, float]]) -> dict:
+    """One frame count's figures from its runs' (seconds to the complete audio, audio seconds)."""
+    from .common import summary
+
+    times = [t for t, _ in runs]
+    audio_s = statistics.median(a for _, a in runs)
+    elapsed = summary(times)
+    return {
+        "frames_requested": frames,
+        "frames_produced": [round(a / FRAME_S) for _, a in runs],
+        "time_to_complete_audio_ms": {"median": 1000 * elapsed["median"], "p95": 1000 * elapsed["p95"],
+                                      "all": [1000 * t for t in times]},
+        "rtf_median": elapsed["median"] / audio_s if audio_s else None,
+        "ms_per_frame_median": 1000 * elapsed["median"] / max(1, round(audio_s / FRAME_S)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -56,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from qwen_tts import Qwen3TTSModel
 
-    from .common import summary
 
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -80,18 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     run(8)  # warm-up: kernels, caches, allocator
     results = []
     for frames in args.frames:
-        runs = [run(frames) for _ in range(args.runs)]
-        times = [t for t, _ in runs]
-        audio_s = statistics.median(a for _, a in runs)
-        elapsed = summary(times)
-        results.append({
-            "frames_requested": frames,
-            "frames_produced": [round(a / FRAME_S) for _, a in runs],
-            "time_to_complete_audio_ms": {"median": 1000 * elapsed["median"], "p95": 1000 * elapsed["p95"],
-                                          "all": [1000 * t for t in times]},
-            "rtf_median": elapsed["median"] / audio_s if audio_s else None,
-            "ms_per_frame_median": 1000 * elapsed["median"] / max(1, round(audio_s / FRAME_S)),
-        })
+        results.append(frames_summary(frames, [run(frames) for _ in range(args.runs)]))
     print(json.dumps({"package": "qwen-tts 0.1.1", "transformers": transformers.__version__,
                       "torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu",
                       "attn_implementation": "sdpa (flash-attn not installed)", "dtype": str(dtype).removeprefix("torch."),

@@ -42,11 +42,14 @@ def measure_ttfb(base_url: str, *, runs: int = 5, max_new_tokens: int = 25, voic
 
         asyncio.run(_one_run(make(), text))  # warm-up
         samples = [asyncio.run(_one_run(make(), text)) for _ in range(runs)]
-        values = [1000 * v for v, _ in samples if v is not None]
-        ttfb = summary(values) if values else {}
-        results[name] = {
-            "service": cls.__name__, "runs": runs, "with_metric": ttfb.get("runs", 0),
-            "ttfb_ms_median": ttfb.get("median"), "ttfb_ms_p95": ttfb.get("p95"),
-            "audio_bytes": [b for _, b in samples],
-        }
+        results[name] = service_summary(cls.__name__, samples)
     return results
+
+
+def service_summary(service: str, samples: list[tuple[float | None, int]]) -> dict:
+    """One service's figures from its runs' (TTFB seconds or None, audio bytes)."""
+    values = [1000 * v for v, _ in samples if v is not None]
+    ttfb = summary(values) if values else {}
+    return {"service": service, "runs": len(samples), "with_metric": ttfb.get("runs", 0),
+            "ttfb_ms_median": ttfb.get("median"), "ttfb_ms_p95": ttfb.get("p95"),
+            "audio_bytes": [b for _, b in samples]}

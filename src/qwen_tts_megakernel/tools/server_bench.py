@@ -100,7 +100,11 @@ async def _run_level(url: str, protocol: str, clients: int, requests_per_client:
 
     start = time.perf_counter()
     await asyncio.gather(*[(http_client if protocol == "http" else ws_client)(i) for i in range(clients)])
-    wall = time.perf_counter() - start
+    return level_summary(protocol, clients, results, time.perf_counter() - start)
+
+
+def level_summary(protocol: str, clients: int, results: list[dict], wall: float) -> dict:
+    """One concurrency level's figures from its requests' results (ttfc_s, total_s, audio_s, stop_reason, error)."""
     ok = [r for r in results if "error" not in r and r["audio_s"] > 0]
     ttfc = [1000 * r["ttfc_s"] for r in ok]
     rtf = [r["total_s"] / r["audio_s"] for r in ok]
