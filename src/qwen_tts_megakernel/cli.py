@@ -310,7 +310,7 @@ def cmd_voices(args) -> int:
 
 def cmd_voices_add(args) -> int:
     from .checkpoint import load_checkpoint
-    from .voices import (VoiceEncoder, VoiceLibrary, check_voice_name, read_reference_audio,
+    from .voices import (ReferenceLimits, VoiceEncoder, VoiceLibrary, check_voice_name, read_reference_audio,
                          speaker_encoder_fingerprint)
 
     name = check_voice_name(args.name)
@@ -318,7 +318,8 @@ def cmd_voices_add(args) -> int:
         raise UsageError("give the clip's transcript with --text (in-context cloning, best quality), or "
                          "--x-vector-only (the speaker embedding alone)")
     try:
-        data = Path(args.ref).read_bytes()
+        with open(args.ref, "rb") as ref:  # at most one byte past the cap: never a whole /dev/zero
+            data = ref.read(ReferenceLimits().max_bytes + 1)
     except OSError as exc:
         raise UsageError(f"cannot read {args.ref}: {exc.strerror or exc}") from exc
     checkpoint = load_checkpoint(args.model)

@@ -38,7 +38,7 @@ from .precision import fp32_precision
 from .prompt import ClonedVoice, PromptError
 from .speaker_encoder import SAMPLE_RATE, SpeakerEncoder
 
-VOICE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+VOICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # matched in full: "alice\n" is no name
 VOICES_DIR_ENV = "QWEN_TTS_MK_VOICES_DIR"
 FORMAT_VERSION = 1
 
@@ -60,6 +60,8 @@ class ReferenceLimits:
     max_seconds: float = 30.0
     min_sample_rate: int = 8000
     max_sample_rate: int = 192000
+    max_channels: int = 8
+    decode_block_frames: int = 16384  # decoded at a time (all channels), then mixed down to mono
     silence_rms: float = 1e-3  # below this RMS (full scale = 1) a clip counts as silent
     max_transcript_chars: int = 1000
 
@@ -71,30 +73,32 @@ class ReferenceLimits:
 def read_reference_audio(data: bytes, limits: ReferenceLimits = ReferenceLimits(), field: str = "audio") -> np.ndarray:
     """Decode a reference clip (wav, flac, ogg/vorbis, ogg/opus, mp3, ...: whatever libsndfile reads) and return it
     as mono float32 at 24 kHz. Raises VoiceError naming the problem: empty, too large, not audio, unsupported
-    sample rate, too short or too long, silent."""
+    sample rate, too many channels, too short or too long, silent.
+
+    Bounded before it allocates: the container's header (rate, channels, frames) is checked first, then the clip
+    is decoded in blocks, each mixed down to mono at once, and decoding stops one block past `max_seconds` (a header
+    may lie: MP3's frame count is an estimate). A file claiming hours costs one block, not hours of samples."""
     import soundfile as sf
     import soxr
 
     if not data:
         raise VoiceError(field, f"'{field}' is empty")
     if len(data) > limits.max_bytes:
-        raise VoiceError(field, f"'{field}' is {len(data)} bytes; the limit is {limits.max_bytes}", 413)
+        raise VoiceError(field, f"'{field}' is larger than {limits.max_bytes} bytes, the limit", 413)
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as audio_file:
+            rate = audio_file.samplerate
+            _check_header(audio_file, limits, field)
+            mono = _decode_mono(audio_file, int(limits.max_seconds * rate) + 1, limits, field)
+    except VoiceError:
+        raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise VoiceError(field, f"'{field}' is not a readable audio file (wav, flac, ogg/opus or mp3): "
                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", 415) from exc
-    if not limits.min_sample_rate <= rate <= limits.max_sample_rate:
-        raise VoiceError(field, f"'{field}' has sample rate {rate} Hz; supported: {limits.min_sample_rate}.."
-                                f"{limits.max_sample_rate} Hz")
-    seconds = len(samples) / rate
+    seconds = len(mono) / rate
     if seconds < limits.min_seconds:
         raise VoiceError(field, f"'{field}' is {seconds:.2f} s long; a reference needs at least "
                                 f"{limits.min_seconds:g} s (3 to 10 s of clear speech works best)")
-    if seconds > limits.max_seconds:
-        raise VoiceError(field, f"'{field}' is {seconds:.1f} s long; the limit is {limits.max_seconds:g} s "
-                                "(3 to 10 s of clear speech works best)")
-    mono = samples.mean(axis=1)
     if not np.isfinite(mono).all():
         raise VoiceError(field, f"'{field}' holds samples that are not finite numbers")
     if float(np.sqrt(np.mean(np.square(mono, dtype=np.float64)))) < limits.silence_rms:
@@ -105,6 +109,38 @@ def read_reference_audio(data: bytes, limits: ReferenceLimits = ReferenceLimits(
     if peak > 1.0:  # float files may exceed full scale; the encoders expect [-1, 1]
         mono = mono / peak
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _too_long(field: str, seconds: float, limits: ReferenceLimits) -> VoiceError:
+    return VoiceError(field, f"'{field}' is {seconds:.1f} s long; the limit is {limits.max_seconds:g} s "
+                             "(3 to 10 s of clear speech works best)")
+
+
+def _check_header(audio_file, limits: ReferenceLimits, field: str) -> None:
+    """Refuse from the header alone what is too long, too wide or at an unsupported rate."""
+    rate, channels = audio_file.samplerate, audio_file.channels
+    if not limits.min_sample_rate <= rate <= limits.max_sample_rate:
+        raise VoiceError(field, f"'{field}' has sample rate {rate} Hz; supported: {limits.min_sample_rate}.."
+                                f"{limits.max_sample_rate} Hz")
+    if not 1 <= channels <= limits.max_channels:
+        raise VoiceError(field, f"'{field}' has {channels} channels; the limit is {limits.max_channels}")
+    if audio_file.frames > limits.max_seconds * rate + 1:
+        raise _too_long(field, audio_file.frames / rate, limits)
+
+
+def _decode_mono(audio_file, max_frames: int, limits: ReferenceLimits, field: str) -> np.ndarray:
+    """At most `max_frames` frames, mixed down to mono block by block (VoiceError past them)."""
+    mono = np.empty(max_frames, dtype=np.float32)
+    filled = 0
+    while True:
+        block = audio_file.read(min(limits.decode_block_frames, max_frames - filled + 1), dtype="float32",
+                                always_2d=True)
+        if not len(block):
+            return mono[:filled]
+        if filled + len(block) > max_frames:
+            raise _too_long(field, (filled + len(block)) / audio_file.samplerate, limits)
+        mono[filled:filled + len(block)] = block.mean(axis=1)
+        filled += len(block)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,10 +216,16 @@ def default_voice_dir() -> Path:
 
 def check_voice_name(name: object, field: str = "name") -> str:
     """A safe voice name (lower-cased): 1-64 of a-z, 0-9, '_' and '-', starting with a letter or digit."""
-    if not isinstance(name, str) or not VOICE_NAME.match(name.lower()):
+    if not isinstance(name, str) or not VOICE_NAME.fullmatch(name.lower()):
         raise VoiceError(field, f"'{field}' must be 1-64 characters of a-z, 0-9, '_' or '-', starting with a "
-                                f"letter or digit; got {name!r}")
+                                f"letter or digit; got {quoted(name)}")
     return name.lower()
+
+
+def quoted(value: object, limit: int = 40) -> str:
+    """repr(value), cut to `limit` characters: messages never echo a whole (possibly huge) input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 class VoiceLibrary:
@@ -208,10 +250,11 @@ class VoiceLibrary:
                 pass
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.dir.iterdir() if VOICE_NAME.match(p.name) and p.is_dir())
+        return sorted(p.name for p in self.dir.iterdir() if VOICE_NAME.fullmatch(p.name) and p.is_dir())
 
     def __contains__(self, name: str) -> bool:
-        return isinstance(name, str) and bool(VOICE_NAME.match(name.lower())) and (self.dir / name.lower()).is_dir()
+        return (isinstance(name, str) and bool(VOICE_NAME.fullmatch(name.lower()))
+                and (self.dir / name.lower()).is_dir())
 
     def add(self, name: str, voice: ClonedVoice, *, duration_s: float | None = None) -> dict:
         """Store `voice` as `name` (VoiceError 409 if the name is taken). Returns its metadata."""
@@ -263,7 +306,7 @@ class VoiceLibrary:
     def get(self, name: str) -> ClonedVoice | None:
         """The stored voice `name`, or None. Cached in memory while its folder stays the same."""
         name = name.lower()
-        if not VOICE_NAME.match(name):
+        if not VOICE_NAME.fullmatch(name):
             return None
         folder = self.dir / name
         try:
@@ -312,7 +355,7 @@ def resolve_voice(synth, voice: str | ClonedVoice | None) -> str | ClonedVoice |
     stored = library_for(synth).get(voice)
     if stored is None:
         names = library_for(synth).names()
-        raise PromptError(f"unknown voice {voice!r}; stored voices: {', '.join(names) if names else '(none)'}. Add "
+        raise PromptError(f"unknown voice {quoted(voice)}; stored voices: {', '.join(names) if names else '(none)'}. Add "
                           "one with `qwen-tts-mk voices add` or POST /v1/audio/voices")
     return stored
 

@@ -40,9 +40,12 @@ from .audio_formats import AudioEncoder
 from ..engine import EngineUnavailable
 from .protocol import (LOOPBACK_HOSTS, BadRequest, ServerSettings, SpeechParams, StreamedText, Validator, parse_json,
                        shown)
+from .errors import install_resource_handlers
+from .limits import RequestLimits, limited_http_protocol
 from .omni_protocol import FirstMessageReplay, OmniSession, first_message_is_omni
-from .voices_api import voices_router
+from .voices_api import body_caps, body_deadlines, voices_router
 from .web_page import add_offline_docs, web_router
+from .ws_limits import ClientStreams, SessionRegistry
 from .worker import EngineWorker, LiveJob, QueueFull, ServerJob, TextJob
 
 log = logging.getLogger("qwen_tts_megakernel.server")
@@ -175,11 +178,14 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"],
                            expose_headers=["X-Seed", "X-Sample-Rate", "X-Audio-Encoding", "X-Audio-Channels"])
-    app.add_middleware(RequestGuard, settings=settings, metrics=metrics)  # outermost: runs first
+    app.add_middleware(RequestGuard, settings=settings, metrics=metrics)
+    app.add_middleware(RequestLimits, default_cap=settings.max_body_bytes, caps=body_caps())  # outermost: runs first
     app.state.worker = worker
     app.state.metrics = metrics
     app.state.synth = synth
     app.state.settings = settings
+    client_streams = ClientStreams(settings.max_client_streams)
+    app.state.ws_sessions = ws_sessions = SessionRegistry()  # drained at shutdown (server/shutdown.py)
 
     # Helpers -------------------------------------------------------------------------------------------------------
 
@@ -327,6 +333,8 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
 
     # Endpoints -----------------------------------------------------------------------------------------------------
 
+    install_resource_handlers(app, error)
+
     @app.exception_handler(BadRequest)
     async def bad_request_handler(request: Request, exc: BadRequest):
         return error(exc.status, exc.message, exc.param, kind={413: "too_large", 408: "timeout"}.get(exc.status,
@@ -405,11 +413,16 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
             await websocket.close(code=1008, reason="missing or wrong API key")
             return
         await websocket.accept()
-        first = await websocket.receive()  # the first message tells the protocol (omni_protocol.py)
+        try:  # the first message tells the protocol (omni_protocol.py); a socket that sends none is closed
+            first = await asyncio.wait_for(websocket.receive(), settings.ws_idle_close_s)
+        except asyncio.TimeoutError:
+            await websocket.close(code=1000, reason=f"no message for {settings.ws_idle_close_s:g} s")
+            return
         if first_message_is_omni(first, settings):
             await OmniSession(websocket, synth, worker, validator, metrics, settings).run(first)
             return
-        await WsSession(FirstMessageReplay(websocket, first), synth, worker, validator, metrics, settings).run()
+        await WsSession(FirstMessageReplay(websocket, first), synth, worker, validator, metrics, settings,
+                        client_streams=client_streams, sessions=ws_sessions).run()
 
     return app
 
@@ -423,24 +436,39 @@ class WsContext:
         self.audio_seconds = 0.0
         self.cancelled = False
         self.flushed = False
-        self.last_input = time.monotonic()  # the latest config/text message (the idle flush counts from it)
-        self.flushed_at: float | None = None
+        self.last_word = time.monotonic()  # config or the latest complete word: the idle flush counts from it
+        self.submitted_at: float | None = None  # when it took (or queued for) a stream slot
+        self.cut = False  # cut by a shutdown
         self.pump: asyncio.Task | None = None
+
+    @property
+    def has_speech(self) -> bool:
+        """Something to speak: a complete word (an in-context voice opens only at flush, with the whole text)."""
+        return self.text.committed_tokens > 0 and self.job.utterance.prime_codes is None
 
 
 class WsSession:
     """One WebSocket connection: several contexts (at most max_ws_contexts), each a LiveJob on the engine worker.
 
-    A watcher flushes contexts that got no message for ws_idle_flush_s (event `idle_flush`), and cancels flushed
-    contexts still waiting for a stream slot after queue_timeout_s (an `error` event, then `audio_done`)."""
+    A context takes a stream slot (of the engine, and of its client's max_client_streams) only once it has
+    something to speak: its first complete word, or its flush. A watcher flushes contexts without a new complete
+    word for ws_idle_flush_s (event `idle_flush`), cancels contexts still waiting for a stream slot after
+    queue_timeout_s (an `error` event, then `audio_done`) and closes the socket after ws_idle_close_s without an
+    open context. At shutdown (`draining`) no context opens, and `cut_contexts` ends the ones left."""
 
     def __init__(self, ws: WebSocket, synth: Synthesizer, worker: EngineWorker, validator: Validator,
-                 metrics: ServerMetrics, settings: ServerSettings):
+                 metrics: ServerMetrics, settings: ServerSettings, *, client_streams: ClientStreams | None = None,
+                 sessions: SessionRegistry | None = None):
         self.ws, self.synth, self.worker, self.validator = ws, synth, worker, validator
         self.metrics, self.settings = metrics, settings
+        self.client_streams = client_streams or ClientStreams(settings.max_client_streams)
+        self.sessions = sessions or SessionRegistry()
+        self.client = ws.client.host if ws.client else "unknown"
         self.contexts: dict[str, WsContext] = {}
         self.send_lock = asyncio.Lock()
         self.closed = False
+        self.draining = False
+        self.idle_since = time.monotonic()  # since when the socket has had no context
 
     async def send_json(self, obj: dict) -> None:
         if self.closed:
@@ -464,6 +492,7 @@ class WsSession:
 
     async def run(self) -> None:
         watcher = asyncio.create_task(self.watch())
+        self.sessions.add(self)
         try:
             while True:
                 message = await self.ws.receive()
@@ -480,6 +509,7 @@ class WsSession:
             pass
         finally:
             self.closed = True
+            self.sessions.discard(self)
             watcher.cancel()
             for ctx in list(self.contexts.values()):
                 ctx.job.cancel()
@@ -488,22 +518,29 @@ class WsSession:
 
     async def watch(self) -> None:
         settings = self.settings
-        period = max(0.02, min(1.0, settings.ws_idle_flush_s / 4, settings.queue_timeout_s / 4))
+        period = max(0.02, min(1.0, settings.ws_idle_flush_s / 4, settings.queue_timeout_s / 4,
+                               settings.ws_idle_close_s / 4))
         try:
             while not self.closed:
                 await asyncio.sleep(period)
                 now = time.monotonic()
+                if self.contexts:
+                    self.idle_since = now
+                elif now - self.idle_since > settings.ws_idle_close_s:
+                    async with self.send_lock:
+                        await self.ws.close(code=1000, reason=f"no open context for {settings.ws_idle_close_s:g} s")
+                    return
                 for ctx in list(self.contexts.values()):
                     if ctx.cancelled or ctx.job.finished:
                         continue
-                    if not ctx.flushed and now - ctx.last_input > settings.ws_idle_flush_s:
+                    if not ctx.flushed and now - ctx.last_word > settings.ws_idle_flush_s:
                         await self.send_json({"type": "idle_flush", "context_id": ctx.id,
-                                              "idle_s": round(now - ctx.last_input, 3)})
+                                              "idle_s": round(now - ctx.last_word, 3)})
                         await self.flush(ctx)
-                    elif (ctx.flushed and ctx.job.started is None
-                          and now - ctx.flushed_at > settings.queue_timeout_s):
-                        await self.error(ctx.id, f"no stream slot came free within {settings.queue_timeout_s:g} s "
-                                                 "of the flush; the context is cancelled, retry it")
+                    elif (ctx.submitted_at is not None and ctx.job.started is None
+                          and now - ctx.submitted_at > settings.queue_timeout_s):
+                        await self.error(ctx.id, f"no stream slot came free within {settings.queue_timeout_s:g} s; "
+                                                 "the context is cancelled, retry it")
                         ctx.cancelled = True
                         ctx.job.cancel()
         except Exception:  # noqa: BLE001 - the socket is gone; run() cleans up
@@ -511,13 +548,64 @@ class WsSession:
 
     async def flush(self, ctx: WsContext) -> None:
         ctx.flushed = True
-        ctx.flushed_at = time.monotonic()
         try:
             ctx.text.finish()
         except BadRequest as exc:
             await self.error(ctx.id, exc.message)
         ctx.job.request_flush()
         ctx.words.flush()
+        await self.take_slot(ctx)
+
+    async def take_slot(self, ctx: WsContext) -> bool:
+        """Submit the context's job (once): within its client's max_client_streams and the engine's slots and
+        queue, else an `error` and the context is dropped (no `audio_done`: it never started)."""
+        if ctx.submitted_at is not None:
+            return True
+        if not self.client_streams.acquire(self.client):
+            self.metrics.errors_total.labels(kind="queue_full").inc()
+            await self.error(ctx.id, f"this client has {self.client_streams.limit} contexts speaking or waiting "
+                                     "for a stream slot, the limit; let one finish before starting another")
+            self.drop(ctx)
+            return False
+        try:
+            self.worker.submit(ctx.job)
+        except (QueueFull, EngineUnavailable):
+            self.client_streams.release(self.client)
+            self.metrics.errors_total.labels(kind="queue_full").inc()
+            await self.send_json({"type": "error", "context_id": ctx.id,
+                                  "message": "the server is at capacity; retry this context shortly"})
+            self.drop(ctx)
+            return False
+        ctx.submitted_at = time.monotonic()
+        return True
+
+    def drop(self, ctx: WsContext) -> None:
+        """Forget a context that never took a slot."""
+        ctx.cancelled = True
+        if self.contexts.get(ctx.id) is ctx:
+            del self.contexts[ctx.id]
+        if ctx.pump is not None:
+            ctx.pump.cancel()
+
+    async def end_unsubmitted(self, ctx: WsContext, reason: str) -> None:
+        """`audio_done` for a context that ends before it took a slot (cancelled, or cut by a shutdown)."""
+        self.drop(ctx)
+        await self.send_json({"type": "audio_done", "context_id": ctx.id, "stop_reason": reason, "frames": 0,
+                              "audio_seconds": 0.0, "time_to_first_audio_ms": None, "elapsed_ms": 0.0,
+                              "seed": ctx.job.seed(), "first_chunk_ms": {}})
+
+    async def cut_contexts(self, grace_s: float) -> None:
+        """At shutdown, after the grace period: every context left gets an `error`, then its `audio_done`."""
+        for ctx in list(self.contexts.values()):
+            if ctx.job.finished:
+                continue
+            await self.error(ctx.id, f"the server is shutting down: this context did not finish within the "
+                                     f"{grace_s:g} s grace period and was cut")
+            ctx.cut = True
+            if ctx.submitted_at is None:
+                await self.end_unsubmitted(ctx, "shutdown")
+            else:
+                ctx.job.cancel()
 
     async def handle(self, text: str) -> None:
         if len(text) > self.settings.max_ws_message_bytes:
@@ -558,15 +646,19 @@ class WsSession:
             if ctx.flushed:
                 await self.error(cid, f"context {shown(cid)} was flushed; start a new context for more text")
                 return
-            ctx.last_input = time.monotonic()
+            words = ctx.text.committed_tokens
             try:
                 piece = ctx.text.add(delta)
             except BadRequest as exc:
                 await self.error(cid, exc.message)
                 return
+            if ctx.text.committed_tokens > words:
+                ctx.last_word = time.monotonic()
             if piece:
                 ctx.job.add_text(piece)
                 ctx.words.add_text(piece)
+            if ctx.has_speech:
+                await self.take_slot(ctx)
         elif kind == "flush":
             if ctx is None:
                 await self.error(cid, f"unknown context {shown(cid)}")
@@ -576,10 +668,16 @@ class WsSession:
         elif kind == "cancel":
             if ctx is None:
                 return  # already finished (or never existed): nothing to stop
+            if ctx.submitted_at is None:
+                await self.end_unsubmitted(ctx, "cancelled")
+                return
             ctx.cancelled = True
             ctx.job.cancel()
 
     async def open_context(self, cid: str, msg: dict) -> WsContext | None:
+        if self.draining:
+            await self.error(cid, "the server is shutting down: no new contexts; reconnect to another server")
+            return None
         open_contexts = sum(1 for c in self.contexts.values() if not (c.cancelled or c.job.finished))
         if open_contexts >= self.settings.max_ws_contexts:
             await self.error(cid, f"this socket has {open_contexts} open contexts, the limit; cancel one or let "
@@ -598,13 +696,6 @@ class WsSession:
             return None
         job = LiveJob(self.synth, asyncio.get_running_loop(), utterance=utterance, endpoint="ws",
                       max_buffered_chunks=self.settings.max_buffered_chunks)
-        try:
-            self.worker.submit(job)
-        except (QueueFull, EngineUnavailable):
-            self.metrics.errors_total.labels(kind="queue_full").inc()
-            await self.send_json({"type": "error", "context_id": cid,
-                                  "message": "the server is at capacity; retry this context shortly"})
-            return None
         ctx = WsContext(cid, job, StreamedText(self.synth.tokenizer, self.settings.max_text_chars,
                                                self.settings.max_text_tokens),
                         WordTimeline(self.synth.tokenizer.encode_user))
@@ -641,7 +732,7 @@ class WsSession:
                     await start()
                     info = asdict(payload)
                     stages = info["first_chunk_ms"]  # where the first chunk's time went, stage by stage
-                    reason = "cancelled" if ctx.cancelled else info["stop_reason"]
+                    reason = "shutdown" if ctx.cut else "cancelled" if ctx.cancelled else info["stop_reason"]
                     await self.send_words(ctx, ctx.words.finish(ctx.audio_seconds, reason == "eos"))
                     await self.send_json({"type": "audio_done", "context_id": ctx.id, "stop_reason": reason,
                                           "frames": info["frames"],
@@ -654,6 +745,8 @@ class WsSession:
         except Exception:  # noqa: BLE001 - socket gone
             ctx.job.cancel()
         finally:
+            if ctx.submitted_at is not None:
+                self.client_streams.release(self.client)
             if self.contexts.get(ctx.id) is ctx:
                 del self.contexts[ctx.id]
 
@@ -669,56 +762,13 @@ def _is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
-def header_timeout_protocol(seconds: float):
-    """uvicorn's httptools HTTP protocol with a limit on the time a request's headers may take to arrive (uvicorn
-    has none, so slow clients could hold connections open forever); "auto" when httptools is missing."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:
-        return "auto"
-
-    class HeaderTimeoutProtocol(HttpToolsProtocol):
-        header_timer = None
-
-        def arm(self) -> None:
-            if self.header_timer is None:
-                self.header_timer = self.loop.call_later(seconds, self.headers_too_slow)
-
-        def disarm(self) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-                self.header_timer = None
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self.arm()
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self.arm()
-
-        def on_headers_complete(self) -> None:
-            self.disarm()
-            super().on_headers_complete()
-
-        def connection_lost(self, exc) -> None:
-            self.disarm()
-            super().connection_lost(exc)
-
-        def headers_too_slow(self) -> None:
-            self.header_timer = None
-            self.logger.info("closed a connection whose request headers took more than %g s", seconds)
-            self.transport.close()
-
-    return HeaderTimeoutProtocol
-
-
 def uvicorn_config(app: FastAPI, host: str, port: int, settings: ServerSettings, log_level: str = "info"):
     """The uvicorn configuration that carries the server's connection limits."""
     import uvicorn
 
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, ws="websockets-sansio", lifespan="on",
-                          http=header_timeout_protocol(settings.header_timeout_s),
+                          http=limited_http_protocol(settings, body_deadlines(settings)),
+                          h11_max_incomplete_event_size=settings.max_header_bytes,
                           ws_max_size=settings.max_ws_message_bytes, timeout_keep_alive=settings.keep_alive_s,
                           limit_concurrency=settings.max_connections)
 
@@ -769,10 +819,12 @@ def run_serve(args) -> int:
     except ValueError as exc:  # a bad setting, e.g. a voice alias naming a speaker the model lacks
         print(f"qwen-tts-mk serve: error: {exc}", file=sys.stderr)
         return 2
+    from .shutdown import draining_server
+
     config = uvicorn_config(app, host, port, settings)
     sock = getattr(args, "socket", None) or config.bind_socket()  # the CLI binds before loading the model
     shown_host = f"[{host}]" if ":" in host else host
     print(f"serving on http://{shown_host}:{port} (WebSocket ws://{shown_host}:{port}{WS_PATH})", file=sys.stderr,
           flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    draining_server(app, config).run(sockets=[sock])
     return 0

@@ -20,6 +20,7 @@ from ..live import _BOUNDARY as WORD_BOUNDARY  # the commit rule of streamed tex
 from ..prompt import PromptError
 from ..sampling import SAMPLING_RANGES, SamplingError, check_sampling_option
 from .audio_formats import RESPONSE_FORMATS, wav_header  # noqa: F401 - wav_header: re-exported
+from ..voices import quoted as shown  # noqa: F401 - re-exported: the server's messages cut echoed values with it
 from .voice_aliases import parse_aliases, voice_aliases
 
 STREAM_FORMATS = ("audio", "sse")
@@ -40,12 +41,6 @@ class BadRequest(ValueError):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": "invalid_request_error", "param": self.param,
                           "code": None}}
-
-
-def shown(value: Any, limit: int = 40) -> str:
-    """repr(value), cut to `limit` characters: error messages never echo a whole (possibly huge) input."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -75,14 +70,19 @@ class ServerSettings:
     max_new_tokens_limit: int = field(default_factory=lambda: _env_int("QWEN_TTS_MK_MAX_NEW_TOKENS", 4096))
     # Request headers, bodies and messages
     header_timeout_s: float = 10.0  # a connection whose request headers take longer is closed
-    max_body_bytes: int = 256 * 1024  # 413
-    body_timeout_s: float = 10.0  # the whole body must arrive in this time: 408
+    max_header_bytes: int = 32 * 1024  # the request line and headers: 431
+    max_body_bytes: int = 256 * 1024  # 413, counted as the body arrives (voice uploads: the clip's cap + 64 KiB)
+    body_timeout_s: float = 10.0  # the whole body must arrive in this time, on every route: 408
+    upload_timeout_s: float = 60.0  # the same for a voice upload (POST /v1/audio/voices): 408
     max_json_depth: int = 16  # 400
     max_json_number_chars: int = 32  # the longest number literal: 400
     max_ws_message_bytes: int = 256 * 1024  # larger WS messages close the socket (1009)
     # WebSocket contexts
     max_ws_contexts: int = 8  # open contexts per socket
-    ws_idle_flush_s: float = 20.0  # an unflushed context without a message this long is flushed (event idle_flush)
+    max_client_streams: int = 8  # contexts of one client (all its sockets) holding or waiting for a stream slot
+    ws_idle_flush_s: float = 20.0  # an unflushed context without a new complete word this long is flushed
+    ws_idle_close_s: float = 60.0  # a socket without an open context this long is closed (1000)
+    shutdown_grace_s: float = 10.0  # on SIGTERM, contexts may finish this long; then error + audio_done
     # Connections (uvicorn)
     keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
     max_connections: int = 1000  # concurrent connections; beyond: 503

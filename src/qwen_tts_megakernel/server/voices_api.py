@@ -8,7 +8,8 @@
 
 The speaker embedding and the reference codes are computed once, here; a stored voice is then used by name in
 every endpoint. Bad uploads get a 4xx whose "param" names the field: 400 (bad name, missing consent, too short or
-long, silent, unsupported sample rate), 409 (name taken), 413 (too large), 415 (not audio).
+long, silent, unsupported sample rate, too many channels, a prompt that leaves the backend no positions), 409 (name
+taken), 413 (too large), 415 (not audio), 500 (out of memory), 507 (the voice store's disk is full).
 """
 
 from __future__ import annotations
@@ -22,9 +23,22 @@ from fastapi.responses import JSONResponse
 
 from ..engine import Synthesizer
 from ..prompt import PromptError
+from .errors import resource_refusal
 from ..voices import ReferenceLimits, VoiceEncoder, VoiceError, check_voice_name, library_for, read_reference_audio
 
 TRUE_VALUES = ("true", "1", "yes", "on")
+VOICES_PATH = "/v1/audio/voices"
+MULTIPART_OVERHEAD_BYTES = 64 * 1024  # the form's other fields and boundaries, on top of the clip's cap
+
+
+def body_caps(limits: ReferenceLimits = ReferenceLimits()) -> dict[str, int]:
+    """The request-body cap of the upload route (server/limits.py counts bodies as they arrive)."""
+    return {VOICES_PATH: limits.max_bytes + MULTIPART_OVERHEAD_BYTES}
+
+
+def body_deadlines(settings) -> dict[str, float]:
+    """The upload route's body deadline: upload_timeout_s, not body_timeout_s (a clip is megabytes)."""
+    return {VOICES_PATH: settings.upload_timeout_s}
 
 
 def voices_router(synth: Synthesizer, *, model_name: str, authorized: Callable[..., bool],
@@ -44,7 +58,7 @@ def voices_router(synth: Synthesizer, *, model_name: str, authorized: Callable[.
         library = library_for(synth)
         return [m for m in library.list() if m.get("speaker_encoder") == library.fingerprint]
 
-    @router.get("/v1/audio/voices")
+    @router.get(VOICES_PATH)
     async def list_voices(request: Request):
         if not authorized(request.headers):
             return unauthorized()
@@ -56,14 +70,14 @@ def voices_router(synth: Synthesizer, *, model_name: str, authorized: Callable[.
                 "supports_cloning": can_clone, "languages": synth.languages,
                 "supports_instructions": bool(cfg.supports_instruct), "sample_rate": synth.sample_rate}
 
-    @router.post("/v1/audio/voices")
+    @router.post(VOICES_PATH)
     async def add_voice(request: Request):
         if not authorized(request.headers):
             return unauthorized()
         if not can_clone:
             return error(400, f"this model ({cfg.model_type}) cannot clone voices: serve a Base model", "audio")
         declared = int(request.headers.get("content-length") or 0)
-        if declared > limits.max_bytes + 64 * 1024:
+        if declared > limits.max_bytes + MULTIPART_OVERHEAD_BYTES:
             return error(413, f"the upload is {declared} bytes; the limit is {limits.max_bytes}", "audio")
         try:
             form = await request.form(max_files=1, max_fields=8)
@@ -93,6 +107,11 @@ def voices_router(synth: Synthesizer, *, model_name: str, authorized: Callable[.
             return error(exc.status, str(exc), exc.field)
         except PromptError as exc:
             return error(400, str(exc), "transcript")
+        except (MemoryError, OSError) as exc:
+            refusal = resource_refusal(exc)
+            if refusal is None:
+                raise
+            return error(*refusal, "audio", kind="resources")
         finally:
             await form.close()
         return JSONResponse(meta, status_code=201)
@@ -144,6 +163,11 @@ def _clone(synth: Synthesizer, encoder: list[VoiceEncoder], data: bytes, transcr
     if not encoder:
         encoder.append(VoiceEncoder.from_checkpoint(synth.checkpoint, device=synth.codec_device))
     voice = encoder[0].clone(audio, ref_text=transcript, name=name)
-    if voice.in_context:  # the transcript must tokenize to something
-        synth.prompt("a", voice=voice)
+    if voice.in_context:  # the transcript must tokenize to something, and the prompt leave positions to speak with
+        rows = len(synth.prompt("a", voice=voice, text_layout="interleaved"))
+        positions = synth.backend.max_seq_len
+        if rows + 1 >= positions:
+            raise VoiceError("audio", f"the clip and its transcript make a prompt of {rows} rows; the backend has "
+                                      f"{positions} positions, so nothing is left to speak with: use a shorter clip "
+                                      "(3 to 10 s works best)")
     return voice, len(audio) / 24000

@@ -142,14 +142,13 @@ def running_server(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key
     reading backs the server up after kilobytes instead of megabytes."""
     import socket
 
-    import uvicorn
-
     from ..server.app import create_app, uvicorn_config
+    from ..server.shutdown import draining_server
 
     settings = settings or ServerSettings()
     app = create_app(synth, model_name=model_name, api_key=api_key, settings=settings)
     port = port or free_port()
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, settings, log_level=log_level))
+    server = draining_server(app, uvicorn_config(app, "127.0.0.1", port, settings, log_level=log_level))
     run = server.run
     if send_buffer_bytes is not None:
         listener = socket.socket()
