@@ -484,7 +484,7 @@ def test_queue_overflow_is_503_with_retry_after(synth):
                 assert "capacity" in r3.json()["error"]["message"]
                 with ws_client.connect(ws_url(url)) as conn:
                     ws = WsReader(conn)
-                    ws.send(type="text", context_id="x", text="hi ")
+                    ws.send(type="text", context_id="x", text="hi there")  # a complete word: it asks for a slot
                     assert ws.read_one() == ("error", "x")
         waiter.join(30)  # r1 closed: the queued request got its slot
         assert queued["r"].status_code == 200 and len(queued["r"].content) == 3 * 1920 * 2
