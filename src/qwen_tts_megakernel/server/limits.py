@@ -4,7 +4,8 @@
                          headers must arrive within header_timeout_s (else the connection is closed) and within
                          max_header_bytes, request line included (431); a body must arrive within its deadline,
                          body_timeout_s (upload_timeout_s for voice uploads), also when the app never reads it
-                         (408, or the connection closed once the response went out): a body is not drained for ever.
+                         (408). A response that goes out before its request's body ended closes the connection
+                         (after LINGER_S): an unread body is not drained for ever.
     RequestLimits        ASGI middleware: a request with two Host headers is refused (400), and a body is counted as
                          it arrives, so that one without Content-Length (chunked) is refused at its route's cap (413)
                          before more of it is read or spooled.
@@ -112,6 +113,13 @@ def limited_http_protocol(settings: ServerSettings, body_deadlines: dict[str, fl
                 self.logger.info("closed a connection whose request body took more than %g s", deadline)
                 self.transport.close()
 
+        def on_response_complete(self) -> None:
+            if self.body_timer is not None and not self.refused:  # answered before its body ended: not drained
+                self.cancel("body_timer")
+                self.stop_and_linger()
+                return
+            super().on_response_complete()
+
         # Refusals ------------------------------------------------------------------------------------------------
 
         def refuse(self, status: int, message: str) -> None:
@@ -126,6 +134,13 @@ def limited_http_protocol(settings: ServerSettings, body_deadlines: dict[str, fl
                 cycle.disconnected = True
                 cycle.message_event.set()
             self.transport.write(refusal_response(status, message))
+            self.stop_and_linger()
+
+        def stop_and_linger(self) -> None:
+            """Send nothing more, discard what comes for at most LINGER_S, close."""
+            self.refused = True
+            if self.transport.is_closing():
+                return
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             self.linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
@@ -174,7 +189,7 @@ class RequestLimits:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": message})
             return
-        await send_error(send, 400, message)
+        await send_error(send, 400, message, close=True)
 
     async def limited(self, scope, receive, send) -> None:
         from starlette.requests import ClientDisconnect
@@ -209,9 +224,11 @@ class RequestLimits:
             pass
 
 
-async def send_error(send, status: int, message: str) -> None:
+async def send_error(send, status: int, message: str, *, close: bool = False) -> None:
+    """An error response; a refused body's connection is closed by the protocol (after LINGER_S), so that the
+    client, still sending, reads the answer instead of a reset."""
     body = error_body(message, status)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                "headers": headers + ([(b"connection", b"close")] if close else [])})
     await send({"type": "http.response.body", "body": body})
