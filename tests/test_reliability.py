@@ -6,6 +6,7 @@ ends with a healthy server whose audio is exact; timeouts are small settings, ne
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -386,3 +387,173 @@ def test_two_host_headers_are_refused(synth, healthy_pcm):
         assert status_of(response) == 400
         assert "2 Host headers" in json_body(response)["error"]["message"]
         assert_healthy(url, healthy_pcm)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WebSocket slots
+
+
+def ws_url(url: str) -> str:
+    return url.replace("http://", "ws://") + WS_PATH
+
+
+def msg(**fields) -> str:
+    return json.dumps(fields)
+
+
+class Trickler:
+    """A socket whose contexts each get a piece of text every `period_s`, never flushed, read in the background."""
+
+    def __init__(self, url: str, contexts: list[str], piece: str, period_s: float):
+        self.stack = contextlib.ExitStack()
+        self.conn = self.stack.enter_context(ws_client.connect(ws_url(url)))
+        self.contexts, self.piece, self.period_s = contexts, piece, period_s
+        self.events: list[dict] = []
+        self.stop = threading.Event()
+        for cid in contexts:
+            self.conn.send(msg(type="config", context_id=cid, max_new_tokens=4, seed=1))
+        self.threads = [threading.Thread(target=self.send_loop), threading.Thread(target=self.read_loop)]
+        for t in self.threads:
+            t.start()
+
+    def send_loop(self) -> None:
+        while not self.stop.wait(self.period_s):
+            try:
+                for cid in self.contexts:
+                    self.conn.send(msg(type="text", context_id=cid, text=self.piece))
+            except ws_exceptions.ConnectionClosed:
+                return
+
+    def read_loop(self) -> None:
+        try:
+            while not self.stop.is_set():
+                try:
+                    message = self.conn.recv(timeout=0.1)
+                except TimeoutError:
+                    continue
+                if isinstance(message, str):
+                    self.events.append(json.loads(message))
+        except ws_exceptions.ConnectionClosed:
+            return
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+        self.stack.close()
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e["type"] == kind]
+
+
+def first_ws_audio_s(url: str, headers: dict | None = None) -> float:
+    start = time.monotonic()
+    with ws_client.connect(ws_url(url), additional_headers=headers or {}) as conn:
+        conn.send(msg(type="config", context_id="other", max_new_tokens=2))
+        conn.send(msg(type="text", context_id="other", text="Another client speaks."))
+        conn.send(msg(type="flush", context_id="other"))
+        deadline = start + 30
+        while time.monotonic() < deadline:
+            message = conn.recv(timeout=deadline - time.monotonic())
+            if isinstance(message, bytes):
+                return time.monotonic() - start
+            event = json.loads(message)
+            assert event["type"] != "error", event
+    raise AssertionError("no audio")
+
+
+def first_http_audio_s(url: str) -> float:
+    start = time.monotonic()
+    with httpx.stream("POST", f"{url}/tts/stream", json=HEALTHY, timeout=30) as r:
+        assert r.status_code == 200, r.read()
+        for piece in r.iter_raw():
+            if piece:
+                return time.monotonic() - start
+    raise AssertionError("no audio")
+
+
+def test_trickling_contexts_cannot_keep_another_client_from_first_audio(synth, healthy_pcm):
+    """16 contexts on 2 sockets of one client, trickling: 8 get a character at a time (no word ever completes, so
+    they take no slot, and their lifetime counts from their config: idle-flushed), 8 get a word at a time (they
+    take slots, within the client's cap). Another client, over HTTP and over a WebSocket behind the proxy
+    (X-Forwarded-For), gets its first audio within 5 s, more than once while the trickles go on."""
+    settings = ServerSettings(max_active=4, max_queue=4, max_ws_contexts=8, max_client_streams=2,
+                              ws_idle_flush_s=1.0, queue_timeout_s=5.0)
+    with running_server(synth, settings=settings) as (url, app):
+        letters = Trickler(url, [f"c{i}" for i in range(8)], "a", 0.2)
+        words = Trickler(url, [f"w{i}" for i in range(8)], "word ", 0.2)
+        try:
+            for _ in range(2):
+                assert first_http_audio_s(url) < 5.0
+                assert first_ws_audio_s(url, {"X-Forwarded-For": "203.0.113.7"}) < 5.0
+            assert wait_until(lambda: len({e["context_id"] for e in letters.of_kind("idle_flush")}) == 8, 20)
+            capped = [e for e in words.of_kind("error") if "contexts speaking or waiting" in e["message"]]
+            assert len({e["context_id"] for e in capped}) >= 6  # 2 of the client's 16 hold its 2 slots
+        finally:
+            letters.close()
+            words.close()
+        assert wait_until(lambda: httpx.get(f"{url}/health").json()["active_streams"] == 0, 30)
+        assert_healthy(url, healthy_pcm)
+
+
+def test_a_socket_without_an_open_context_is_closed_after_the_idle_time(synth, healthy_pcm):
+    settings = ServerSettings(ws_idle_close_s=0.5)
+    with running_server(synth, settings=settings) as (url, app):
+        with ws_client.connect(ws_url(url)) as idle, ws_client.connect(ws_url(url)) as busy:
+            busy.send(msg(type="config", context_id="long", max_new_tokens=2))
+            busy.send(msg(type="text", context_id="long", text="Text that keeps coming"))
+            start = time.monotonic()
+            with pytest.raises(ws_exceptions.ConnectionClosed) as closed:
+                while True:
+                    idle.recv(timeout=10)
+            assert closed.value.rcvd.code == 1000 and "no open context" in closed.value.rcvd.reason
+            assert time.monotonic() - start < 10
+            busy.send(msg(type="flush", context_id="long"))  # the socket with a context is still open
+            events = []
+            while not events or events[-1]["type"] != "audio_done":
+                message = busy.recv(timeout=30)
+                if isinstance(message, str):
+                    events.append(json.loads(message))
+            assert events[-1]["context_id"] == "long" and events[-1]["frames"] == 2
+        assert_healthy(url, healthy_pcm)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Graceful shutdown
+
+
+def test_sigterm_lets_contexts_finish_then_cuts_the_rest_with_error_and_audio_done(tmp_path):
+    model = write_tiny_model(tmp_path / "m", "0.6b", "custom_voice", seed=0)
+    with TTSServerProcess(model, extra_args=["--shutdown-grace-s", "1.5"]) as server:
+        url = server.base_url
+        with ws_client.connect(ws_url(url)) as conn:
+            conn.send(msg(type="config", context_id="open", voice="ryan"))
+            conn.send(msg(type="text", context_id="open", text="This context never flushes"))
+            conn.send(msg(type="config", context_id="short", voice="ryan", max_new_tokens=3))
+            conn.send(msg(type="text", context_id="short", text="Short one."))
+            conn.send(msg(type="flush", context_id="short"))
+            events = []
+
+            def read_until(predicate):
+                while not predicate():
+                    message = conn.recv(timeout=30)
+                    if isinstance(message, str):
+                        events.append(json.loads(message))
+
+            read_until(lambda: any(e["type"] == "audio_start" for e in events))
+            server.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            read_until(lambda: sum(e["type"] == "audio_done" for e in events) == 2)
+            cut_after = time.monotonic() - signalled
+            with pytest.raises(ws_exceptions.ConnectionClosed) as closed:
+                while True:
+                    conn.recv(timeout=30)
+        done = {e["context_id"]: e for e in events if e["type"] == "audio_done"}
+        assert done["short"]["stop_reason"] in ("eos", "max_new_tokens") and done["short"]["frames"] >= 1
+        assert done["open"]["stop_reason"] == "shutdown"
+        errors = [e for e in events if e["type"] == "error" and e["context_id"] == "open"]
+        assert errors and "shutting down" in errors[0]["message"]
+        assert events.index(errors[0]) < events.index(done["open"])
+        assert 1.5 <= cut_after < 30
+        assert closed.value.rcvd is None or closed.value.rcvd.code in (1001, 1012)
+        assert server.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
