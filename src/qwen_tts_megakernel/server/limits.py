@@ -114,7 +114,8 @@ def limited_http_protocol(settings: ServerSettings, body_deadlines: dict[str, fl
                 self.transport.close()
 
         def on_response_complete(self) -> None:
-            if self.body_timer is not None and not self.refused:  # answered before its body ended: not drained
+            # The latest request was answered before its body ended (not a pipelined one before it): not drained.
+            if self.body_timer is not None and not self.refused and self.cycle.response_complete:
                 self.cancel("body_timer")
                 self.stop_and_linger()
                 return
