@@ -494,7 +494,7 @@ def test_a_socket_without_an_open_context_is_closed_after_the_idle_time(synth, h
     with running_server(synth, settings=settings) as (url, app):
         with ws_client.connect(ws_url(url)) as idle, ws_client.connect(ws_url(url)) as busy:
             busy.send(msg(type="config", context_id="long", max_new_tokens=2))
-            busy.send(msg(type="text", context_id="long", text="Text that keeps coming"))
+            busy.send(msg(type="text", context_id="long", text="Unfinished"))  # open, no word yet: no slot
             start = time.monotonic()
             with pytest.raises(ws_exceptions.ConnectionClosed) as closed:
                 while True:
