@@ -557,16 +557,24 @@ def test_sigterm_lets_contexts_finish_then_cuts_the_rest_with_error_and_audio_do
 
 
 @pytest.fixture(scope="module")
-def base_synth(tmp_path_factory):
-    model = write_tiny_model(tmp_path_factory.mktemp("tiny_base"), "0.6b", "base", seed=1)
+def base_model(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_base"), "0.6b", "base", seed=1)
+
+
+def new_base_synth(model, voices_dir) -> Synthesizer:
     synth = Synthesizer.from_pretrained(str(model), device="cpu")
-    synth.voice_library = VoiceLibrary(tmp_path_factory.mktemp("voices"), speaker_encoder_fingerprint(synth.checkpoint))
+    synth.voice_library = VoiceLibrary(voices_dir, speaker_encoder_fingerprint(synth.checkpoint))
     return synth
 
 
 @pytest.fixture(scope="module")
+def base_synth(base_model, tmp_path_factory):
+    return new_base_synth(base_model, tmp_path_factory.mktemp("voices"))
+
+
+@pytest.fixture(scope="module")
 def base_url(base_synth):
-    with running_server(base_synth, settings=ServerSettings(upload_timeout_s=3.0)) as (url, app):
+    with running_server(base_synth) as (url, app):
         yield url
 
 
@@ -600,18 +608,25 @@ def test_upload_claiming_an_hour_is_refused_without_the_server_growing(base_url,
     assert_base_healthy(base_url, base_synth)
 
 
-def test_slow_and_endless_uploads(base_url, base_synth):
+def test_slow_upload_gets_408(base_model, tmp_path):
+    synth = new_base_synth(base_model, tmp_path)  # its own engine: this server stops it when it ends
+    with running_server(synth, settings=ServerSettings(upload_timeout_s=1.0)) as (url, app):
+        sock = socket.create_connection(host_port(url))
+        try:
+            sock.sendall(b"POST /v1/audio/voices HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                         b"boundary=x\r\nContent-Length: 100000\r\n\r\n--x\r\n")
+            start = time.monotonic()
+            response = read_response(sock, 20)
+            assert status_of(response) == 408 and 1.0 <= time.monotonic() - start < 20
+        finally:
+            sock.close()
+        assert_base_healthy(url, synth)
+
+
+def test_chunked_upload_is_refused_at_the_cap(base_url, base_synth):
+    """No Content-Length: 413 at the route's cap (20 MiB + 64 KiB), not after everything."""
     sock = socket.create_connection(host_port(base_url))
-    try:  # a slow upload: 408 at upload_timeout_s (3 s here)
-        sock.sendall(b"POST /v1/audio/voices HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
-                     b"boundary=x\r\nContent-Length: 100000\r\n\r\n--x\r\n")
-        start = time.monotonic()
-        response = read_response(sock, 20)
-        assert status_of(response) == 408 and 3.0 <= time.monotonic() - start < 20
-    finally:
-        sock.close()
-    sock = socket.create_connection(host_port(base_url))
-    try:  # chunked, no Content-Length: 413 at the route's cap (20 MiB + 64 KiB), not after everything
+    try:
         sock.sendall(b"POST /v1/audio/voices HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
                      b"boundary=x\r\nTransfer-Encoding: chunked\r\n\r\n")
         head = b'--x\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n\r\n'
