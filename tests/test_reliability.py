@@ -511,6 +511,28 @@ def test_a_socket_without_an_open_context_is_closed_after_the_idle_time(synth, h
         assert_healthy(url, healthy_pcm)
 
 
+def test_a_context_whose_first_word_comes_late_still_gets_its_slot(synth, healthy_pcm):
+    """Its job is created at config and submitted at its first word: the engine's queue backstop (counted from the
+    creation) must not fail it for the time it spent waiting for text."""
+    settings = ServerSettings(queue_timeout_s=0.5, ws_idle_flush_s=3.0)
+    with running_server(synth, settings=settings) as (url, app):
+        with ws_client.connect(ws_url(url)) as conn:
+            conn.send(msg(type="config", context_id="late", max_new_tokens=2, voice="ryan"))
+            time.sleep(1.5)  # longer than the old backstop, 2 x queue_timeout_s
+            conn.send(msg(type="text", context_id="late", text="Here it comes."))
+            conn.send(msg(type="flush", context_id="late"))
+            events, audio = [], 0
+            while not events or events[-1]["type"] != "audio_done":
+                message = conn.recv(timeout=30)
+                if isinstance(message, bytes):
+                    audio += len(message)
+                else:
+                    events.append(json.loads(message))
+        assert not [e for e in events if e["type"] == "error"], events
+        assert events[-1]["frames"] == 2 and audio > 0
+        assert_healthy(url, healthy_pcm)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Graceful shutdown
 

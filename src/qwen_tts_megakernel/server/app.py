@@ -154,7 +154,8 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
     settings = settings or ServerSettings()
     metrics = ServerMetrics()
     worker = EngineWorker(synth, metrics, max_active=settings.max_active, max_queue=settings.max_queue,
-                          consumer_stall_s=settings.consumer_stall_s, queue_timeout_s=settings.queue_timeout_s)
+                          consumer_stall_s=settings.consumer_stall_s, queue_timeout_s=settings.queue_timeout_s,
+                          text_wait_s=settings.ws_idle_flush_s + 1.0)  # + the WS watcher's longest period
     validator = Validator(synth, settings, model_names_for(model_name))
     sample_rate = synth.sample_rate
     redact_api_keys_in_logs()

@@ -104,15 +104,16 @@ class EngineWorker:
     """The server's view of the synthesizer's engine: submit jobs, health, load figures."""
 
     def __init__(self, synth: Synthesizer, metrics, *, max_active: int = 16, max_queue: int = 32,
-                 consumer_stall_s: float = 10.0, queue_timeout_s: float = 30.0):
+                 consumer_stall_s: float = 10.0, queue_timeout_s: float = 30.0, text_wait_s: float = 0.0):
         self.synth = synth
         self.metrics = metrics
         settings = synth.engine_settings
         settings.max_active, settings.max_queue = max_active, max_queue
         settings.consumer_stall_s = consumer_stall_s
         # The server answers a request that waited queue_timeout_s itself (503 before the 200, or a WS error); the
-        # engine's own limit is a backstop behind it.
-        settings.queue_timeout_s = 2 * queue_timeout_s
+        # engine's own limit is a backstop behind it. It counts from a job's creation, and a WS context's job is
+        # created when the context opens but submitted only when it has something to speak, up to text_wait_s later.
+        settings.queue_timeout_s = 2 * queue_timeout_s + text_wait_s
         self.engine = synth.engine
         self.engine.observer = MetricsObserver(metrics)
 
