@@ -508,6 +508,10 @@ def test_a_socket_without_an_open_context_is_closed_after_the_idle_time(synth, h
                 if isinstance(message, str):
                     events.append(json.loads(message))
             assert events[-1]["context_id"] == "long" and events[-1]["frames"] == 2
+            with pytest.raises(ws_exceptions.ConnectionClosed) as closed:  # its context done: now it is idle too
+                while True:
+                    busy.recv(timeout=10)
+            assert closed.value.rcvd.code == 1000 and "no open context" in closed.value.rcvd.reason
         assert_healthy(url, healthy_pcm)
 
 

@@ -417,7 +417,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         try:  # the first message tells the protocol (omni_protocol.py); a socket that sends none is closed
             first = await asyncio.wait_for(websocket.receive(), settings.ws_idle_close_s)
         except asyncio.TimeoutError:
-            await websocket.close(code=1000, reason=f"no message for {settings.ws_idle_close_s:g} s")
+            await websocket.close(code=1000, reason=f"no open context for {settings.ws_idle_close_s:g} s")
             return
         if first_message_is_omni(first, settings):
             await OmniSession(websocket, synth, worker, validator, metrics, settings).run(first)
