@@ -227,9 +227,9 @@ def json_body(response: bytes) -> dict:
 
 
 def test_trickled_bodies_are_closed_within_the_body_deadline(synth, healthy_pcm):
-    """20 requests that declare a body (within the caps) and send a byte now and then, on every kind of route (answered at once,
-    404, a JSON route that reads the body, an upload): all 20 connections are closed by the deadline, although they
-    are every connection the server allows."""
+    """20 requests that declare a body (within the caps) and send a byte now and then, on every kind of route
+    (answered at once, 404, JSON routes that read the body, the upload route): all 20 connections are closed by the
+    deadline, although they are nearly every connection the server allows."""
     settings = ServerSettings(body_timeout_s=0.5, upload_timeout_s=0.8, max_connections=21)
     routes = [("GET", "/health"), ("POST", "/nowhere"), ("POST", "/tts/stream"), ("POST", "/v1/audio/speech"),
               ("POST", "/v1/audio/voices")]

@@ -355,8 +355,8 @@ def resolve_voice(synth, voice: str | ClonedVoice | None) -> str | ClonedVoice |
     stored = library_for(synth).get(voice)
     if stored is None:
         names = library_for(synth).names()
-        raise PromptError(f"unknown voice {quoted(voice)}; stored voices: {', '.join(names) if names else '(none)'}. Add "
-                          "one with `qwen-tts-mk voices add` or POST /v1/audio/voices")
+        raise PromptError(f"unknown voice {quoted(voice)}; stored voices: {', '.join(names) if names else '(none)'}. "
+                          "Add one with `qwen-tts-mk voices add` or POST /v1/audio/voices")
     return stored
 
 
