@@ -5,11 +5,17 @@
 #   validate             - validate --batch (VBATCH, VSIZE) of this tree
 #   trace_base / trace   - dev/mk_trace.py section trace (TBATCH, TSIZES) of BASE and of this tree
 #   ring                 - dev/ring_ab.py weight-ring floor A/B against 4c58a06 (.wt-old/src: git archive 4c58a06 src)
+#   probe_base / probe   - dev/admission_probe.py (needs .whl/server) on BASE and on this tree
 #   run(command="BASE=.wt-base/src STEPS='decode_base decode' bash scripts/gpu_kernel.sh", carry=[".mkcache", ".wt-base"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 if [ -d .mkcache ]; then export QWEN_TTS_MK_CACHE="$PWD/.mkcache"; fi
+SITE=""
+if compgen -G ".whl/server/*.whl" >/dev/null; then  # the server's wheels, for the admission probe
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/server-site .whl/server/*.whl
+  SITE=/tmp/server-site
+fi
 LOG="${OUT:-/tmp/gpu_kernel}/logs"; mkdir -p "$LOG" benchmarks/results
 DEADLINE=${DEADLINE:-580}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>&1 | tee "$LOG/gpu.txt"
@@ -25,7 +31,7 @@ step() {  # step NAME SECONDS CMD...
 }
 DEC="python3 -m qwen_tts_megakernel.cli bench --decode --batch ${BATCH:-1,2,4,8,16,32,64} --frames ${DFRAMES:-50}"
 if [ -n "${BASE:-}" ]; then
-  step decode_base 240 bash -c "mkdir -p $LOG/base && for s in ${DSIZES:-0.6b 1.7b}; do PYTHONPATH=$BASE $DEC --random-weights \$s --output-dir $LOG/base; done"
+  step decode_base 240 bash -c "mkdir -p $LOG/base && for s in ${DSIZES_BASE:-0.6b 1.7b}; do PYTHONPATH=$BASE $DEC --random-weights \$s --output-dir $LOG/base; done"
 fi
 step decode 240 bash -c "for s in ${DSIZES:-0.6b 1.7b}; do $DEC --random-weights \$s --output-dir benchmarks/results; done"
 VAL="python3 -m qwen_tts_megakernel.cli validate --random-weights ${VSIZE:-0.6b} --batch ${VBATCH:-1,2,7,16,64} ${VARGS:-}"
@@ -38,7 +44,13 @@ if [ -n "${BASE:-}" ]; then
   step trace_base 150 bash -c "for s in ${TSIZES:-0.6b}; do PYTHONPATH=$BASE $TRACE --size \$s --tag before; done"
 fi
 step trace 150 bash -c "for s in ${TSIZES:-0.6b}; do $TRACE --size \$s ${BASE:+--tag after}; done"
-step ring 200 python3 dev/ring_ab.py --old .wt-old/src --rounds 2 --out benchmarks/results/ring-ab.json
+step ring 200 python3 dev/ring_ab.py --old .wt-old/src --rounds ${RING_ROUNDS:-2} --out benchmarks/results/ring-ab.json
+# admission under open-loop load, the code before issue 24 (BASE) and this tree (issue 24's diagnosis)
+PROBE="python3 dev/admission_probe.py --rates ${PRATES:-1 10 20} --frames 50 --seconds ${PSECONDS:-8}"
+if [ -n "${BASE:-}" ] && [ -n "$SITE" ]; then
+  step probe_base 150 env PYTHONPATH="$SITE:$BASE" $PROBE --out benchmarks/results/admission-probe-before.json
+fi
+[ -n "$SITE" ] && step probe 150 env PYTHONPATH="$SITE:$PWD/src" $PROBE --out benchmarks/results/admission-probe-after.json
 echo "gpu_kernel rc=$rc"
 if [ -n "${OUT:-}" ]; then cp -r benchmarks/results "$OUT/results"; fi
 exit $rc
