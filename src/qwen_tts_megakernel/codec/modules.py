@@ -397,11 +397,19 @@ class PreTransformer(Stateful):
         self.output_proj = nn.Linear(cfg.hidden_size, cfg.latent_dim)
 
     def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
-        start = state.get(self.state_key, 0)
-        pos0 = start if isinstance(start, torch.Tensor) else torch.full((1,), start, device=x.device)
-        T = x.shape[1]
         h = self.input_proj(x)
-        positions = pos0[:, None] + torch.arange(T, device=x.device)  # [B or 1, T]
+        start, cos, sin, mask = self.rope_and_mask(state, x.shape[1], h)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, state)
+        state[self.state_key] = start + x.shape[1]  # last: in a BatchState, `start` is the counter itself
+        return self.output_proj(self.norm(h))
+
+    def rope_and_mask(self, state: State, T: int, h: torch.Tensor):
+        """What every layer of a T-frame chunk shares: (start, cos, sin, mask). `start` is the position of the chunk's
+        first frame (the state's counter), cos/sin [B or 1, 1, T, D] in h's dtype, mask [B or 1, 1, T, P + T]."""
+        start = state.get(self.state_key, 0)
+        pos0 = start if isinstance(start, torch.Tensor) else torch.full((1,), start, device=h.device)
+        positions = pos0[:, None] + torch.arange(T, device=h.device)  # [B or 1, T]
         cos, sin = rope_cos_sin(positions.reshape(-1), self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         cos, sin = (t.view(positions.shape[0], 1, T, -1) for t in (cos, sin))
         # Key j is visible to query i iff i - window < j <= i (absolute positions) and j >= 0 (a BatchState's cache
@@ -409,9 +417,6 @@ class PreTransformer(Stateful):
         cached = state.get(self.layers[0].attn.state_key) if self.layers else None
         P = 0 if cached is None else cached[0].shape[2]
         q_pos = positions[:, None, :, None]
-        k_pos = (pos0[:, None] - P + torch.arange(P + T, device=x.device))[:, None, None, :]
+        k_pos = (pos0[:, None] - P + torch.arange(P + T, device=h.device))[:, None, None, :]
         mask = (k_pos <= q_pos) & (k_pos > q_pos - self.cfg.sliding_window) & (k_pos >= 0)  # [B or 1, 1, T, P + T]
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, state)
-        state[self.state_key] = start + T  # last: in a BatchState, `start` is the counter itself
-        return self.output_proj(self.norm(h))
+        return start, cos, sin, mask

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from ..precision import fp32_precision
+from . import fused as fused_path
 from .decoder import CodecDecoder, check_codes
 from .modules import BatchState, ResidualUnit, StateLayout
 
@@ -102,13 +103,15 @@ class StreamingCodec:
     """Exact streaming decode of up to `max_streams` streams at once (see the module docstring).
 
     `decoder` is the fp32 CodecDecoder (precision "bf16" decodes with a copy of it; see the module docstring).
+    `fused` decodes with the Triton kernels of codec/fused.py (default: when QWEN_TTS_CODEC_FUSED=1 and the device
+    has them; True where it has not is a ValueError); the plain path stays the reference.
     `use_graphs` (default: on CUDA) decodes with fixed-shape steps, captured as CUDA graphs on CUDA. One push at a
     time (a lock); every caller on the same CUDA stream. State memory: max_streams + 1 rows of `store.layout.size`
     floats (about 5 MB per stream for the released codec, most of it the attention window's keys and values).
     """
 
     def __init__(self, decoder: CodecDecoder, max_streams: int = 64, precision: str = "fp32",
-                 use_graphs: bool | None = None):
+                 use_graphs: bool | None = None, fused: bool | None = None):
         if not isinstance(max_streams, int) or isinstance(max_streams, bool) or max_streams < 1:
             raise ValueError(f"max_streams must be an integer >= 1, got {max_streams!r}")
         if precision not in PRECISIONS:
@@ -116,9 +119,16 @@ class StreamingCodec:
         if decoder.quantizer.codebooks.dtype != torch.float32 or decoder.pre_conv.weight.dtype != torch.float32:
             raise ValueError("StreamingCodec needs the fp32 decoder (precision='bf16' makes its own bf16 copy)")
         self.decoder = decoder
-        self.model = _bf16_copy(decoder) if precision == "bf16" else decoder
-        self.precision = precision
         self.device = decoder.device
+        if fused is None:
+            fused = fused_path.requested() and fused_path.available(self.device)
+        elif fused and not fused_path.available(self.device):
+            raise ValueError("fused=True needs triton and a CUDA device (codec/fused.py)")
+        self.fused = bool(fused)
+        self.model = _bf16_copy(decoder) if precision == "bf16" else decoder
+        if self.fused:
+            self.model = fused_path.fuse(self.model)
+        self.precision = precision
         self.max_streams = max_streams
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else bool(use_graphs)
         self.cuda_graphs = self.use_graphs and self.device.type == "cuda"
