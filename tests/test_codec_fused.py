@@ -66,6 +66,22 @@ def test_pad_snake_is_tail_then_snakebeta_cast(kernels, dtype, context, with_tai
     assert_close(got, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("keep_sum", [True, False])
+def test_pad_snake_forms_a_residual_sum_first(kernels, dtype, keep_sum):
+    """x (fp32) + y (the convolution's dtype), as a residual unit's output: the sum exactly as torch forms it."""
+    x, y = randn(2, 4, 30, seed=15), randn(2, 4, 30, dtype=dtype, seed=16)
+    alpha, inv_beta, tail = randn(4, seed=17).exp(), randn(4, seed=18).exp(), randn(2, 4, 12, seed=19)
+    total, got = kernels.pad_snake(x, tail, 12, alpha, inv_beta, dtype, residual=y, keep_sum=keep_sum)
+    s = x + y
+    if keep_sum:
+        assert total.dtype == torch.float32 and torch.equal(total, s)
+    else:
+        assert total is None
+    want = torch.cat([tail, s + torch.sin(s * alpha[:, None]) ** 2 * inv_beta[:, None]], dim=-1).to(dtype)
+    assert_close(got, want, dtype)
+
+
 def test_pad_snake_reads_a_strided_tail_and_input(kernels):
     """A BatchState slot is a view with the row stride of the whole store; a transposed input is not contiguous."""
     store = randn(4, 100, seed=5)
@@ -188,7 +204,7 @@ def test_the_codec_imports_and_runs_without_triton():
               "assert not fused.available('cuda') and not c.fused\n"
               "s = c.open(); assert c.push([s], [random_codes(2, 0)])[0].shape == (3840,)\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__)] + sys.path),
-               QWEN_TTS_CODEC_FUSED="1")
+               QWEN_TTS_MK_CODEC_FUSED="1")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 

@@ -6,7 +6,8 @@ What changes, per layer (the plain path's kernels in brackets):
   * SnakeBeta before a convolution, the causal convolution's carried tail and the cast to the convolution's dtype:
     one pad_snake kernel writing the convolution's input [tail | act(x)] [mul, sin, mul, addcmul, cat, cast]. Used by
     every residual unit (twice), decoder block, the final layer, and (without SnakeBeta) pre_conv, head_conv and the
-    ConvNeXt depthwise convolutions.
+    ConvNeXt depthwise convolutions. A residual unit's sum x + y is formed by the next such kernel (a `Residual`
+    passes between them), which writes it only where a later unit needs it [add].
   * Transformer layers: one GEMM for q, k and v and one for gate and up (weights concatenated once, at fuse time);
     RoPE, the head split and the append to the cached window in one rope_qkv kernel; each residual sum with the next
     RMSNorm in one add_rmsnorm kernel; silu(gate) * up in one kernel. About 13 kernels a layer instead of about 40.
@@ -15,7 +16,7 @@ A conv tail in the state is stored after the cast to the convolution's dtype (th
 convolution only ever reads it cast, so it sees the same values. Row-independent like the plain path: no kernel mixes
 streams, so the fused path keeps the plain path's batch invariance (see codec/streaming.py).
 
-Opt-in: `StreamingCodec(..., fused=True)`, or QWEN_TTS_CODEC_FUSED=1 for the default; only where `available(device)`
+Opt-in: `StreamingCodec(..., fused=True)`, or QWEN_TTS_MK_CODEC_FUSED=1 for the default; only where `available(device)`
 (triton installed and a CUDA device, or TRITON_INTERPRET=1 for CPU tests).
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,7 @@ from .modules import (
     State,
 )
 
-ENV_FLAG = "QWEN_TTS_CODEC_FUSED"  # "1": StreamingCodec's default is the fused path where available
+ENV_FLAG = "QWEN_TTS_MK_CODEC_FUSED"  # "1": StreamingCodec's default is the fused path where available
 
 
 def available(device: torch.device | str) -> bool:
@@ -53,7 +55,7 @@ def available(device: torch.device | str) -> bool:
 
 
 def requested() -> bool:
-    """Whether the environment asks for the fused path by default (QWEN_TTS_CODEC_FUSED=1)."""
+    """Whether the environment asks for the fused path by default (QWEN_TTS_MK_CODEC_FUSED=1)."""
     return os.environ.get(ENV_FLAG, "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -63,42 +65,69 @@ def _kernels():
     return kernels
 
 
+class Residual(NamedTuple):
+    """x + y not summed yet (a residual unit's output): the next pad_snake kernel forms the sum on its way."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
 class FusedConv(nn.Module):
-    """A CausalConv1d, optionally after a SnakeBeta, with activation, tail and cast in one kernel. [B,Cin,T] ->
-    [B,Cout,T] in the convolution's dtype."""
+    """A CausalConv1d, optionally after a SnakeBeta, with residual sum, activation, tail and cast in one kernel.
+    [B,Cin,T] (or a Residual) -> [B,Cout,T] in the convolution's dtype."""
 
     def __init__(self, conv: CausalConv1d, act: SnakeBeta | None = None):
         super().__init__()
         self.conv, self.act = conv, act
 
-    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
+    def padded_input(self, x: torch.Tensor | Residual, state: State, keep_sum: bool = False):
+        """(x + y of a Residual x when keep_sum, else None; the convolution's input [tail | act(x)]), the tail
+        carried on."""
         conv, act = self.conv, self.act
+        residual = None
+        if isinstance(x, Residual):
+            x, residual = x
         tail = state.get(conv.state_key) if conv.context else None
-        x = _kernels().pad_snake(x, tail, conv.context, act.alpha if act else None, act.inv_beta if act else None,
-                                 conv.weight.dtype)
+        out = _kernels().pad_snake(x, tail, conv.context, act.alpha if act else None, act.inv_beta if act else None,
+                                   conv.weight.dtype, residual=residual, keep_sum=keep_sum)
+        total, padded = out if residual is not None else (None, out)
         if conv.context:
-            state[conv.state_key] = x[..., -conv.context :]
-        return F.conv1d(x, conv.weight, conv.bias, dilation=conv.dilation, groups=conv.groups)
+            state[conv.state_key] = padded[..., -conv.context :]
+        return total, padded
+
+    def convolve(self, padded: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        return F.conv1d(padded, conv.weight, conv.bias, dilation=conv.dilation, groups=conv.groups)
+
+    def forward(self, x: torch.Tensor | Residual, state: State) -> torch.Tensor:
+        return self.convolve(self.padded_input(x, state)[1])
 
 
 class FusedResidualUnit(nn.Module):
+    """ResidualUnit returning its sum unformed (a Residual); its input may be one."""
+
     def __init__(self, unit: ResidualUnit):
         super().__init__()
         self.conv1, self.conv2 = FusedConv(unit.conv1, unit.act1), FusedConv(unit.conv2, unit.act2)
 
-    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
-        return x + self.conv2(self.conv1(x, state), state)
+    def forward(self, x: torch.Tensor | Residual, state: State) -> Residual:
+        total, padded = self.conv1.padded_input(x, state, keep_sum=True)
+        return Residual(x if total is None else total, self.conv2(self.conv1.convolve(padded), state))
 
 
 class FusedDecoderBlock(nn.Module):
+    """DecoderBlock from and to Residuals: the previous block's last sum is formed by this block's SnakeBeta."""
+
     def __init__(self, block: DecoderBlock):
         super().__init__()
         self.act, self.upsample = block.act, block.upsample
         self.res_units = nn.ModuleList([FusedResidualUnit(u) for u in block.res_units])
 
-    def forward(self, x: torch.Tensor, state: State) -> torch.Tensor:
-        x = _kernels().pad_snake(x, None, 0, self.act.alpha, self.act.inv_beta, self.upsample.weight.dtype)
-        x = self.upsample(x, state)
+    def forward(self, x: torch.Tensor | Residual, state: State) -> torch.Tensor | Residual:
+        x, y = x if isinstance(x, Residual) else (x, None)
+        x = _kernels().pad_snake(x, None, 0, self.act.alpha, self.act.inv_beta, self.upsample.weight.dtype,
+                                 residual=y, keep_sum=False)
+        x = self.upsample(x if y is None else x[1], state)
         for unit in self.res_units:
             x = unit(x, state)
         return x

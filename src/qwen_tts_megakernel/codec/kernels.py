@@ -2,8 +2,8 @@
 several kernels on, with a Python launcher that takes and returns torch tensors. Imported only where triton is
 installed; every kernel computes in fp32 and stores in its output's dtype.
 
-  * pad_snake:    [tail | SnakeBeta(x)] cast to the convolution's dtype, the input of a causal convolution
-                  (plain: mul, sin, mul, addcmul, cat, cast)
+  * pad_snake:    [tail | SnakeBeta(x)] cast to the convolution's dtype, the input of a causal convolution, where
+                  x may be a residual sum x + y still to be formed (plain: add, mul, sin, mul, addcmul, cat, cast)
   * add_rmsnorm:  h = x + scale * y and RMSNorm(h), the transformer's residual sum and the next norm
                   (plain: mul, add, and the norm's pow, mean, add, rsqrt, mul, mul)
   * rope_qkv:     the fused QKV projection's output split into heads, RoPE on q and k, k and v appended to the
@@ -29,8 +29,9 @@ LIBDEVICE_SIN = os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @triton.jit
-def _pad_snake_kernel(x_ptr, tail_ptr, alpha_ptr, inv_beta_ptr, out_ptr, C, T, CTX, sxb, sxc, stb, stc,
-                      SNAKE: tl.constexpr, HAS_TAIL: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+def _pad_snake_kernel(x_ptr, y_ptr, sum_ptr, tail_ptr, alpha_ptr, inv_beta_ptr, out_ptr, C, T, CTX, sxb, sxc, stb,
+                      stc, RESIDUAL: tl.constexpr, STORE_SUM: tl.constexpr, SNAKE: tl.constexpr, HAS_TAIL: tl.constexpr,
+                      LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)  # b * C + c
     b = row // C
     c = row % C
@@ -38,6 +39,10 @@ def _pad_snake_kernel(x_ptr, tail_ptr, alpha_ptr, inv_beta_ptr, out_ptr, C, T, C
     width = CTX + T
     in_x = (j >= CTX) & (j < width)
     v = tl.load(x_ptr + b * sxb + c * sxc + (j - CTX), mask=in_x, other=0.0).to(tl.float32)
+    if RESIDUAL:  # y and the sum are contiguous [B, C, T]
+        v = v + tl.load(y_ptr + row * T + (j - CTX), mask=in_x, other=0.0).to(tl.float32)
+        if STORE_SUM:
+            tl.store(sum_ptr + row * T + (j - CTX), v.to(sum_ptr.dtype.element_ty), mask=in_x)
     if SNAKE:
         alpha = tl.load(alpha_ptr + c).to(tl.float32)
         inv_beta = tl.load(inv_beta_ptr + c).to(tl.float32)
@@ -55,23 +60,33 @@ def _pad_snake_kernel(x_ptr, tail_ptr, alpha_ptr, inv_beta_ptr, out_ptr, C, T, C
 
 
 def pad_snake(x: torch.Tensor, tail: torch.Tensor | None, context: int, alpha: torch.Tensor | None,
-              inv_beta: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+              inv_beta: torch.Tensor | None, dtype: torch.dtype, residual: torch.Tensor | None = None,
+              keep_sum: bool = True):
     """x [B, C, T] -> [B, C, context + T] in `dtype`: `tail` [B, C, context] (zeros when None), then
-    x + inv_beta * sin^2(alpha * x) per channel (x itself when alpha is None)."""
+    x + inv_beta * sin^2(alpha * x) per channel (x itself when alpha is None).
+
+    With `residual` [B, C, T], x + residual takes x's place, and the result is (x + residual, the padded input), or
+    (None, the padded input) without `keep_sum`."""
     B, C, T = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     if tail is not None and tail.stride(-1) != 1:
         tail = tail.contiguous()
     out = torch.empty(B, C, context + T, dtype=dtype, device=x.device)
+    total = None
+    if residual is not None:
+        residual = residual.contiguous()
+        total = torch.empty(B, C, T if keep_sum else 0, dtype=torch.result_type(x, residual), device=x.device)
     snake = alpha is not None
     block = min(1024, triton.next_power_of_2(context + T))
     grid = (B * C, triton.cdiv(context + T, block))
     _pad_snake_kernel[grid](
-        x, tail if tail is not None else x, alpha if snake else x, inv_beta if snake else x, out, C, T, context,
-        x.stride(0), x.stride(1), tail.stride(0) if tail is not None else 0, tail.stride(1) if tail is not None else 0,
-        SNAKE=snake, HAS_TAIL=tail is not None and context > 0, LIBDEVICE=LIBDEVICE_SIN, BLOCK=block)
-    return out
+        x, residual if total is not None else x, total if total is not None else x, tail if tail is not None else x,
+        alpha if snake else x, inv_beta if snake else x, out, C, T, context, x.stride(0), x.stride(1),
+        tail.stride(0) if tail is not None else 0, tail.stride(1) if tail is not None else 0,
+        RESIDUAL=total is not None, STORE_SUM=keep_sum, SNAKE=snake, HAS_TAIL=tail is not None and context > 0,
+        LIBDEVICE=LIBDEVICE_SIN, BLOCK=block)
+    return out if total is None else (total if keep_sum else None, out)
 
 
 @triton.jit

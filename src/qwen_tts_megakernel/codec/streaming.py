@@ -103,7 +103,7 @@ class StreamingCodec:
     """Exact streaming decode of up to `max_streams` streams at once (see the module docstring).
 
     `decoder` is the fp32 CodecDecoder (precision "bf16" decodes with a copy of it; see the module docstring).
-    `fused` decodes with the Triton kernels of codec/fused.py (default: when QWEN_TTS_CODEC_FUSED=1 and the device
+    `fused` decodes with the Triton kernels of codec/fused.py (default: when QWEN_TTS_MK_CODEC_FUSED=1 and the device
     has them; True where it has not is a ValueError); the plain path stays the reference.
     `use_graphs` (default: on CUDA) decodes with fixed-shape steps, captured as CUDA graphs on CUDA. One push at a
     time (a lock); every caller on the same CUDA stream. State memory: max_streams + 1 rows of `store.layout.size`
