@@ -73,20 +73,21 @@ def pad_snake(x: torch.Tensor, tail: torch.Tensor | None, context: int, alpha: t
     if tail is not None and tail.stride(-1) != 1:
         tail = tail.contiguous()
     out = torch.empty(B, C, context + T, dtype=dtype, device=x.device)
-    total = None
+    total = None  # x + residual, where kept
     if residual is not None:
         residual = residual.contiguous()
-        total = torch.empty(B, C, T if keep_sum else 0, dtype=torch.result_type(x, residual), device=x.device)
+        if keep_sum:
+            total = torch.empty(B, C, T, dtype=torch.result_type(x, residual), device=x.device)
     snake = alpha is not None
     block = min(1024, triton.next_power_of_2(context + T))
     grid = (B * C, triton.cdiv(context + T, block))
-    _pad_snake_kernel[grid](
-        x, residual if total is not None else x, total if total is not None else x, tail if tail is not None else x,
+    _pad_snake_kernel[grid](  # unused pointer arguments get x
+        x, residual if residual is not None else x, total if total is not None else x, tail if tail is not None else x,
         alpha if snake else x, inv_beta if snake else x, out, C, T, context, x.stride(0), x.stride(1),
         tail.stride(0) if tail is not None else 0, tail.stride(1) if tail is not None else 0,
-        RESIDUAL=total is not None, STORE_SUM=keep_sum, SNAKE=snake, HAS_TAIL=tail is not None and context > 0,
-        LIBDEVICE=LIBDEVICE_SIN, BLOCK=block)
-    return out if total is None else (total if keep_sum else None, out)
+        RESIDUAL=residual is not None, STORE_SUM=total is not None, SNAKE=snake,
+        HAS_TAIL=tail is not None and context > 0, LIBDEVICE=LIBDEVICE_SIN, BLOCK=block)
+    return out if residual is None else (total, out)
 
 
 @triton.jit
