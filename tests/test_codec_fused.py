@@ -82,6 +82,25 @@ def test_pad_snake_forms_a_residual_sum_first(kernels, dtype, keep_sum):
     assert_close(got, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("context,T", [(54, 20), (6, 40), (18, 18)])
+def test_pad_snake_moves_the_tail_on_in_place(kernels, dtype, context, T):
+    """The tail slot (a strided view of a state store) becomes the padded input's last columns, as the convolution
+    reads them (cast to its dtype); the padded input itself is made from the old tail."""
+    store = randn(3, 4 * context + 5, seed=20)
+    tail = store[:, 5:].view(3, 4, context)
+    old = tail.clone()
+    x, y = randn(3, 4, T, seed=21), randn(3, 4, T, seed=22)
+    alpha, inv_beta = randn(4, seed=23).exp(), randn(4, seed=24).exp()
+    total, got = kernels.pad_snake(x, tail, context, alpha, inv_beta, dtype, residual=y, update_tail=True)
+    s = x + y
+    want = torch.cat([old, s + torch.sin(s * alpha[:, None]) ** 2 * inv_beta[:, None]], dim=-1).to(dtype)
+    assert torch.equal(total, s)
+    assert_close(got, want, dtype)
+    assert torch.equal(tail, got[..., -context:].float())
+    assert torch.equal(store[:, :5], randn(3, 4 * context + 5, seed=20)[:, :5])  # nothing outside the slot
+
+
 def test_pad_snake_reads_a_strided_tail_and_input(kernels):
     """A BatchState slot is a view with the row stride of the whole store; a transposed input is not contiguous."""
     store = randn(4, 100, seed=5)
@@ -126,6 +145,22 @@ def test_rope_qkv_splits_heads_ropes_and_appends_to_the_window(kernels, dtype, h
     got = kernels.rope_qkv(qkv, cached, cos, sin, heads, kv_heads, D)
     for g, w in zip(got, (q_want, k_want, v)):
         assert_close(g, w, dtype, slack=2)
+
+
+@pytest.mark.parametrize("T", [1, 4, 8])
+def test_rope_qkv_moves_the_cache_on_in_place(kernels, T):
+    """A full window (a BatchState's): the cache slots become the window's last P rows, k after RoPE."""
+    B, H, HKV, D, P = 2, 4, 2, 16, 11
+    qkv = randn(B, T, (H + 2 * HKV) * D, seed=25)
+    cos, sin = randn(B, 1, T, D, seed=26), randn(B, 1, T, D, seed=27)
+    store = randn(B, 2 * HKV * P * D, seed=28)
+    n = HKV * P * D
+    cached = (store[:, :n].view(B, HKV, P, D), store[:, n:].view(B, HKV, P, D))
+    want = kernels.rope_qkv(qkv, tuple(c.clone() for c in cached), cos, sin, H, HKV, D)
+    got = kernels.rope_qkv(qkv, cached, cos, sin, H, HKV, D, update_cache=True)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert torch.equal(cached[0], want[1][:, :, -P:]) and torch.equal(cached[1], want[2][:, :, -P:])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -9,11 +9,14 @@ What changes, per layer (the plain path's kernels in brackets):
     ConvNeXt depthwise convolutions. A residual unit's sum x + y is formed by the next such kernel (a `Residual`
     passes between them), which writes it only where a later unit needs it [add].
   * Transformer layers: one GEMM for q, k and v and one for gate and up (weights concatenated once, at fuse time);
-    RoPE, the head split and the append to the cached window in one rope_qkv kernel; each residual sum with the next
-    RMSNorm in one add_rmsnorm kernel; silu(gate) * up in one kernel. About 13 kernels a layer instead of about 40.
+    RoPE, the head split, the append to the cached window and the cache update in one rope_qkv kernel; each
+    residual sum with the next RMSNorm in one add_rmsnorm kernel; silu(gate) * up in one kernel. About 11 kernels a
+    layer instead of about 40.
 
-A conv tail in the state is stored after the cast to the convolution's dtype (the plain path stores it before): the
-convolution only ever reads it cast, so it sees the same values. Row-independent like the plain path: no kernel mixes
+Carried state is moved on in place by the kernels that read it (one program holds a row's whole tail or a head's
+whole window, and a barrier orders its loads before its stores). A conv tail is stored after the cast to the
+convolution's dtype (the plain path stores it before): the convolution only ever reads it cast, so it sees the same
+values. Row-independent like the plain path: no kernel mixes
 streams, so the fused path keeps the plain path's batch invariance (see codec/streaming.py).
 
 Opt-in: `StreamingCodec(..., fused=True)`, or QWEN_TTS_MK_CODEC_FUSED=1 for the default; only where `available(device)`
@@ -89,9 +92,9 @@ class FusedConv(nn.Module):
             x, residual = x
         tail = state.get(conv.state_key) if conv.context else None
         out = _kernels().pad_snake(x, tail, conv.context, act.alpha if act else None, act.inv_beta if act else None,
-                                   conv.weight.dtype, residual=residual, keep_sum=keep_sum)
+                                   conv.weight.dtype, residual=residual, keep_sum=keep_sum, update_tail=True)
         total, padded = out if residual is not None else (None, out)
-        if conv.context:
+        if conv.context and tail is None:  # a new DecoderState: no slot to move on yet
             state[conv.state_key] = padded[..., -conv.context :]
         return total, padded
 
@@ -148,9 +151,10 @@ class FusedAttention(nn.Module):
         a = self.attn
         B, T, _ = x.shape
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
-        q, k, v = _kernels().rope_qkv(qkv, state.get(a.state_key), cos, sin, a.n_head, a.n_kv_head, a.head_dim)
-        keep = a.window - 1
-        if keep > 0:
+        cached, keep = state.get(a.state_key), a.window - 1
+        in_place = cached is not None and cached[0].shape[2] == keep  # a BatchState's (or a full) window
+        q, k, v = _kernels().rope_qkv(qkv, cached, cos, sin, a.n_head, a.n_kv_head, a.head_dim, update_cache=in_place)
+        if keep > 0 and not in_place:
             state[a.state_key] = (k[:, :, -keep:], v[:, :, -keep:])
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.head_dim**-0.5,
                                            enable_gqa=a.n_head != a.n_kv_head)
