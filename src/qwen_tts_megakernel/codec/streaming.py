@@ -45,9 +45,9 @@ Precision (fp32 stays the reference; the others are for the GPU, where they use 
 Fused path (`fused=True`, or QWEN_TTS_MK_CODEC_FUSED=1 for the default; codec/fused.py): the same decode with Triton
 kernels for SnakeBeta, conv tails, casts, residual sums, RMSNorm, RoPE and the QKV/SwiGLU splits (about 200 tensor
 ops a 1-frame step instead of about 600, views not counted), for any precision above; CUDA only (and Triton's
-interpreter in CPU tests), the plain path stays the reference. Its kernels are row-independent, so batch invariance is the plain path's: bit for
-bit within a bucket, last bits across buckets (the GEMMs and convolutions pick kernels by shape). `tools/codec_timing`
-times both paths and prints each one's SNR against plain fp32 in the same run.
+interpreter in CPU tests), the plain path stays the reference. Its kernels are row-independent, so batch invariance
+is the plain path's: bit for bit within a bucket, last bits across buckets (the GEMMs and convolutions pick kernels
+by shape). `tools/codec_timing` times both paths and prints each one's SNR against plain fp32 in the same run.
 """
 
 from __future__ import annotations
