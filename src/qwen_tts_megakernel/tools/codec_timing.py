@@ -1,18 +1,18 @@
 """Batched streaming codec timing: per-stream-frame cost and seconds of audio decoded per second.
 
     python -m qwen_tts_megakernel.tools.codec_timing [--batch 1 8 32 64] [--frames 1 2 4 8] [--runs 20]
-        [--precisions fp32 tf32 bf16] [--modes eager graphs] [--paths plain fused] [--tiny]
-        [--out benchmarks/results/codec-timing.json]
+        [--precisions fp32 tf32 bf16] [--modes eager graphs] [--paths plain fused] [--snr-streams 8]
+        [--snr-frames 24] [--tiny] [--out benchmarks/results/codec-timing.json]
 
 For every path x precision x mode x batch B x frames per push n: B open streams each push n frames in one
 `StreamingCodec.push` (codes in, PCM out on the host, as the engine calls it); median and p95 ms over `--runs` pushes
 after two untimed ones (which capture the graphs). Paths: "plain" (PyTorch ops, the reference) and "fused" (the Triton
 kernels of codec/fused.py; default where triton and CUDA are there). Derived: ms per stream-frame and seconds of audio
 per second (B * n * 80 ms / push time). The SNR of every path x precision against the plain fp32 decode of the same
-codes (same run, 8 streams x 24 frames in mixed chunks); a target counts only rows of a path x precision that holds
-45 dB. Then where the time goes: GPU time per layer group (CUDA events around the decoder's top-level modules, eager)
-at B = 64 x 8 frames and B = 1 x 1 frame, and the kernels a 1-frame step launches (CUDA profiler; off CUDA, the
-tensor ops). Writes the JSON and a Markdown report next to it (same name, .md). Random weights of the released codec's
+codes (same run; 8 streams x 24 frames in pushes of 1, 2, 4, 8, 8 frames, --snr-streams, --snr-frames); a target
+counts only rows of a path x precision that holds 45 dB. Then where the time goes: GPU time per layer group (CUDA
+events around the decoder's top-level modules, eager) at B = 64 x 8 frames and B = 1 x 1 frame, and the kernels a
+1-frame step launches (CUDA profiler; off CUDA, the tensor ops). Writes the JSON and a Markdown report next to it (same name, .md). Random weights of the released codec's
 shapes (`--tiny`: the tiny test codec, for a quick check of the tool itself).
 """
 
@@ -176,7 +176,8 @@ def snr_vs_reference(decoder: CodecDecoder, precision: str, fused: bool, streams
     return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref**2) / noise))
 
 
-def codec_timing(decoder: CodecDecoder, batches, frames, precisions, modes, runs: int, paths=("plain",)) -> dict:
+def codec_timing(decoder: CodecDecoder, batches, frames, precisions, modes, runs: int, paths=("plain",),
+                 snr_streams: int = 8, snr_frames: int = 24) -> dict:
     device = decoder.device
     rows = []
     breakdown = {}
@@ -186,7 +187,7 @@ def codec_timing(decoder: CodecDecoder, batches, frames, precisions, modes, runs
     for path in paths:
         for precision in precisions:
             key = f"{path} {precision}"
-            snr[key] = snr_vs_reference(decoder, precision, path == "fused")
+            snr[key] = snr_vs_reference(decoder, precision, path == "fused", snr_streams, snr_frames)
             print(json.dumps({"snr_db": key, "value": snr[key]}), flush=True)
             for mode in modes:
                 codec = StreamingCodec(decoder, max_streams=max(batches), precision=precision,
@@ -274,19 +275,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=None,
                         help="plain (the reference) and/or fused (Triton; default: both where available)")
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--snr-streams", type=int, default=8, help="streams of the SNR check")
+    parser.add_argument("--snr-frames", type=int, default=24, help="frames per stream of the SNR check")
     parser.add_argument("--tiny", action="store_true", help="the tiny test codec instead of the released shapes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/results/codec-timing.json",
                         help="JSON file; the Markdown report goes next to it (.md)")
     args = parser.parse_args(argv)
-    if args.runs < 1 or min(args.batch) < 1 or min(args.frames) < 1:
-        parser.error("--runs, --batch and --frames must be >= 1")
+    if min(args.runs, *args.batch, *args.frames, args.snr_streams, args.snr_frames) < 1:
+        parser.error("--runs, --batch, --frames, --snr-streams and --snr-frames must be >= 1")
     device = torch.device(args.device)
     paths = args.paths or (list(PATHS) if fused.available(device) else ["plain"])
     if "fused" in paths and not fused.available(device):
         parser.error("--paths fused needs triton and a CUDA device")
     decoder = tiny_codec(device) if args.tiny else real_codec(device)
-    result = codec_timing(decoder, args.batch, args.frames, args.precisions, args.modes, args.runs, paths)
+    result = codec_timing(decoder, args.batch, args.frames, args.precisions, args.modes, args.runs, paths,
+                          args.snr_streams, args.snr_frames)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
