@@ -12,8 +12,9 @@ per second (B * n * 80 ms / push time). The SNR of every path x precision agains
 codes (same run; 8 streams x 24 frames in pushes of 1, 2, 4, 8, 8 frames, --snr-streams, --snr-frames); a target
 counts only rows of a path x precision that holds 45 dB. Then where the time goes: GPU time per layer group (CUDA
 events around the decoder's top-level modules, eager) at B = 64 x 8 frames and B = 1 x 1 frame, and the kernels a
-1-frame step launches (CUDA profiler; off CUDA, the tensor ops). Writes the JSON and a Markdown report next to it (same name, .md). Random weights of the released codec's
-shapes (`--tiny`: the tiny test codec, for a quick check of the tool itself).
+1-frame step launches (CUDA profiler; off CUDA, the tensor ops). Writes the JSON and a Markdown report next to it
+(same name, .md). Random weights of the released codec's shapes (`--tiny`: the tiny test codec, for a quick check of
+the tool itself).
 """
 
 from __future__ import annotations
