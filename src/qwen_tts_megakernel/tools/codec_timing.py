@@ -154,7 +154,7 @@ def kernels_per_step(codec: StreamingCodec, frames: int = 1) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def snr_vs_reference(decoder: CodecDecoder, precision: str, fused: bool, streams: int = 8, frames: int = 24,
+def snr_vs_reference(decoder: CodecDecoder, precision: str, use_fused: bool, streams: int = 8, frames: int = 24,
                      seed: int = 7) -> float:
     """SNR (dB) of `streams` streams x `frames` frames decoded by StreamingCodec(precision, fused) against the plain
     fp32 decode of the same codes; pushes of 1, 2, 4, 8 frames in turn (first chunks, then the engine's sizes)."""
@@ -163,7 +163,7 @@ def snr_vs_reference(decoder: CodecDecoder, precision: str, fused: bool, streams
     codes = [gen.integers(0, size, (frames, q)) for _ in range(streams)]
     pcm = []
     reference = StreamingCodec(decoder, streams, fused=False)
-    for codec in (reference, StreamingCodec(decoder, streams, precision, fused=fused)):
+    for codec in (reference, StreamingCodec(decoder, streams, precision, fused=use_fused)):
         handles, out, at, chunk = [codec.open() for _ in codes], [[] for _ in codes], 0, 1
         while at < frames:
             n = min(chunk, frames - at)
@@ -185,6 +185,10 @@ def codec_timing(decoder: CodecDecoder, batches, frames, precisions, modes, runs
     snr = {}
     kernels = {}
     spf, rate = decoder.samples_per_frame, decoder.sample_rate
+    for path in paths:  # first: a tool failure shows before minutes of timing
+        codec = StreamingCodec(decoder, 1, precisions[0], use_graphs=False, fused=path == "fused")
+        kernels[path] = kernels_per_step(codec)
+        print(json.dumps({"kernels_per_step": path, "value": kernels[path]}), flush=True)
     for path in paths:
         for precision in precisions:
             key = f"{path} {precision}"
@@ -202,12 +206,9 @@ def codec_timing(decoder: CodecDecoder, batches, frames, precisions, modes, runs
                                      "per_stream_frame_ms": s["median"] / (b * n),
                                      "audio_s_per_s": b * n * spf / rate / (s["median"] / 1000)})
                         print(json.dumps(rows[-1]), flush=True)
-                if mode == "eager":
-                    if precision == precisions[0]:
-                        kernels[path] = kernels_per_step(codec)
-                    if device.type == "cuda":
-                        for b, n in ((max(batches), max(frames)), (1, 1)):
-                            breakdown[f"{key} B={b} x {n} frames"] = layer_breakdown(codec, b, n)
+                if mode == "eager" and device.type == "cuda":
+                    for b, n in ((max(batches), max(frames)), (1, 1)):
+                        breakdown[f"{key} B={b} x {n} frames"] = layer_breakdown(codec, b, n)
                 del codec
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
