@@ -31,6 +31,15 @@ LIBDEVICE_SIN = os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @triton.jit
+def _rounded(v, dtype: tl.constexpr):
+    """v (fp32) as `dtype`, rounded to nearest even. (Triton's interpreter truncates to bfloat16 whatever it is told:
+    on CPU a bf16 result has about twice the rounding error it has on CUDA.)"""
+    if dtype != tl.float32:
+        v = v.to(dtype, fp_downcast_rounding="rtne")
+    return v
+
+
+@triton.jit
 def _snake_input(x_ptr, y_ptr, alpha_ptr, inv_beta_ptr, row, b, c, col, mask, T, sxb, sxc,
                  RESIDUAL: tl.constexpr, SNAKE: tl.constexpr, LIBDEVICE: tl.constexpr):
     """(x [+ y], SnakeBeta of it) at columns `col` of row (b, c) of x [B, C, T], fp32."""
@@ -69,7 +78,7 @@ def _pad_snake_kernel(x_ptr, y_ptr, sum_ptr, tail_ptr, alpha_ptr, inv_beta_ptr, 
         in_tail = j < CTX
         t = tl.load(tail_ptr + b * stb + c * stc + j, mask=in_tail, other=0.0).to(tl.float32)
         v = tl.where(in_tail, t, v)
-    tl.store(out_ptr + row * width + j, v.to(out_ptr.dtype.element_ty), mask=j < width)
+    tl.store(out_ptr + row * width + j, _rounded(v, out_ptr.dtype.element_ty), mask=j < width)
     if UPDATE_TAIL:  # the row's first program holds every tail column (BLOCK >= CTX): it moves the tail on
         if tl.program_id(1) == 0:
             i = tl.arange(0, TAIL_BLOCK)
@@ -79,7 +88,7 @@ def _pad_snake_kernel(x_ptr, y_ptr, sum_ptr, tail_ptr, alpha_ptr, inv_beta_ptr, 
             _, nv = _snake_input(x_ptr, y_ptr, alpha_ptr, inv_beta_ptr, row, b, c, src - CTX, from_x, T, sxb, sxc,
                                  RESIDUAL, SNAKE, LIBDEVICE)
             old = tl.load(tail_ptr + b * stb + c * stc + src, mask=from_tail, other=0.0).to(tl.float32)
-            nv = tl.where(from_tail, old, nv).to(out_ptr.dtype.element_ty)  # as the convolution reads it
+            nv = _rounded(tl.where(from_tail, old, nv), out_ptr.dtype.element_ty)  # as the convolution reads it
             tl.debug_barrier()  # every load of the old tail is done before the first store into it
             tl.store(tail_ptr + b * stb + c * stc + i, nv.to(tail_ptr.dtype.element_ty), mask=i < CTX)
 
