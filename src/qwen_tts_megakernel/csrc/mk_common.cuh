@@ -48,8 +48,9 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 constexpr int RING_TILES = 3;
 constexpr int MAX_BATCH = 64;               // streams per launch
 constexpr int MAX_ROWS = 2 * MAX_BATCH;     // activation rows of a launch (the predictor's 2-row first step)
-// Shared scratch for staged activation rows and sampling scores: build.py passes MK_STAGE_KB for the target
-// (H100/B200: 104 KB, the rest of the 227 KB per block; 32 KB elsewhere).
+// Shared scratch for staged activation rows and sampling scores (KB). 32: a 104 KB stage (the rest of the 227 KB per
+// block on Hopper) made the products ~15 % slower on an H100 at B=1 and B=64 (section trace, docs/megakernel.md):
+// the unstaged rows are read through L1, which shrinks to what shared memory leaves of the SM's 256 KB.
 #ifndef MK_STAGE_KB
 #define MK_STAGE_KB 32
 #endif
