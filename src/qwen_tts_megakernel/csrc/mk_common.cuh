@@ -263,6 +263,11 @@ __device__ __forceinline__ void store_kv4(float* dst, const float (&f)[4]) {
   *reinterpret_cast<float4*>(dst) = make_float4(f[0], f[1], f[2], f[3]);
 }
 
+// Barrier `id` (1..15; 0 is __syncthreads) over the first `n` threads that reach it (a multiple of 32).
+__device__ __forceinline__ void named_barrier(int id, int n) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
+
 // Sum over the 32 lanes of a warp (butterfly: every lane gets the total, same order in every lane).
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
