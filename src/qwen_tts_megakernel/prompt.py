@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .languages import model_language, unknown_language_message
 from .config import ModelConfig
 from .tokenizer import TextTokenizer
 
@@ -137,9 +138,10 @@ def resolve_voice(config: ModelConfig, voice: str | ClonedVoice | None) -> str |
 
 
 def resolve_language(config: ModelConfig, language: str | None) -> str:
-    name = (language or "auto").lower()
-    if name not in config.languages:
-        raise PromptError(f"unknown language {language!r}; this model has: {', '.join(config.languages)}")
+    """The model's name of `language` ("en", "en-US", "English" -> "english"; languages.py)."""
+    name = model_language(language, config.languages)
+    if name is None:
+        raise PromptError(unknown_language_message(language, config.languages))
     return name
 
 

@@ -30,6 +30,7 @@ from ..config import ModelConfig
 from ..model import PromptEmbedder, Talker
 from ..prompt import Prompt, build_prompt
 from ..sampling import RandomStream, SamplingParams
+from ..time_stretch import TimeStretch, check_speed
 from ..voices import resolve_voice
 from .jobs import DEFAULT_CHUNK_SCHEDULE, AudioChunk, Job, PromptSource, Request, check_max_new_tokens, frame_limit
 from .scheduler import Engine, EngineSettings
@@ -91,6 +92,7 @@ class SpeechStream:
     stop_reason: str | None = None
     codes: list[np.ndarray] = field(default_factory=list)
     first_chunk_s: float | None = None
+    stretch: TimeStretch | None = None  # speed other than 1.0 (time_stretch.py)
 
     def __iter__(self) -> "SpeechStream":
         return self
@@ -103,6 +105,10 @@ class SpeechStream:
             if kind == "frame":
                 self.codes.append(payload)
             elif kind == "chunk":
+                if self.stretch is not None:
+                    payload = replace(payload, pcm=self.stretch.process(payload.pcm))
+                    if len(payload.pcm) == 0:
+                        continue
                 if self.first_chunk_s is None:
                     self.first_chunk_s = payload.time_s
                 return payload
@@ -111,6 +117,10 @@ class SpeechStream:
                 raise StreamError(payload)
             elif kind == "done":
                 self.stop_reason = payload.stop_reason
+                tail = self.stretch.finish() if self.stretch is not None else ()
+                if len(tail):  # the stretch's look-ahead: the last chunk
+                    return AudioChunk(tail, self.stretch.sample_rate, first_frame=payload.frames, num_frames=0,
+                                      time_s=payload.elapsed_ms / 1000)
                 raise StopIteration
 
     def close(self) -> None:
@@ -348,10 +358,12 @@ class Synthesizer:
                instruct: str | None = None, seed: int | None = None, do_sample: bool = True,
                max_new_tokens: int | None = None, text_layout: str = "prefill",
                chunk_schedule: tuple[int, ...] = DEFAULT_CHUNK_SCHEDULE, cancel: threading.Event | None = None,
-               **sampling) -> SpeechStream:
+               speed: float = 1.0, **sampling) -> SpeechStream:
         """Stream PCM16 chunks: the first holds one frame (80 ms), later ones follow `chunk_schedule` (its last
-        value repeats). Each chunk is decoded as soon as its frames exist. Request errors raise here, before the
-        first chunk."""
+        value repeats). Each chunk is decoded as soon as its frames exist. `speed` (0.25-4.0) stretches the audio
+        chunk by chunk, pitch kept (time_stretch.py; needs PyAV). Request errors raise here, before the first
+        chunk."""
+        speed = check_speed(speed)
         if not chunk_schedule or any(int(n) < 1 for n in chunk_schedule):
             raise ValueError(f"chunk_schedule must be a non-empty list of positive frame counts, got {chunk_schedule}")
         seed = pick_seed(seed)
@@ -359,7 +371,8 @@ class Synthesizer:
                                max_new_tokens=max_new_tokens, text_layout=text_layout, **sampling)
         events = self.submit(PromptSource(request, seed), audio=True, frames=True, chunk_schedule=chunk_schedule,
                              cancel=cancel)
-        return SpeechStream(_events=events, seed=seed)
+        return SpeechStream(_events=events, seed=seed,
+                            stretch=TimeStretch(speed, self.sample_rate) if speed != 1.0 else None)
 
     def synthesize(self, text: str, **kwargs) -> tuple[np.ndarray, int]:
         """The whole utterance as float32 in [-1, 1] and its sample rate (24000)."""

@@ -10,33 +10,25 @@ from pipecat.services.settings import TTSSettings
 from pipecat.utils.types import NOT_GIVEN, NotGiven, is_given
 from pipecat.transcriptions.language import Language
 
+from ..languages import ALIASES
+
 # The server always speaks 24 kHz mono PCM16 (the 12 Hz codec's rate). When the pipeline's output rate differs,
 # the services resample on the client (Pipecat's stream resampler, soxr) before pushing frames.
 SERVER_SAMPLE_RATE = 24000
 
-# Pipecat language codes -> the model's language names (the official Qwen3-TTS list). A code that is not here
-# is passed on as it is and the server answers with an error naming the languages it has.
-_LANGUAGE_NAMES = {
-    "en": "english",
-    "de": "german",
-    "es": "spanish",
-    "zh": "chinese",
-    "ja": "japanese",
-    "fr": "french",
-    "ko": "korean",
-    "ru": "russian",
-    "it": "italian",
-    "pt": "portuguese",
-}
-
 
 def qwen_language(language: Language | str | None) -> str | None:
-    """"en", "en-US", Language.EN_GB ... -> "english"; model names ("english", "auto") pass through."""
+    """Language.EN_GB, "en", "en-US" ... -> "english" (languages.py, the mapping the server applies too); model
+    names ("english", "auto") pass through; a code the model lacks is passed on and the server names its
+    languages in its error. An unknown Pipecat ``Language`` is None (the model decides)."""
     if language is None:
         return None
     code = str(language.value if isinstance(language, Language) else language)
-    base = code.split("-")[0].split("_")[0].lower()
-    return _LANGUAGE_NAMES.get(base, code.lower() if not isinstance(language, Language) else None)
+    base = code.replace("_", "-").split("-")[0].lower()
+    mapped = ALIASES.get(base)
+    if mapped is not None:
+        return mapped
+    return None if isinstance(language, Language) else code.lower()
 
 
 @dataclass

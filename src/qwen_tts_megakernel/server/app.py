@@ -36,7 +36,9 @@ from ..live import LiveUtterance
 from ..prompt import PromptError
 from ..word_timing import WordTimeline, timestamps_message
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from .audio_formats import AudioEncoder
+from .audio_formats import AudioEncoder, encode_whole
+from .output_format import StreamOutput
+from .stream_log import log_refusal, log_stream
 from ..engine import EngineUnavailable
 from .protocol import (LOOPBACK_HOSTS, BadRequest, ServerSettings, SpeechParams, StreamedText, Validator, parse_json,
                        shown)
@@ -178,7 +180,8 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"],
-                           expose_headers=["X-Seed", "X-Sample-Rate", "X-Audio-Encoding", "X-Audio-Channels"])
+                           expose_headers=["X-Seed", "X-Sample-Rate", "X-Audio-Encoding", "X-Audio-Channels",
+                                           "X-Ignored-Fields"])
     app.add_middleware(RequestGuard, settings=settings, metrics=metrics)
     app.add_middleware(RequestLimits, default_cap=settings.max_body_bytes, caps=body_caps())  # outermost: runs first
     app.state.worker = worker
@@ -193,6 +196,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
     def error(status: int, message: str, param: str | None = None, kind: str = "bad_request",
               headers: dict | None = None) -> JSONResponse:
         metrics.errors_total.labels(kind=kind).inc()
+        log_refusal(status, param, message)
         body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
                           "param": param, "code": None}}
         return JSONResponse(body, status_code=status, headers=headers)
@@ -285,43 +289,67 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
             if not job.finished:
                 job.cancel()
 
-    def audio_headers(job: TextJob, encoder: AudioEncoder) -> dict:
-        encoding = "pcm_s16le" if encoder.format.codec is None else encoder.format.codec
-        return {"X-Sample-Rate": str(sample_rate), "X-Audio-Encoding": encoding, "X-Audio-Channels": "1",
-                "X-Seed": str(job.seed()), "Cache-Control": "no-store"}
+    def audio_headers(job: TextJob, encoder: AudioEncoder, output: StreamOutput, params: SpeechParams) -> dict:
+        encoding = output.format.encoding if encoder.format.codec is None else encoder.format.codec
+        headers = {"X-Sample-Rate": str(output.rate), "X-Audio-Encoding": encoding, "X-Audio-Channels": "1",
+                   "X-Seed": str(job.seed()), "Cache-Control": "no-store"}
+        if params.ignored:
+            headers["X-Ignored-Fields"] = ",".join(params.ignored)
+            log.info("%s: ignored %s (this %s model does not take them)", job.endpoint, ", ".join(params.ignored),
+                     synth.config.model_type)
+        return headers
 
-    async def audio_body(job: ServerJob, first, encoder: AudioEncoder):
-        """The response body in the encoder's format, each chunk encoded as it comes (server/audio_formats.py)."""
+    async def audio_body(job: ServerJob, first, encoder: AudioEncoder, output: StreamOutput):
+        """The response body in the encoder's format, each chunk converted (output_format.py) and encoded as it
+        comes (server/audio_formats.py)."""
         try:
             async for kind, payload in audio_events(job, first):
                 if kind == "chunk":
-                    data = encoder.encode(payload.pcm.astype("<i2").tobytes())
+                    data = encoder.encode(output.process(payload.pcm))
                     if data:
                         yield data
                 elif kind == "error":
+                    log_stream(job, reason="error")
                     # The status line is gone already: end the transfer abnormally so the client sees a broken body.
                     raise RuntimeError(f"stream failed: {payload}")
                 elif kind == "done":
-                    data = encoder.finish()
+                    log_stream(job, payload)
+                    data = encoder.encode(output.finish()) + encoder.finish()
                     if data:
                         yield data
         finally:
             encoder.close()
 
+    async def whole_audio(job: ServerJob, first, response_format: str, output: StreamOutput) -> bytes:
+        """The whole utterance in one container with its true length in the header (`"stream": false`)."""
+        pcm = []
+        async for kind, payload in audio_events(job, first):
+            if kind == "chunk":
+                pcm.append(output.process(payload.pcm))
+            elif kind == "error":
+                log_stream(job, reason="error")
+                raise BadRequest(None, f"the stream failed: {payload}", status=500)
+            elif kind == "done":
+                log_stream(job, payload)
+                pcm.append(output.finish())
+        return encode_whole(response_format, b"".join(pcm), output.rate)
+
     def sse_delta(data: bytes) -> str:
         return f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': base64.b64encode(data).decode()})}\n\n"
 
-    async def sse_body(job: TextJob, first, encoder: AudioEncoder):
+    async def sse_body(job: TextJob, first, encoder: AudioEncoder, output: StreamOutput):
         async for kind, payload in audio_events(job, first):
             if kind == "chunk":
-                data = encoder.encode(payload.pcm.astype("<i2").tobytes())
+                data = encoder.encode(output.process(payload.pcm))
                 if data:
                     yield sse_delta(data)
             elif kind == "error":
+                log_stream(job, reason="error")
                 encoder.close()
                 yield f"data: {json.dumps({'type': 'error', 'error': {'message': payload}})}\n\n"
             elif kind == "done":
-                data = encoder.finish()
+                log_stream(job, payload)
+                data = encoder.encode(output.finish()) + encoder.finish()
                 if data:
                     yield sse_delta(data)
                 n_in = payload.num_text_tokens
@@ -329,7 +357,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
                         "usage": {"input_tokens": n_in, "output_tokens": payload.frames,
                                   "total_tokens": n_in + payload.frames},
                         "stop_reason": payload.stop_reason, "seed": payload.seed,
-                        "audio_seconds": payload.audio_seconds}
+                        "audio_seconds": output.samples_out / output.rate}
                 yield f"data: {json.dumps(done)}\n\n"
 
     # Endpoints -----------------------------------------------------------------------------------------------------
@@ -381,16 +409,18 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         first, failed = await start_stream(job)
         if failed is not None:
             return failed
-        encoder = AudioEncoder("pcm", sample_rate)
-        return StreamingResponse(audio_body(job, first, encoder), media_type="application/octet-stream",
-                                 headers=audio_headers(job, encoder))
+        encoder, output = AudioEncoder("pcm", sample_rate), StreamOutput(params.output, sample_rate)
+        return StreamingResponse(audio_body(job, first, encoder, output), media_type="application/octet-stream",
+                                 headers=audio_headers(job, encoder, output, params))
 
     @app.post("/v1/audio/speech")
     async def openai_speech(request: Request):
         metrics.requests_total.labels(endpoint="openai_speech").inc()
         if not authorized(request.headers):
             return unauthorized()
-        params, response_format, stream_format = validator.openai_speech(await read_json(request))
+        body = await read_json(request)
+        params, response_format, stream_format = validator.openai_speech(body)
+        streamed = validator.streamed(body, stream_format)
         engine_request = validator.prepare(params, "input")
         try:
             job = submit_text_job(params, engine_request, "openai_speech")
@@ -399,12 +429,17 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
         first, failed = await start_stream(job)
         if failed is not None:
             return failed
-        encoder = AudioEncoder(response_format, sample_rate)
+        encoder, output = AudioEncoder(response_format, sample_rate), StreamOutput(params.output, sample_rate)
+        headers = audio_headers(job, encoder, output, params)
         if stream_format == "sse":
-            return StreamingResponse(sse_body(job, first, encoder), media_type="text/event-stream",
-                                     headers=audio_headers(job, encoder))
-        return StreamingResponse(audio_body(job, first, encoder), media_type=encoder.media_type,
-                                 headers=audio_headers(job, encoder))
+            return StreamingResponse(sse_body(job, first, encoder, output), media_type="text/event-stream",
+                                     headers=headers)
+        if not streamed:
+            encoder.close()
+            return Response(await whole_audio(job, first, response_format, output), media_type=encoder.media_type,
+                            headers=headers)
+        return StreamingResponse(audio_body(job, first, encoder, output), media_type=encoder.media_type,
+                                 headers=headers)
 
     @app.websocket(WS_PATH)
     async def ws_speech(websocket: WebSocket):
@@ -429,9 +464,11 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
 
 
 class WsContext:
-    def __init__(self, context_id: str, job: LiveJob, text: StreamedText, words: WordTimeline):
+    def __init__(self, context_id: str, job: LiveJob, text: StreamedText, words: WordTimeline,
+                 output: StreamOutput):
         self.id = context_id
         self.job = job
+        self.output = output  # speed, sample rate, encoding (output_format.py)
         self.text = text
         self.words = words  # estimated word timings (word_timing.py), sent as "timestamps" events
         self.audio_seconds = 0.0
@@ -485,7 +522,12 @@ class WsSession:
 
     async def send_words(self, ctx: WsContext, words) -> None:
         if words and not ctx.cancelled:
-            await self.send_json(timestamps_message(ctx.id, words))
+            message = timestamps_message(ctx.id, words)
+            speed = ctx.output.format.speed
+            if speed != 1.0:  # the words' times in the stretched audio
+                message["start"] = [round(t / speed, 3) for t in message["start"]]
+                message["end"] = [round(t / speed, 3) for t in message["end"]]
+            await self.send_json(message)
 
     async def error(self, context_id: str | None, message: str) -> None:
         self.metrics.errors_total.labels(kind="ws_protocol").inc()
@@ -699,7 +741,8 @@ class WsSession:
                       max_buffered_chunks=self.settings.max_buffered_chunks)
         ctx = WsContext(cid, job, StreamedText(self.synth.tokenizer, self.settings.max_text_chars,
                                                self.settings.max_text_tokens),
-                        WordTimeline(self.synth.tokenizer.encode_user))
+                        WordTimeline(self.synth.tokenizer.encode_user),
+                        StreamOutput(params.output, self.synth.sample_rate))
         self.contexts[cid] = ctx
         ctx.pump = asyncio.create_task(self.pump(ctx))
         return ctx
@@ -714,7 +757,7 @@ class WsSession:
             if not started:
                 started = True
                 await self.send_json({"type": "audio_start", "context_id": ctx.id,
-                                      "sample_rate": self.synth.sample_rate, "encoding": "pcm_s16le",
+                                      "sample_rate": ctx.output.rate, "encoding": ctx.output.format.encoding,
                                       "channels": 1})
 
         try:
@@ -724,7 +767,9 @@ class WsSession:
                     if ctx.cancelled:
                         continue
                     await start()
-                    await self.send_bytes(tag + payload.pcm.astype("<i2").tobytes())
+                    data = ctx.output.process(payload.pcm)
+                    if data:
+                        await self.send_bytes(tag + data)
                     ctx.audio_seconds += len(payload.pcm) / self.synth.sample_rate
                     await self.send_words(ctx, ctx.words.due(ctx.audio_seconds))
                 elif kind == "error":
@@ -734,10 +779,14 @@ class WsSession:
                     info = asdict(payload)
                     stages = info["first_chunk_ms"]  # where the first chunk's time went, stage by stage
                     reason = "shutdown" if ctx.cut else "cancelled" if ctx.cancelled else info["stop_reason"]
+                    log_stream(ctx.job, payload, reason=reason, context_id=ctx.id)
+                    rest = ctx.output.finish()
+                    if rest and not ctx.cancelled:
+                        await self.send_bytes(tag + rest)
                     await self.send_words(ctx, ctx.words.finish(ctx.audio_seconds, reason == "eos"))
                     await self.send_json({"type": "audio_done", "context_id": ctx.id, "stop_reason": reason,
                                           "frames": info["frames"],
-                                          "audio_seconds": round(info["audio_seconds"], 4),
+                                          "audio_seconds": round(ctx.output.samples_out / ctx.output.rate, 4),
                                           "time_to_first_audio_ms": None if info["time_to_first_audio_ms"] is None
                                           else round(info["time_to_first_audio_ms"], 2),
                                           "elapsed_ms": round(info["elapsed_ms"], 2), "seed": info["seed"],

@@ -6,6 +6,13 @@ OpenAI's `response_format` values map to:
     opus  Opus in Ogg pages (libopus), audio/ogg                 flac  FLAC, audio/flac
     wav   RIFF header with unknown length, then raw PCM16   pcm   raw PCM16LE, no header
 
+Streamed files cannot know their length when their header goes out. Streamed WAV carries 0xFFFFFFFF sizes (as
+OpenAI's does): browsers, FFmpeg/PyAV, soundfile (libsndfile) and `sox` read it to the end; Python's `wave` and
+scipy.io.wavfile take the size literally. Streamed FLAC leaves STREAMINFO's total length unknown (0): FFmpeg/PyAV,
+`flac -d` and browsers read it; soundfile refuses it ("array is too big"). A request with `"stream": false` gets
+the whole file at the end instead (`encode_whole`): WAV with its real sizes, FLAC with STREAMINFO's sample count
+and MD5 (the muxer rewrites the header on a seekable buffer), and Content-Length.
+
 The compressed formats use FFmpeg's encoders and muxers through PyAV (`av`, in the `server` extra); wav and pcm
 need no encoder. Every encoder writes to a non-seekable sink, so nothing waits for the end of the stream: the
 muxers write their headers first and then each packet as the encoder produces it (the Ogg muxer is told to close
@@ -20,6 +27,7 @@ and look-ahead: 576 samples for mp3 at 24 kHz, 1024 for aac, 2304 for flac), whi
 
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass
 
@@ -138,3 +146,26 @@ class AudioEncoder:
                 self._container.close()
             except Exception:  # noqa: BLE001 - nothing to report to a client that is gone
                 pass
+
+
+def encode_whole(format_name: str, pcm: bytes, sample_rate: int) -> bytes:
+    """A whole utterance (PCM16 mono bytes) as one file whose header carries its true length."""
+    if format_name == "wav":
+        return wav_header(sample_rate, len(pcm) // 2) + pcm[:len(pcm) & ~1]
+    if format_name != "flac":
+        encoder = AudioEncoder(format_name, sample_rate)
+        return encoder.encode(pcm) + encoder.finish()
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="flac") as container:
+        stream = container.add_stream("flac", rate=sample_rate, layout="mono")
+        samples = np.frombuffer(pcm[:len(pcm) & ~1], dtype="<i2").reshape(1, -1)
+        if samples.shape[1]:
+            frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+            frame.sample_rate = sample_rate
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()

@@ -16,11 +16,14 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..engine import Request, Synthesizer
+from ..languages import model_language, unknown_language_message
 from ..live import _BOUNDARY as WORD_BOUNDARY  # the commit rule of streamed text: tokens are counted the same way
 from ..prompt import PromptError
 from ..sampling import SAMPLING_RANGES, SamplingError, check_sampling_option
+from ..time_stretch import SPEED_MAX, SPEED_MIN, check_speed
 from .audio_formats import RESPONSE_FORMATS, wav_header  # noqa: F401 - wav_header: re-exported
 from ..voices import quoted as shown  # noqa: F401 - re-exported: the server's messages cut echoed values with it
+from .output_format import ENCODINGS, SAMPLE_RATES, OutputFormat
 from .voice_aliases import parse_aliases, voice_aliases
 
 STREAM_FORMATS = ("audio", "sse")
@@ -139,14 +142,12 @@ class SpeechParams:
     seed: int | None
     max_new_tokens: int | None
     sampling: dict = field(default_factory=dict)
+    output: OutputFormat = OutputFormat()  # speed, sample rate, encoding (output_format.py)
+    ignored: tuple[str, ...] = ()  # fields accepted and ignored (OpenAI route: instructions on models without them)
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
 def check_unicode(value: str, name: str) -> str:
@@ -338,12 +339,14 @@ class Validator:
             return "auto"
         if not isinstance(value, str):
             raise BadRequest(name, f"'{name}' must be a string, got {type(value).__name__}")
-        if value.lower() not in self.synth.languages:
-            raise BadRequest(name, f"unknown language {shown(value)}; this model has: "
-                                   f"{', '.join(self.synth.languages)}")
-        return value.lower()
+        language = model_language(value, self.synth.languages)
+        if language is None:
+            raise BadRequest(name, unknown_language_message(value, self.synth.languages))
+        return language
 
-    def instructions(self, body: dict, name: str = "instructions") -> str | None:
+    def instructions(self, body: dict, name: str = "instructions", lenient: bool = False) -> str | None:
+        """The instructions; on a model without instruction control a 400, or with `lenient` (the OpenAI route)
+        None (the caller reports the field as ignored)."""
         value = body.get(name)
         if value is None or value == "":
             return None
@@ -355,6 +358,8 @@ class Validator:
         check_unicode(value, name)
         cfg = self.synth.config
         if not cfg.supports_instruct:
+            if lenient:
+                return None
             raise BadRequest(name, f"this model ({cfg.model_type}, {cfg.model_size}) does not take '{name}'")
         return value
 
@@ -409,14 +414,34 @@ class Validator:
                                    f"accepted: {', '.join(self.model_names[1:] + list(OPENAI_MODEL_ALIASES))})",
                              status=404)
 
-    def speed(self, body: dict, name: str = "speed") -> None:
+    def speed(self, body: dict, name: str = "speed") -> float:
         value = body.get(name)
         if value is None:
-            return
-        if not _is_number(value):
-            raise BadRequest(name, f"'{name}' must be a number, got {shown(value)}")
-        if value != 1.0:
-            raise BadRequest(name, f"'{name}' {value} is not supported: only 1.0")
+            return 1.0
+        try:
+            return check_speed(value)
+        except ValueError:
+            raise BadRequest(name, f"'{name}' must be a number between {SPEED_MIN} and {SPEED_MAX}, got "
+                                   f"{shown(value)}") from None
+
+    @staticmethod
+    def streamed(body: dict, stream_format: str) -> bool:
+        """`stream` (default true): false sends the whole file at the end, its true length in its header."""
+        value = body.get("stream", True)
+        if not isinstance(value, bool):
+            raise BadRequest("stream", f"'stream' must be true or false, got {shown(value)}")
+        if not value and stream_format == "sse":
+            raise BadRequest("stream", "'stream': false cannot be combined with 'stream_format': 'sse'")
+        return value
+
+    def output_format(self, body: dict) -> OutputFormat:
+        """speed, sample_rate and encoding of a stream (/tts/stream, WebSocket config)."""
+        rate = body.get("sample_rate")
+        if rate is not None and (not _is_int(rate) or rate not in SAMPLE_RATES):
+            raise BadRequest("sample_rate", f"unsupported sample_rate {shown(rate)}; supported: "
+                                            f"{', '.join(map(str, SAMPLE_RATES))}")
+        encoding = self.choice(body, "encoding", ENCODINGS, "pcm_s16le")
+        return OutputFormat(speed=self.speed(body), sample_rate=rate, encoding=encoding)
 
     # Bodies --------------------------------------------------------------------------------------------------------
 
@@ -434,7 +459,7 @@ class Validator:
                             instruct=self.instructions(body, "instructions") if "instructions" in body
                             else self.instructions(body, "instruct"),
                             seed=self.seed(body), max_new_tokens=self.max_new_tokens(body),
-                            sampling=self.sampling(body))
+                            sampling=self.sampling(body), output=self.output_format(body))
 
     def openai_speech(self, body: Any) -> tuple[SpeechParams, str, str]:
         body = self.require_object(body)
@@ -446,10 +471,12 @@ class Validator:
         voice = self.voice(body, "voice")
         response_format = self.choice(body, "response_format", RESPONSE_FORMATS, "mp3")
         stream_format = self.choice(body, "stream_format", STREAM_FORMATS, "audio")
-        self.speed(body)
-        params = SpeechParams(text=text, voice=voice, language=self.language(body),
-                              instruct=self.instructions(body), seed=self.seed(body),
-                              max_new_tokens=self.max_new_tokens(body), sampling=self.sampling(body))
+        instruct = self.instructions(body, lenient=True)
+        ignored = ("instructions",) if instruct is None and body.get("instructions") else ()
+        params = SpeechParams(text=text, voice=voice, language=self.language(body), instruct=instruct,
+                              seed=self.seed(body), max_new_tokens=self.max_new_tokens(body),
+                              sampling=self.sampling(body), output=OutputFormat(speed=self.speed(body)),
+                              ignored=ignored)
         return params, response_format, stream_format
 
     def ws_config(self, msg: dict) -> SpeechParams:
@@ -457,7 +484,8 @@ class Validator:
         the interleaved layout plus the frames must fit the backend's KV capacity."""
         params = SpeechParams(text="", voice=self.voice(msg, "voice"), language=self.language(msg),
                               instruct=self.instructions(msg), seed=self.seed(msg),
-                              max_new_tokens=self.max_new_tokens(msg), sampling=self.sampling(msg))
+                              max_new_tokens=self.max_new_tokens(msg), sampling=self.sampling(msg),
+                              output=self.output_format(msg))
         try:
             rows = len(self.synth.prompt("a", voice=params.voice, language=params.language,
                                          instruct=params.instruct, text_layout="interleaved"))

@@ -9,6 +9,7 @@ off that queue is what releases the engine's backpressure. Events: ("chunk", Aud
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 
 from ..engine import DEFAULT_CHUNK_SCHEDULE, EngineFull, Job, PromptSource, Request, Synthesizer
@@ -18,6 +19,8 @@ log = logging.getLogger("qwen_tts_megakernel.server")
 
 QueueFull = EngineFull  # every slot and queue place taken: the server answers 503 with Retry-After
 
+_JOB_IDS = itertools.count(1)
+
 
 class ServerJob:
     """One stream of one request (HTTP) or context (WebSocket), consumed from the event loop."""
@@ -25,6 +28,7 @@ class ServerJob:
     def __init__(self, synth: Synthesizer, loop: asyncio.AbstractEventLoop, source, *, endpoint: str,
                  chunk_schedule: tuple[int, ...] = DEFAULT_CHUNK_SCHEDULE, max_buffered_chunks: int = 64):
         self.synth, self.loop, self.endpoint = synth, loop, endpoint
+        self.id = next(_JOB_IDS)  # the stream's number in the server's log lines
         self.events: asyncio.Queue = asyncio.Queue()
         self.job = Job(source, self._emit, label=endpoint, chunk_schedule=chunk_schedule, audio=True,
                        max_buffered=max_buffered_chunks)
