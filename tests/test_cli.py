@@ -49,6 +49,9 @@ MISTAKES = [
      {}),
     ("unknown-language", ["say", "hi", "-o", "{tmp}/a.wav", "--model", "{tiny}", "--language", "klingon"],
      "klingon", {}),
+    ("unknown-extension", ["say", "hi", "-o", "{tmp}/a.xyz", "--model", "{tiny}"],
+     "unknown audio file extension '.xyz'; use .wav, .flac, .mp3, .opus, .ogg", {}),
+    ("bad-speed", ["say", "hi", "-o", "{tmp}/a.wav", "--speed", "9"], "must be between 0.25 and 4.0, got 9.0", {}),
     ("unknown-voice", ["say", "hi", "-o", "{tmp}/a.wav", "--model", "{tiny}", "--voice", "nobody"], "nobody", {}),
     ("port-out-of-range", ["serve", "--port", "70000"], "from 1 to 65535", {}),
     ("port-taken", ["serve", "--model", "{tmp}/no-model", "--device", "cpu", "--port", "{busy_port}"],
@@ -126,6 +129,40 @@ def test_tiny_model_overwrites_with_force(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "config.json").exists()
+
+
+def test_say_encodes_by_the_extension(results):
+    av = pytest.importorskip("av")
+    tmp = results["_tmp"]
+    out = tmp / "said.mp3"
+    cmd = [sys.executable, "-m", "qwen_tts_megakernel.cli", "say", "Hello there.", "-o", str(out), "--model",
+           str(tmp / "tiny"), "--max-new-tokens", "5", "--seed", "3", "--language", "en"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:3] in (b"ID3", b"\xff\xfb", b"\xff\xf3")  # an MP3, not a WAV under its name
+    with av.open(str(out)) as container:
+        stream = container.streams.audio[0]
+        assert stream.codec_context.name.startswith("mp3") and stream.codec_context.sample_rate == 24000
+        samples = sum(frame.samples for frame in container.decode(audio=0))
+    assert abs(samples - 5 * 1920) <= 2 * 1152  # the encoder's priming and padding
+
+
+def test_help_is_fast_and_imports_no_torch():
+    """`qwen-tts-mk --help` parses without importing PyTorch (seconds of import) and returns in under a second."""
+    import time
+
+    probe = ("import sys\nfrom qwen_tts_megakernel import cli\ntry:\n    cli.main(['--help'])\n"
+             "except SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("NO TORCH"), proc.stdout + proc.stderr
+    timings = []
+    for _ in range(3):  # the best of three: a loaded machine's worst moment is not the CLI's start-up
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "qwen_tts_megakernel.cli", "--help"], capture_output=True,
+                              text=True, timeout=60)
+        timings.append(time.perf_counter() - start)
+        assert proc.returncode == 0 and "COMMAND" in proc.stdout
+    assert min(timings) < 1.0, timings
 
 
 def test_every_option_says_its_default():

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from . import DEFAULT_MODEL
 from .config import ConfigError, ModelConfig
 from .tokenizer import TextTokenizer
 
-DEFAULT_MODEL = "Qwen/Qwen3-TTS-12Hz-0.6B-CustomVoice"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "speech_tokenizer/*"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

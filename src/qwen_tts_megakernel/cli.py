@@ -25,12 +25,9 @@ import socket
 import sys
 import threading
 import time
-import wave
 from pathlib import Path
 
-import numpy as np
-
-from .checkpoint import DEFAULT_MODEL
+from . import DEFAULT_MODEL
 
 PROG = "qwen-tts-mk"
 THREADS_ENV = "QWEN_TTS_MK_THREADS"
@@ -62,6 +59,15 @@ def port_int(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
     return value
+
+
+def speed_value(text: str) -> float:
+    from .time_stretch import check_speed
+
+    try:
+        return check_speed(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("speed ")) from None
 
 
 def _int(text: str) -> int:
@@ -227,13 +233,32 @@ def seconds_since_process_start() -> float | None:
 # Commands.
 
 
-def write_wav(path: str | Path, pcm16: np.ndarray, sample_rate: int) -> None:
-    """Mono 16-bit PCM WAV."""
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(sample_rate)
-        f.writeframes(np.ascontiguousarray(pcm16, dtype="<i2").tobytes())
+# `say -o` file extensions -> audio formats (server/audio_formats.py; all but wav need PyAV).
+OUTPUT_FORMATS = {".wav": "wav", ".flac": "flac", ".mp3": "mp3", ".opus": "opus", ".ogg": "opus"}
+
+
+def output_format(path: str) -> str:
+    """The audio format that `path`'s extension names; UsageError for any other (checked before any work)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise UsageError(f"--output {path}: unknown audio file extension {suffix or '(none)'!r}; use "
+                         f"{', '.join(OUTPUT_FORMATS)}")
+    name = OUTPUT_FORMATS[suffix]
+    if name != "wav":
+        import importlib.util
+
+        if importlib.util.find_spec("av") is None:
+            raise UsageError(f"--output {path}: writing {name} needs PyAV: pip install 'qwen-tts-megakernel[server]' "
+                             "(or write a .wav)")
+    return name
+
+
+def write_audio(path: str | Path, pcm16, sample_rate: int) -> None:
+    """Mono 16-bit audio in the format of the file's extension (wav, flac, mp3, opus)."""
+    from .server.audio_formats import encode_whole
+
+    data = encode_whole(output_format(str(path)), pcm16.astype("<i2").tobytes(), sample_rate)
+    Path(path).write_bytes(data)
 
 
 def _load(args):
@@ -261,16 +286,20 @@ def cmd_tiny_model(args) -> int:
 def cmd_say(args) -> int:
     check_text(args.text)
     check_output(args.output)
+    output_format(args.output)
     check_device(args)
     set_threads(args)
     synth, load_s = _load(args)
     stream = synth.stream(args.text, voice=args.voice, language=args.language, instruct=args.instruct,
                           seed=args.seed, max_new_tokens=args.max_new_tokens, text_layout=args.text_layout,
-                          do_sample=not args.greedy)
+                          do_sample=not args.greedy, speed=args.speed)
     pieces = []
     frames = 0
     since_command = None
-    for chunk in stream:
+    chunks = iter(stream)
+    with Progress("speaking: prefill and the first frame"):  # a minute or more with real weights on a CPU
+        first = next(chunks, None)
+    for chunk in _prepend(first, chunks):
         if since_command is None:
             since_command = seconds_since_process_start()
         pieces.append(chunk.pcm)
@@ -279,8 +308,10 @@ def cmd_say(args) -> int:
             print(f"\r{frames} frames ({frames * 0.08:.2f} s of audio)", end="", file=sys.stderr, flush=True)
     if sys.stderr.isatty():
         print(file=sys.stderr)
+    import numpy as np
+
     pcm = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int16)
-    write_wav(args.output, pcm, synth.sample_rate)
+    write_audio(args.output, pcm, synth.sample_rate)
     first = f"first chunk {1000 * (stream.first_chunk_s or 0):.0f} ms after the request"
     if since_command is not None:
         first += f", {since_command:.1f} s after the command"
@@ -426,7 +457,15 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
                         f"{default_threads()})")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _prepend(first, rest):
+    if first is not None:
+        yield first
+    yield from rest
+
+
+def build_parser(server_settings: bool = True) -> argparse.ArgumentParser:
+    """The parser; `server_settings` False leaves out serve's limit options (their definitions import the server
+    and PyTorch, which `--help` and every other command do not need)."""
     parser = Parser(prog=PROG, description="Streaming Qwen3-TTS on a decode megakernel")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
@@ -439,13 +478,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a folder that is not empty (default: refuse)")
     p.set_defaults(func=cmd_tiny_model)
 
-    p = sub.add_parser("say", help="speak a text into a WAV file")
+    p = sub.add_parser("say", help="speak a text into an audio file")
     p.add_argument("text", help="the words to speak")
-    p.add_argument("-o", "--output", required=True, help="output .wav path (its folder must exist)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output path; its extension picks the format: .wav, .flac, .mp3, .opus/.ogg (its folder "
+                        "must exist)")
     _add_model_args(p)
     p.add_argument("--voice", default=None,
                    help="speaker of a custom voice model (default: ryan); see `qwen-tts-mk voices`")
-    p.add_argument("--language", default="auto", help="a language of the model, or auto")
+    p.add_argument("--language", default="auto",
+                   help="a language of the model (english, ...), an ISO code or tag (en, en-US), or auto")
+    p.add_argument("--speed", type=speed_value, default=1.0, help="speaking rate, 0.25-4.0 (pitch kept)")
     p.add_argument("--instruct", default=None,
                    help="voice description (voice design, 1.7B custom voice; default: none)")
     p.add_argument("--seed", type=seed_int, default=None, help="sampling seed (default: a random one, printed)")
@@ -489,9 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require Authorization: Bearer KEY (default: $QWEN_TTS_MK_API_KEY, else none)")
     p.add_argument("--allow-unauthenticated-public", action="store_true",
                    help="allow binding a non-loopback address without --api-key")
-    from .server.protocol import ServerSettings
+    if server_settings:
+        from .server.protocol import ServerSettings
 
-    ServerSettings.add_arguments(p)
+        ServerSettings.add_arguments(p)
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve: one engine per replica (GPU), one address")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=None, help="--ray: replicas (default 1)")
@@ -566,7 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    command = next((w for w in words if not w.startswith("-")), None)
+    args = build_parser(server_settings=command == "serve").parse_args(argv)
     from .checkpoint import CheckpointError
     from .megakernel.build import BuildError
     from .prompt import PromptError
