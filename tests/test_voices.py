@@ -263,3 +263,29 @@ def test_cli_voices_add_list_remove(tmp_path, model_dir):
     assert run("remove", "carol").returncode == 0
     r = run("remove", "carol")
     assert r.returncode == 2 and "no stored voice" in r.stderr
+
+
+def test_voice_aliases_point_at_stored_voices_and_a_bad_one_stops_start_up(url, model_dir, voices_dir):
+    from fastapi.testclient import TestClient
+
+    from qwen_tts_megakernel.server.app import create_app
+    from qwen_tts_megakernel.server.protocol import ServerSettings
+    from qwen_tts_megakernel.server.voice_aliases import voice_aliases
+
+    assert upload(url, "carol").status_code == 201
+    try:
+        synth = new_synth(model_dir, voices_dir)  # its own: the app's shutdown stops its engine
+        with pytest.raises(ValueError, match="no stored voice 'nobody'"):
+            create_app(synth, settings=ServerSettings(voice_aliases="alloy=nobody"))
+        with pytest.raises(ValueError, match="no voices to point them at"):  # VoiceDesign: nothing to alias
+            voice_aliases([], {"alloy": "x"}, stored=None)
+        app = create_app(synth, settings=ServerSettings(voice_aliases="alloy=carol"))
+        with TestClient(app, base_url="http://127.0.0.1") as client:
+            assert client.get("/v1/audio/voices").json()["voice_aliases"] == {"alloy": "carol"}
+            body = {"model": "tts-1", "input": TEXT, "voice": "alloy", "response_format": "pcm", "seed": 3,
+                    "max_new_tokens": 5}
+            r = client.post("/v1/audio/speech", json=body)
+            assert r.status_code == 200, r.text
+            assert r.content == pcm_of(synth, TEXT, "carol", 3, 5)
+    finally:
+        httpx.delete(f"{url}/v1/audio/voices/carol", timeout=30)

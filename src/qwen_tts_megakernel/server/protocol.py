@@ -283,7 +283,12 @@ class Validator:
         # Frames a request gets when it does not say: the checkpoint's default within the server's cap.
         self.default_max_new_tokens = min(synth.config.generation.max_new_tokens, settings.max_new_tokens_limit)
         # OpenAI voice names -> speakers (voice_aliases.py); a bad override is a ValueError at start-up.
-        self.voice_aliases = voice_aliases(synth.voices, parse_aliases(settings.voice_aliases))
+        stored = None
+        if synth.config.model_type == "base":  # aliases may point at the voices stored now
+            from ..voices import voice_names
+
+            stored = voice_names(synth)
+        self.voice_aliases = voice_aliases(synth.voices, parse_aliases(settings.voice_aliases), stored=stored)
 
     # Fields --------------------------------------------------------------------------------------------------------
 
@@ -318,6 +323,7 @@ class Validator:
             from ..prompt import PromptError
             from ..voices import resolve_voice
 
+            value = self.voice_aliases.get(value.lower(), value)
             try:
                 resolve_voice(self.synth, value)
             except PromptError as exc:

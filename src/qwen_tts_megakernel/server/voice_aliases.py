@@ -5,7 +5,9 @@ server accepts them wherever it takes a voice and speaks with the speaker the al
 pairs each name with a CustomVoice speaker of a similar register (OpenAI's female-sounding voices with Vivian,
 Serena or Sohee; the male-sounding ones with Ryan, Aiden or Uncle Fu; the dialect speakers Eric and Dylan are left
 out, since they switch Chinese to a dialect). An alias whose default speaker the model lacks points to the model's
-speakers in order instead. Models without named speakers (VoiceDesign, Base) take no aliases.
+speakers in order instead. Base models have no built-in speakers: there the table holds only the overrides, and
+each must name a voice stored when the server starts (`qwen-tts-mk voices add`), so that OpenAI-default clients
+can be pointed at a cloned voice. VoiceDesign models have no voices at all: an override there is an error.
 
 Override or extend the table with the server setting `voice_aliases` ("alloy=serena,echo=aiden"; from the
 environment: QWEN_TTS_MK_VOICE_ALIASES); `GET /v1/audio/voices` lists the table in force.
@@ -36,13 +38,14 @@ def parse_aliases(spec: str) -> dict[str, str]:
     return out
 
 
-def voice_aliases(speakers: list[str], overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """The alias table for a model with these speakers: the defaults, then `overrides`. Aliases that name a real
-    speaker are kept out (the speaker wins); an override that names an unknown speaker is a ValueError, so a typo
-    fails at start-up rather than on the first request."""
+def voice_aliases(speakers: list[str], overrides: dict[str, str] | None = None,
+                  stored: list[str] | None = None) -> dict[str, str]:
+    """The alias table for a model with these speakers (or, for a Base model, these `stored` voices): the
+    defaults, then `overrides`. Aliases that name a real speaker or voice are kept out (it wins); an override that
+    names an unknown one is a ValueError, so a typo fails at start-up rather than on the first request."""
     speakers = sorted(s.lower() for s in speakers)
     if not speakers:
-        return {}
+        return _stored_voice_aliases(overrides or {}, stored)
     table = {}
     fallback = iter(speakers * len(OPENAI_VOICES))
     for alias in OPENAI_VOICES:
@@ -54,3 +57,17 @@ def voice_aliases(speakers: list[str], overrides: dict[str, str] | None = None) 
                              f"(it has: {', '.join(speakers)})")
         table[alias] = target
     return {alias: target for alias, target in table.items() if alias not in speakers}
+
+
+def _stored_voice_aliases(overrides: dict[str, str], stored: list[str] | None) -> dict[str, str]:
+    if not overrides:
+        return {}
+    if stored is None:
+        raise ValueError(f"voice aliases ({', '.join(f'{a}={t}' for a, t in overrides.items())}) given, but this "
+                         "model has no voices to point them at (VoiceDesign: describe the voice with instructions)")
+    stored = sorted(v.lower() for v in stored)
+    for alias, target in overrides.items():
+        if target not in stored:
+            raise ValueError(f"voice alias {alias}={target}: there is no stored voice {target!r} (stored: "
+                             f"{', '.join(stored) or 'none'}); add it with `qwen-tts-mk voices add` first")
+    return {alias: target for alias, target in overrides.items() if alias not in stored}
