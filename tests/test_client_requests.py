@@ -317,3 +317,28 @@ def test_a_log_line_per_stream_and_per_refusal(url, caplog):
     assert streams and "frames=6" in streams[-1] and "stop=max_new_tokens" in streams[-1]
     assert "first_audio_ms=" in streams[-1]
     assert any(m.startswith("refused 400 param=speed") for m in caplog.messages)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("service", ["http", "ws"])
+async def test_pipecat_services_ask_for_the_pipelines_rate_and_speed(url, service):
+    pytest.importorskip("pipecat")
+    from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame, TTSSpeakFrame
+    from pipecat.pipeline.task import PipelineParams
+    from pipecat.tests.utils import run_test
+
+    from qwen_tts_megakernel.pipecat import QwenHttpTTSService, QwenTTSService
+
+    cls = QwenHttpTTSService if service == "http" else QwenTTSService
+    tts = cls(base_url=url, settings=cls.Settings(voice="ryan", language="en", seed=5, max_new_tokens=FRAMES,
+                                                  speed=2.0))
+    down, up = await run_test(tts, frames_to_send=[TTSSpeakFrame(TEXT)],
+                              pipeline_params=PipelineParams(audio_out_sample_rate=16000))
+    assert not [f for f in up if isinstance(f, ErrorFrame)], [f.error for f in up if isinstance(f, ErrorFrame)]
+    audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert audio and all(f.sample_rate == 16000 for f in audio)
+    samples = sum(len(f.audio) for f in audio) // 2
+    assert abs(samples / (FRAMES * 1920 * 2 / 3 / 2.0) - 1) < 0.05  # 16 kHz, twice as fast
+    # The service asked the server for the pipeline's rate (the server resampled) and the speed.
+    request = tts._request_body("x") if service == "http" else tts._config_message("c")
+    assert request["sample_rate"] == 16000 and request["speed"] == 2.0 and request["language"] == "english"

@@ -11,10 +11,17 @@ from pipecat.utils.types import NOT_GIVEN, NotGiven, is_given
 from pipecat.transcriptions.language import Language
 
 from ..languages import ALIASES
+from ..server.output_format import SAMPLE_RATES
 
-# The server always speaks 24 kHz mono PCM16 (the 12 Hz codec's rate). When the pipeline's output rate differs,
-# the services resample on the client (Pipecat's stream resampler, soxr) before pushing frames.
+# The model speaks 24 kHz mono PCM16 (the 12 Hz codec's rate). The services ask the server for the pipeline's
+# output rate (`sample_rate` in the request: the server resamples, streaming, server/output_format.py); a rate the
+# server does not offer is fetched at 24 kHz and resampled here (Pipecat's stream resampler, soxr).
 SERVER_SAMPLE_RATE = 24000
+
+
+def wire_rate(pipeline_rate: int) -> int:
+    """The rate to ask the server for: the pipeline's when the server offers it, else the model's."""
+    return pipeline_rate if pipeline_rate in SAMPLE_RATES else SERVER_SAMPLE_RATE
 
 
 def qwen_language(language: Language | str | None) -> str | None:
@@ -45,6 +52,7 @@ class QwenTTSSettings(TTSSettings):
         max_new_tokens: frame limit per utterance (80 ms per frame). None: the server's default.
         temperature, top_k, top_p, repetition_penalty: the talker's sampling; None: the model's defaults
             (0.9, 50, 1.0, 1.05).
+        speed: speaking rate 0.25-4.0, pitch kept (the server's time stretch). None: 1.0.
     """
 
     instructions: str | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
@@ -54,10 +62,12 @@ class QwenTTSSettings(TTSSettings):
     top_k: int | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
     top_p: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
     repetition_penalty: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    speed: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
 
 
 # Settings sent as they are when set (the server validates them and names a bad one in its error).
-REQUEST_FIELDS = ("instructions", "seed", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+REQUEST_FIELDS = ("instructions", "seed", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                  "speed")
 
 
 def default_settings(settings_cls, settings: TTSSettings | None, voice: str | None):

@@ -12,7 +12,7 @@ from pipecat.transcriptions.language import Language
 from pipecat.utils.tracing.service_decorators import traced_tts
 
 from ._common import (SERVER_SAMPLE_RATE, PCMStream, QwenTTSSettings, ReportsErrorsOnce, auth_headers, default_settings,
-                      error_detail, given, qwen_language, request_fields)
+                      error_detail, given, qwen_language, request_fields, wire_rate)
 
 
 class QwenHttpTTSService(ReportsErrorsOnce, TTSService):
@@ -82,7 +82,7 @@ class QwenHttpTTSService(ReportsErrorsOnce, TTSService):
     def _request_body(self, text: str) -> dict:
         s = self._settings
         return {"text": text, "language": given(s.language) or "auto", "speaker": given(s.voice),
-                **request_fields(s)}
+                "sample_rate": wire_rate(self.sample_rate), **request_fields(s)}
 
     @traced_tts
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:

@@ -1,7 +1,8 @@
 """Pipecat TTS over the server's WebSocket (WS /v1/audio/speech/stream): streamed text in, audio by context id out.
 
 Protocol (client -> server, JSON):
-    {"type": "config", "context_id", "voice", "language", "instructions", "seed", "max_new_tokens", sampling...}
+    {"type": "config", "context_id", "voice", "language", "instructions", "seed", "max_new_tokens", "speed",
+     "sample_rate" (the pipeline's, when the server offers it), sampling...}
     {"type": "text", "context_id", "text"}      text delta, appended verbatim
     {"type": "flush", "context_id"}             no more text: finish speaking
     {"type": "cancel", "context_id"}            stop now
@@ -36,8 +37,8 @@ from pipecat.transcriptions.language import Language
 from pipecat.utils.tracing.service_decorators import traced_tts
 from websockets.protocol import State
 
-from ._common import (SERVER_SAMPLE_RATE, PCMStream, QwenTTSSettings, ReportsErrorsOnce, auth_headers,
-                      default_settings, given, qwen_language, request_fields)
+from ._common import (PCMStream, QwenTTSSettings, ReportsErrorsOnce, auth_headers,
+                      default_settings, given, qwen_language, request_fields, wire_rate)
 
 WS_PATH = "/v1/audio/speech/stream"
 
@@ -224,7 +225,8 @@ class QwenTTSService(ReportsErrorsOnce, WebsocketTTSService):
     def _config_message(self, context_id: str) -> dict:
         s = self._settings
         return {"type": "config", "context_id": context_id, "voice": given(s.voice),
-                "language": given(s.language) or "auto", **request_fields(s)}
+                "language": given(s.language) or "auto", "sample_rate": wire_rate(self.sample_rate),
+                **request_fields(s)}
 
     def _segment_for(self, reply: _Reply) -> _ServerContext | None:
         """The server context that takes the reply's next text, or None when a new one must be opened: none is
@@ -243,7 +245,7 @@ class QwenTTSService(ReportsErrorsOnce, WebsocketTTSService):
         n = len(reply.segments)
         seg = _ServerContext(id=reply.id if n == 0 else f"{reply.id}#{n}", reply=reply,
                              settings_version=self._settings_version,
-                             pcm=PCMStream(SERVER_SAMPLE_RATE, self.sample_rate))
+                             pcm=PCMStream(wire_rate(self.sample_rate), self.sample_rate))
         reply.segments.append(seg)
         self._server_contexts[seg.id] = seg
         await self._send(self._config_message(seg.id))
