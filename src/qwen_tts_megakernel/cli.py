@@ -326,7 +326,7 @@ def cmd_voices(args) -> int:
 
     checkpoint = load_checkpoint(args.model)
     cfg = checkpoint.config
-    print(f"model type: {cfg.model_type} ({cfg.model_size})")
+    print(f"model type: {cfg.model_type} ({cfg.size_label})")
     if cfg.model_type == "base":
         library = VoiceLibrary(args.voices_dir, speaker_encoder_fingerprint(checkpoint))
         stored = [f"{m['name']} ({m['layout'].replace('_', ' ')})" for m in library.list()

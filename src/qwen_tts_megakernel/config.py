@@ -254,6 +254,11 @@ class ModelConfig:
         return ["auto"] + [name for name in self.language_ids if "dialect" not in name]
 
     @property
+    def size_label(self) -> str:
+        """The size as people write it: "0.6B", "1.7B" (config.json's "0b6", "1b7")."""
+        return {"0b6": "0.6B", "1b7": "1.7B"}.get(self.model_size, self.model_size)
+
+    @property
     def has_mtp_projection(self) -> bool:
         """1.7B: code-predictor inputs go through small_to_mtp_projection (talker width -> predictor width)."""
         return self.talker.hidden_size != self.code_predictor.hidden_size

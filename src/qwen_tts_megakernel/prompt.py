@@ -156,7 +156,7 @@ def build_prompt(config: ModelConfig, tokenizer: TextTokenizer, text: str, *, vo
     speaker = resolve_voice(config, voice)
     lang = resolve_language(config, language)
     if instruct and not config.supports_instruct:
-        raise PromptError(f"this model ({config.model_type}, {config.model_size}) does not take instruct")
+        raise PromptError(f"this model ({config.model_type}, {config.size_label}) does not take instruct")
 
     ids = config.ids
     wrapped = assistant_ids(tokenizer, text)

@@ -366,7 +366,7 @@ class Validator:
         if not cfg.supports_instruct:
             if lenient:
                 return None
-            raise BadRequest(name, f"this model ({cfg.model_type}, {cfg.model_size}) does not take '{name}'")
+            raise BadRequest(name, f"this model ({cfg.model_type}, {cfg.size_label}) does not take '{name}'")
         return value
 
     def max_new_tokens(self, body: dict, name: str = "max_new_tokens") -> int | None:
