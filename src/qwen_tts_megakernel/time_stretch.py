@@ -15,8 +15,9 @@ the first audio comes with the second chunk. `finish()` drains the rest, so no a
         yield stretch.process(pcm)   # possibly empty
     yield stretch.finish()
 
-Cost (measured on one core of the development machine, 24 kHz): about 1 ms of CPU per second of audio at 1.5x,
-2 ms at 0.5x, 4 ms at 0.25x.
+Cost (CPU time per second of 24 kHz audio, one core of the 2-core development machine; tests/test_client_requests
+prints it): about 1 ms at 1.5x and 4x, 1.4-2 ms at 0.5x, 3-5 ms at 0.25x when the machine is idle, up to 2-3x that
+under load; under 0.5 % of a core at any speed.
 """
 
 from __future__ import annotations
