@@ -342,3 +342,16 @@ async def test_pipecat_services_ask_for_the_pipelines_rate_and_speed(url, servic
     # The service asked the server for the pipeline's rate (the server resampled) and the speed.
     request = tts._request_body("x") if service == "http" else tts._config_message("c")
     assert request["sample_rate"] == 16000 and request["speed"] == 2.0 and request["language"] == "english"
+
+
+def test_a_stream_whose_client_left_is_logged(url, caplog):
+    import time
+
+    with caplog.at_level(logging.INFO, logger="qwen_tts_megakernel.server"):
+        with httpx.stream("POST", f"{url}/tts/stream", json={"text": TEXT, "speaker": "ryan", "seed": 5,
+                                                              "max_new_tokens": 1500}, timeout=60) as r:
+            next(r.iter_raw())  # the first chunk, then hang up
+        deadline = time.monotonic() + 60  # a bound, not a tuned wait: the line comes at the next frame
+        while time.monotonic() < deadline and not any("client went away" in m for m in caplog.messages):
+            time.sleep(0.05)
+    assert any(m.startswith("stream ") and "tts_stream" in m and "client went away" in m for m in caplog.messages)

@@ -302,6 +302,7 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
     async def audio_body(job: ServerJob, first, encoder: AudioEncoder, output: StreamOutput):
         """The response body in the encoder's format, each chunk converted (output_format.py) and encoded as it
         comes (server/audio_formats.py)."""
+        ended = False
         try:
             async for kind, payload in audio_events(job, first):
                 if kind == "chunk":
@@ -309,16 +310,20 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
                     if data:
                         yield data
                 elif kind == "error":
+                    ended = True
                     log_stream(job, reason="error")
                     # The status line is gone already: end the transfer abnormally so the client sees a broken body.
                     raise RuntimeError(f"stream failed: {payload}")
                 elif kind == "done":
+                    ended = True
                     log_stream(job, payload)
                     data = encoder.encode(output.finish()) + encoder.finish()
                     if data:
                         yield data
         finally:
             encoder.close()
+            if not ended:
+                log_stream(job, reason="cancelled (the client went away)")
 
     async def whole_audio(job: ServerJob, first, response_format: str, output: StreamOutput) -> bytes:
         """The whole utterance in one container with its true length in the header (`"stream": false`)."""
