@@ -77,7 +77,7 @@ def aligned_correlation(reference: np.ndarray, other: np.ndarray, max_shift: int
 # The time stretch itself
 
 
-@pytest.mark.parametrize("speed", [0.25, 0.5, 0.8, 1.5, 2.0, 4.0])
+@pytest.mark.parametrize("speed", [0.25, 0.5, 0.8, 1.5, 2.0, 2.75, 4.0])
 def test_time_stretch_keeps_pitch_and_scales_duration_chunk_by_chunk(speed):
     x = tone(3.0)
     stretch = TimeStretch(speed, RATE)
@@ -90,7 +90,7 @@ def test_time_stretch_keeps_pitch_and_scales_duration_chunk_by_chunk(speed):
     # (The filter emits whole output blocks of about 1024 samples, so a chunk's share may be off by one block.)
     for piece, chunk in list(zip(pieces, chunks))[2:-1]:
         assert abs(len(piece) - len(chunk) / speed) <= 1100
-    if speed <= 2.0:  # the first 80 ms frame already gives audio (the filter keeps ~40 ms of look-ahead)
+    if speed <= 2.75:  # the first 80 ms frame already gives audio (the filter keeps ~40 ms of look-ahead)
         assert len(pieces[0]) > 0
 
 

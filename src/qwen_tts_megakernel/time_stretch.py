@@ -7,7 +7,7 @@ utterance. atempo takes 0.5-100 per instance; slower speeds chain instances (0.2
 
 Input is fed in 10 ms pieces so that the filter's output buffer (sized by its input frames) never holds a whole
 chunk back. What remains is the filter's look-ahead (about 40 ms of input at 24 kHz): the first engine chunk
-(one 80 ms frame) gives its stretched audio minus that look-ahead at speeds up to about 2.5, and at faster speeds
+(one 80 ms frame) gives its stretched audio minus that look-ahead at speeds up to 2.75, and from 3 on
 the first audio comes with the second chunk. `finish()` drains the rest, so no audio is lost.
 
     stretch = TimeStretch(1.5, 24000)
