@@ -51,6 +51,8 @@ MISTAKES = [
      "klingon", {}),
     ("unknown-extension", ["say", "hi", "-o", "{tmp}/a.xyz", "--model", "{tiny}"],
      "unknown audio file extension '.xyz'; use .wav, .flac, .mp3, .opus, .ogg", {}),
+    ("voices-add-neither", ["voices", "add", "x", "{tmp}/r.wav"], "one of the arguments --text --x-vector-only is "
+     "required", {}),
     ("bad-speed", ["say", "hi", "-o", "{tmp}/a.wav", "--speed", "9"], "must be between 0.25 and 4.0, got 9.0", {}),
     ("unknown-voice", ["say", "hi", "-o", "{tmp}/a.wav", "--model", "{tiny}", "--voice", "nobody"], "nobody", {}),
     ("port-out-of-range", ["serve", "--port", "70000"], "from 1 to 65535", {}),

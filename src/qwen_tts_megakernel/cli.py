@@ -1,9 +1,9 @@
 """The `qwen-tts-mk` command line.
 
     qwen-tts-mk tiny-model DIR [--size 0.6b|1.7b] [--type custom_voice|voice_design|base] [--seed N] [--force]
-    qwen-tts-mk say "text" -o out.wav [--model M] [--voice V] [--language L] [--instruct I] [--seed N] ...
+    qwen-tts-mk say "text" -o out.{wav,flac,mp3,opus} [--model M] [--voice V] [--language L] [--speed S] ...
     qwen-tts-mk voices [list] [--model M] [--voices-dir D]
-    qwen-tts-mk voices add NAME REF.wav [--text "transcript"] [--x-vector-only] [--model M] [--voices-dir D]
+    qwen-tts-mk voices add NAME REF.wav (--text "transcript" | --x-vector-only) [--model M] [--voices-dir D]
     qwen-tts-mk voices remove NAME [--voices-dir D]
     qwen-tts-mk serve [--model M] [--backend B] [--host 127.0.0.1] [--port 8001] [--api-key K]
                       [--ray [--replicas N | --autoscale MIN..MAX] [--ray-ingress haproxy|proxy] [--gpus-per-replica 1]]
@@ -514,8 +514,9 @@ def build_parser(server_settings: bool = True) -> argparse.ArgumentParser:
     a = actions.add_parser("add", help="clone a voice from a reference clip (Base models) and store it")
     a.add_argument("name", help="1-64 of a-z, 0-9, '_', '-'")
     a.add_argument("ref", help="reference clip: wav, flac, ogg/opus or mp3, 1-30 s (3-10 s of clear speech)")
-    a.add_argument("--text", default=None, help="what the clip says (in-context cloning)")
-    a.add_argument("--x-vector-only", action="store_true", help="use the speaker embedding alone (no transcript)")
+    how = a.add_mutually_exclusive_group(required=True)
+    how.add_argument("--text", default=None, help="what the clip says (in-context cloning, best quality)")
+    how.add_argument("--x-vector-only", action="store_true", help="use the speaker embedding alone (no transcript)")
     a.add_argument("--model", default=argparse.SUPPRESS)
     a.add_argument("--voices-dir", **voices_dir)
     a.set_defaults(func=cmd_voices_add)
