@@ -158,6 +158,7 @@ BAD_UPLOADS = [
     ("no consent", 400, "consent"),
     ("consent false", 400, "consent"),
     ("audio is a field", 400, "audio"),
+    ("name is a file", 400, "name"),
 ]
 
 
@@ -174,10 +175,14 @@ def test_bad_uploads_get_a_4xx_naming_the_problem(url, voices_dir, case, status,
     if case == "audio is a field":
         r = httpx.post(f"{url}/v1/audio/voices", data={"name": name, "consent": "true", "audio": "hello"},
                        files={"other": ("x", b"1")})
+    elif case == "name is a file":
+        r = httpx.post(f"{url}/v1/audio/voices", data={"consent": "true", "audio": "hello"},
+                       files={"name": ("name.txt", b"fresh")})
     else:
         r = upload(url, name, data, consent=consent)
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
+    assert " object at 0x" not in r.json()["error"]["message"]  # no Python repr in what a client reads
     assert "fresh" not in [p.name for p in voices_dir.iterdir()]
     assert not [p for p in voices_dir.iterdir() if p.name.startswith(".")], "half-written files stayed"
 

@@ -93,8 +93,11 @@ def read_reference_audio(data: bytes, limits: ReferenceLimits = ReferenceLimits(
     except VoiceError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise VoiceError(field, f"'{field}' is not a readable audio file (wav, flac, ogg/opus or mp3): "
-                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", 415) from exc
+        # libsndfile's message starts with the repr of the file object ("Error opening <_io.BytesIO object at
+        # 0x...>: Format not recognised."): only its reason is for the client.
+        reason = str(exc).splitlines()[0].rsplit(">:", 1)[-1].strip() if str(exc) else type(exc).__name__
+        raise VoiceError(field, f"'{field}' is not a readable audio file (wav, flac, ogg/opus or mp3): {reason}",
+                         415) from exc
     seconds = len(mono) / rate
     if seconds < limits.min_seconds:
         raise VoiceError(field, f"'{field}' is {seconds:.2f} s long; a reference needs at least "
@@ -216,7 +219,10 @@ def default_voice_dir() -> Path:
 
 def check_voice_name(name: object, field: str = "name") -> str:
     """A safe voice name (lower-cased): 1-64 of a-z, 0-9, '_' and '-', starting with a letter or digit."""
-    if not isinstance(name, str) or not VOICE_NAME.fullmatch(name.lower()):
+    if not isinstance(name, str):  # e.g. a file uploaded in the name field: say what it is, not its repr
+        got = "nothing" if name is None else "a file" if hasattr(name, "filename") else type(name).__name__
+        raise VoiceError(field, f"'{field}' must be text, got {got}")
+    if not VOICE_NAME.fullmatch(name.lower()):
         raise VoiceError(field, f"'{field}' must be 1-64 characters of a-z, 0-9, '_' or '-', starting with a "
                                 f"letter or digit; got {quoted(name)}")
     return name.lower()
