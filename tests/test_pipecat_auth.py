@@ -62,10 +62,12 @@ def test_helpers():
     assert qwen_language("english") == "english" and qwen_language("auto") == "auto"
     assert qwen_language(Language.NL) is None  # not a model language: the server names the ones it has
     s = QwenTTSService(settings=QwenTTSService.Settings(voice="vivian", language=Language.FR, temperature=0.7))
+    # Before the pipeline starts its rate is unknown: the model's 24 kHz is asked for.
     assert s._config_message("c") == {"type": "config", "context_id": "c", "voice": "vivian", "language": "french",
-                                      "temperature": 0.7}
+                                      "sample_rate": 24000, "temperature": 0.7}
     h = QwenHttpTTSService(settings=QwenHttpTTSService.Settings(voice="ryan", seed=5))
-    assert h._request_body("Hi") == {"text": "Hi", "language": "auto", "speaker": "ryan", "seed": 5}
+    assert h._request_body("Hi") == {"text": "Hi", "language": "auto", "speaker": "ryan", "sample_rate": 24000,
+                                     "seed": 5}
 
 
 def test_error_detail():
