@@ -166,13 +166,25 @@ def test_estimated_word_times_in_audio_done(ws_url):
     assert starts == sorted(starts) and all(s < e for s, e in zip(starts, ends)) and ends[-1] <= 40 * 0.08 + 1e-6
 
 
+def test_speed_is_the_same_stretch_as_our_websocket(ws_url):
+    with ws_client.connect(ws_url) as conn:
+        ws = OmniReader(conn)
+        omni_utterance(ws, deltas_of(TEXT), voice="serena", response_format="pcm", stream_audio=True, speed=2.0,
+                       seed=11, max_new_tokens=30)
+    pcm = b"".join(ws.audio)
+    audio_done = [e for e in ws.events if e["type"] == "audio.done"][0]
+    assert audio_done["total_bytes"] == len(pcm)
+    assert abs(len(pcm) / (30 * 1920 * 2 / 2.0) - 1) < 0.05  # half the duration
+    assert pcm == ours_pcm(ws_url, TEXT, deltas_of(TEXT), voice="serena", speed=2.0, seed=11, max_new_tokens=30)
+
+
 @pytest.mark.parametrize("config, field", [
     ({"ref_audio": "https://example.com/a.wav"}, "ref_audio"),
     ({"task_type": "Base"}, "task_type"),
     ({"voice": "nobody"}, "voice"),
     ({"language": "klingon"}, "language"),
     ({"response_format": "wav", "stream_audio": True}, "response_format"),
-    ({"speed": 2.0}, "speed"),
+    ({"speed": 5.0}, "speed"),
     ({"word_timestamps": True}, "word_timestamps"),
     ({"non_streaming_mode": True}, "non_streaming_mode"),
     ({"instructions": "a calm voice"}, "instructions"),

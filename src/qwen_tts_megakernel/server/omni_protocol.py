@@ -44,6 +44,8 @@ from ..voices import VoiceError, check_voice_name, library_for
 from ..word_timing import WordTimeline
 from .audio_formats import RESPONSE_FORMATS, AudioEncoder
 from .metrics import ServerMetrics
+from .output_format import OutputFormat, StreamOutput
+from .stream_log import log_stream
 from .protocol import BadRequest, ServerSettings, SpeechParams, StreamedText, Validator, parse_json, shown
 from .voices_api import cloner_for
 from .worker import EngineWorker, LiveJob, QueueFull
@@ -136,12 +138,13 @@ class OmniConfigParser:
         self.validator.choice(msg, "split_granularity", ("none", "sentence", "clause"), "none")
         word_times = self.validator.choice(msg, "timestamp_type", ("word", "none"), "none") == "word"
         self.validator.choice(msg, "timestamp_transport_strategy", ("sync",), "sync")
-        self.validator.speed(msg)
+        speed = self.validator.speed(msg)
         speech = {k: v for k, v in msg.items() if k in SPEECH_FIELDS}
         if "speaker" in speech and speech.get("voice") is None:
             speech["voice"] = speech.pop("speaker")
         self.validator.model(speech)
         params = self.validator.ws_config(speech)
+        params.output = OutputFormat(speed=speed)  # the time stretch (output_format.py)
         return OmniConfig(params, response_format, stream_audio, word_times)
 
     def task_type(self, value) -> None:
@@ -442,20 +445,22 @@ class OmniSession:
     def done_message(self, u: OmniUtterance) -> dict:
         msg = {"type": "audio.done", "utterance_index": u.index, "sentence_index": 0, "total_bytes": u.total_bytes,
                "error": u.failed}
+        speed = u.config.params.output.speed  # times in the stretched audio
         if u.done is not None:
             reason = "cancelled" if u.cancelled else u.done.stop_reason
-            msg.update(stop_reason=reason, frames=u.done.frames, audio_seconds=round(u.done.audio_seconds, 4),
-                       seed=u.done.seed)
+            msg.update(stop_reason=reason, frames=u.done.frames,
+                       audio_seconds=round(u.done.audio_seconds / speed, 4), seed=u.done.seed)
         if u.config.word_times:
             msg["timestamp_info"] = {"word_alignment": {
                 "words": [w.word for w in u.word_times],
-                "word_start_times_seconds": [round(w.start, 3) for w in u.word_times],
-                "word_end_times_seconds": [round(w.end, 3) for w in u.word_times]}}
+                "word_start_times_seconds": [round(w.start / speed, 3) for w in u.word_times],
+                "word_end_times_seconds": [round(w.end / speed, 3) for w in u.word_times]}}
         return msg
 
     async def pump(self, u: OmniUtterance) -> None:
         """The utterance's engine events -> audio.start, audio (binary), audio.done."""
         encoder = AudioEncoder(u.config.response_format, self.synth.sample_rate)
+        output = StreamOutput(u.config.params.output, self.synth.sample_rate)
         whole = bytearray()  # stream_audio false: one binary message at the end, as vLLM-Omni sends it
         started = False
         audio_seconds = 0.0
@@ -468,16 +473,16 @@ class OmniSession:
                 if kind == "chunk":
                     if u.cancelled:
                         continue
-                    pcm = payload.pcm.astype("<i2").tobytes()
                     audio_seconds += len(payload.pcm) / self.synth.sample_rate
                     u.word_times += u.words.due(audio_seconds)
-                    data = encoder.encode(pcm)
+                    data = encoder.encode(output.process(payload.pcm))
                     if u.config.stream_audio:
                         if not started:
                             started = True
                             await self.send_json(self.start_message(u))
-                        u.total_bytes += len(data)
-                        await self.send_bytes(data)
+                        if data:  # (a time stretch may hold a chunk's audio back)
+                            u.total_bytes += len(data)
+                            await self.send_bytes(data)
                     else:
                         whole += data
                 elif kind == "error":
@@ -486,7 +491,13 @@ class OmniSession:
                 elif kind == "done":
                     u.done = payload
                     u.word_times += u.words.finish(audio_seconds, payload.stop_reason == "eos" and not u.cancelled)
-                    whole += encoder.finish()
+                    log_stream(u.job, payload, reason="cancelled" if u.cancelled else None)
+                    rest = encoder.encode(output.finish()) + encoder.finish()
+                    if u.config.stream_audio and rest and not u.cancelled:  # the stretch's look-ahead
+                        u.total_bytes += len(rest)
+                        await self.send_bytes(rest)
+                    elif not u.config.stream_audio:
+                        whole += rest
                     if not started:
                         await self.send_json(self.start_message(u))
                     if not u.config.stream_audio and not u.cancelled:
