@@ -6,6 +6,7 @@
 #   decode    - bench --decode --batch 1,2,4,8,16,32,64, both sizes
 #   tests     - the megakernel GPU tests (10,000 launches with joins and leaves, batch invariance, faults)
 #   load      - bench --load, 0.6B megakernel: open loop 10 and 20 req/s on a fresh server, closed loop 1 and 64 (ws)
+#   trace     - dev/mk_trace.py section trace of the kept tree at B=1 and 64 (0.6B)
 # Logs and new result files come back as $OUT/session.tgz.
 #   run(command="CAND=src ALT=.wt-head/src bash scripts/gpu_session.sh", carry=[".mkcache", ".wt-head", ".whl/server"])
 set -uo pipefail
@@ -29,7 +30,7 @@ step() {  # step NAME SECONDS CMD...
   tail -${TAIL:-12} "$LOG/$name.log"; echo "== $name: exit $st, $((SECONDS - t0)) s"; [ "$st" -eq 0 ] || rc=1
 }
 CAND=${CAND:-src}; ALT=${ALT:-}
-FRAME_MS="import json; from dev.mk_trace import _frame_ms; print('RESULT', json.dumps(_frame_ms('0.6b', [1, 16, 64])))"
+FRAME_MS="import json; from dev.mk_trace import _frame_ms; print('RESULT', json.dumps(_frame_ms('0.6b', [int(b) for b in '${ABATCH:-1,16,64}'.split(',')])))"
 TREE=$CAND
 if [ -n "$ALT" ]; then
   step ab_alt 90 env PYTHONPATH="$ALT" python3 -c "$FRAME_MS"
@@ -55,12 +56,13 @@ export PYTHONPATH="$SITE:$PWD/$TREE"
 CLI="python3 -m qwen_tts_megakernel.cli"
 step validate06 200 $CLI validate --random-weights 0.6b --batch 1,2,7,16,64 \
   --output benchmarks/results/validate-random-0.6b-batch.json
-step decode 200 bash -c "for s in 0.6b 1.7b; do $CLI bench --decode --random-weights \$s --batch 1,2,4,8,16,32,64 --frames 30 --output-dir benchmarks/results; done"
+step decode 200 bash -c "for s in ${DSIZES:-0.6b 1.7b}; do $CLI bench --decode --random-weights \$s --batch 1,2,4,8,16,32,64 --frames 30 --output-dir benchmarks/results; done"
 step tests 150 python3 -m pytest -q -m gpu tests/test_megakernel.py -x
 step load 150 $CLI bench --load --models random:0.6b --backends megakernel --levels 1 64 --rates 10 20 --frames 50 \
   --protocols ws --output-dir benchmarks/results
 step validate17 200 $CLI validate --random-weights 1.7b --batch 1,2,7,16,64 \
   --output benchmarks/results/validate-random-1.7b-batch.json
+step trace 120 python3 dev/mk_trace.py --size 0.6b --batch 1,64 --tag final --out-dir benchmarks/results
 echo "gpu_session rc=$rc"
 if [ -n "${OUT:-}" ]; then
   find benchmarks/results -type f -newer /tmp/session_start > /tmp/session_files
