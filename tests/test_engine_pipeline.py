@@ -125,7 +125,7 @@ def run(engine: Engine, synth, text: str, seed: int, frames: int) -> tuple[bytes
 def test_the_next_step_is_launched_before_the_previous_frames_are_decoded_and_the_audio_is_unchanged(synth):
     log: list = []
     engine = Engine(SplitBackend(synth.talker, log), LoggingCodec(synth.codec, log), synth.embedder, synth.config,
-                    sample_rate=synth.sample_rate, settings=EngineSettings(realtime_admission=False))
+                    sample_rate=synth.sample_rate, settings=EngineSettings(realtime_admission=False, pipelined=True))
     engine.start()
     try:
         pcm, chunks = run(engine, synth, "The pipeline speaks.", seed=3, frames=7)
@@ -147,7 +147,7 @@ def test_the_next_step_is_launched_before_the_previous_frames_are_decoded_and_th
 def test_a_stream_that_stops_at_eos_still_gets_its_last_chunk(synth):
     """A stream's last frames are decoded one step after their frame: the stream ends only after that chunk."""
     engine = Engine(ReferenceBackend(synth.talker), StreamingCodec(synth.codec), synth.embedder, synth.config,
-                    sample_rate=synth.sample_rate, settings=EngineSettings(realtime_admission=False))
+                    sample_rate=synth.sample_rate, settings=EngineSettings(realtime_admission=False, pipelined=True))
     engine.start()
     try:
         results = {}
@@ -204,7 +204,7 @@ def test_a_burst_joining_running_streams_is_prefilled_together_first_chunks_at_o
             for i, (t, n) in enumerate(zip(texts, frames))]
     log: list = []
     engine = Engine(OpenLoggingBackend(synth.talker, log), LoggingCodec(synth.codec, log), synth.embedder,
-                    synth.config, sample_rate=synth.sample_rate, settings=EngineSettings(realtime_admission=False))
+                    synth.config, sample_rate=synth.sample_rate, settings=EngineSettings(realtime_admission=False, pipelined=True))
     engine.start()
     jobs, events = [], []
 
@@ -256,3 +256,13 @@ def test_step_profile_between_two_snapshots_is_what_happened_in_between():
     assert got["16"]["steps"] == 1 and got["16"]["host_ms"] == pytest.approx(1.0)
     assert got["64"]["steps"] == 1 and got["64"]["host_ms"] == pytest.approx(1.0)
     assert StepProfile.between(profile.totals(), profile.totals()) == {}
+
+
+def test_the_pipelined_step_is_off_by_default_and_the_environment_turns_it_on(monkeypatch):
+    monkeypatch.delenv("QWEN_TTS_MK_PIPELINE", raising=False)
+    assert not EngineSettings().pipelined
+    monkeypatch.setenv("QWEN_TTS_MK_PIPELINE", "1")
+    assert EngineSettings().pipelined
+    monkeypatch.setenv("QWEN_TTS_MK_PIPELINE", "yes")
+    with pytest.raises(ValueError, match="QWEN_TTS_MK_PIPELINE"):
+        EngineSettings()

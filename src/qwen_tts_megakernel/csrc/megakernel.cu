@@ -52,7 +52,7 @@ struct Ctx {
   const MkLaunch& L;
   WeightStream<Model> ws;
   GridBarrier bar;
-  float* stage;       // shared [STAGE_FLOATS]: staged rows, attention partials, sampling scores
+  float* stage;       // shared [STAGE_FLOATS]: staged rows, sampling scores
   float* red;         // shared [RED_FLOATS]
   SampleScratch* ss;
   float* s_inv;       // shared [MAX_ROWS] 1 / rms of the current product's rows
@@ -128,7 +128,7 @@ __device__ bool decoder_layer(Ctx<Model>& c, ASrc x, int M, int nr, const bf16* 
   // 2. attention work list (QK-norm + RoPE + KV append inside)
   if (!dev_flag(c.L.flags, FLAG_DEV_NO_ATTENTION))
     attention_phase<S>(qkv, M / nr, nr, c.s_p0, c.s_slot, kv_base, kv_slot_stride, kv_layer_off, cap, norms, rope,
-                       eps, p.attn_out, p.attn_part, p.attn_count, c.nb, c.b, c.stage);
+                       eps, p.attn_out, p.attn_part, p.attn_count, c.nb, c.b);
   MK_SECTION(sec0 + SEC_ATTN);
   MK_SYNC();
   MK_SECTION(sec0 + SEC_ATTN_BAR);

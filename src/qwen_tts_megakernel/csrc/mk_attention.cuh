@@ -34,91 +34,43 @@ __device__ __forceinline__ void head_norm_rope(float x[4], const bf16* w, const 
 }
 
 constexpr int ATTN_PART = 4 + 128;  // floats of one chunk's partial of one query head: m, l, 2 pad, acc[128]
-constexpr int ATTN_SUB = 8;         // positions of a sub-chunk: its K/V loads are issued together
-constexpr int ATTN_NSUB = ATTN_CHUNK / ATTN_SUB;
-constexpr int ATTN_GROUP = ATTN_NSUB;  // warps per unit when the grid has warps to spare (one per sub-chunk)
-static_assert(ATTN_CHUNK % ATTN_SUB == 0 && NWARPS % ATTN_GROUP == 0, "sub-chunks tile a chunk, groups a block");
-static_assert(NWARPS * 2 * (2 + 128) <= STAGE_FLOATS, "the groups' partials fit the stage");
-static_assert(NWARPS / ATTN_GROUP < 16, "named barriers 1.. per group");
+constexpr int ATTN_STEP = 8;  // positions per step of a unit (their K/V loads are issued together)
 
-// (Explicitly rounded operations below: every call site gives the same bits, whichever warps run a unit.)
-// Flash-decoding partial of one query head in one lane: max m, sum l of exp(s - m), and the lane's 4 dims of
-// sum exp(s - m) * v. Empty: m = -inf.
-struct Partial {
+// Online-softmax state of one query head in one lane: running max m, sum l, and the lane's 4 dims of sum exp * v.
+struct SoftmaxAcc {
   float m = -INFINITY, l = 0.f, a[4] = {0.f, 0.f, 0.f, 0.f};
 
-  // this = merge(this, y) (fixed formula: the same bits whichever warp runs it).
-  __device__ __forceinline__ void merge(const Partial& y) {
-    if (y.m == -INFINITY) return;
-    const float M = fmaxf(m, y.m);
-    const float fx = __expf(m - M), fy = __expf(y.m - M);  // m = -inf -> 0
-    l = __fmaf_rn(l, fx, __fmul_rn(y.l, fy));
+  // Add ATTN_STEP positions with scores s[] (summed over the head; -inf = masked) and values v[] (this lane's dims).
+  __device__ __forceinline__ void add(const float (&s)[ATTN_STEP], const kv4_raw (&v)[ATTN_STEP]) {
+    float n = m;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) a[i] = __fmaf_rn(a[i], fx, __fmul_rn(y.a[i], fy));
-    m = M;
+    for (int j = 0; j < ATTN_STEP; ++j) n = fmaxf(n, s[j]);
+    const float f = __expf(m - n);  // m = -inf -> 0 (n is finite: the step's first position is never masked)
+    l *= f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] *= f;
+#pragma unroll
+    for (int j = 0; j < ATTN_STEP; ++j) {
+      const float e = __expf(s[j] - n);  // s = -inf -> 0
+      float vj[4];
+      unpack_kv4(v[j], vj);
+      l += e;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] += e * vj[i];
+    }
+    m = n;
   }
 };
 
-// The partials of both query heads (q[2][4], this lane's dims) over the sub-chunk of positions [base, end)
-// (at most ATTN_SUB; empty when base >= end) of one (slot, layer, KV head) cache. The arithmetic depends only on
-// the positions and the values, so a chunk's partial is the same whether one warp runs its sub-chunks in turn or
-// ATTN_GROUP warps run one each.
-__device__ __forceinline__ void sub_partials(const float (&q)[2][4], const kv_t* kc, const kv_t* vc, int base,
-                                             int end, int lane, Partial (&out)[2]) {
-  out[0] = Partial();
-  out[1] = Partial();
-  if (base >= end) return;
-  kv4_raw k[ATTN_SUB], v[ATTN_SUB];
-#pragma unroll
-  for (int j = 0; j < ATTN_SUB; ++j) {
-    const int pos = min(base + j, end - 1);  // past the end: a valid row, masked below
-    k[j] = load_kv4(kc + (long long)pos * 128 + 4 * lane);
-    v[j] = load_kv4(vc + (long long)pos * 128 + 4 * lane);
-  }
-  float s[2][ATTN_SUB];
-#pragma unroll
-  for (int j = 0; j < ATTN_SUB; ++j) {
-    float kj[4];
-    unpack_kv4(k[j], kj);
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      s[h][j] = __fmaf_rn(q[h][3], kj[3], __fmaf_rn(q[h][2], kj[2], __fmaf_rn(q[h][1], kj[1], __fmul_rn(q[h][0], kj[0]))));
-  }
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float n = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < ATTN_SUB; ++j) {
-      s[h][j] = base + j < end ? warp_sum(s[h][j]) : -INFINITY;
-      n = fmaxf(n, s[h][j]);
-    }
-    out[h].m = n;
-  }
-#pragma unroll
-  for (int j = 0; j < ATTN_SUB; ++j) {
-    float vj[4];
-    unpack_kv4(v[j], vj);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float e = __expf(s[h][j] - out[h].m);  // masked: 0
-      out[h].l = __fadd_rn(out[h].l, e);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) out[h].a[i] = __fmaf_rn(e, vj[i], out[h].a[i]);
-    }
-  }
-}
-
-// One unit: nr new rows (positions p0..p0+nr-1) of one stream, KV head kh, chunk `chunk` of nc, run by `gsize`
-// warps of one block (1, or ATTN_GROUP: warp `gw` of the group runs sub-chunk gw and warp 0 merges them through
-// `sm`, shared [ATTN_GROUP][2][2 + 128] floats of this group; `bar_id` is the group's named barrier).
+// One unit, run by one warp: nr new rows (positions p0..p0+nr-1) of one stream, KV head kh, chunk `chunk` of nc.
 // qkv: the stream's first row [nr][QKV]; kc / vc: the slot's K and V cache of this layer and KV head [cap][128];
-// out: the stream's first attention-output row [nr][QD]; part: the stream's partials [NQ][max_chunks][ATTN_PART]
-// and count its counters [NKV] (used when nc > 1, which needs nr == 1). The new rows lie in the sub-chunk of p0 (the
-// talker has one new row; the predictor's two rows sit at positions 0 and 1), whose warp appends them first.
+// out: the stream's first attention-output row [nr][QD]; part: the stream's partials [NQ][max_chunks][ATTN_PART] and
+// count its counters [NKV] (used when nc > 1, which needs nr == 1). The new rows lie in the last chunk (the talker
+// has one new row; the predictor's two rows sit at positions 0 and 1).
 template <class S>
 __device__ void attention_unit(const float* qkv, int nr, int p0, int nc, int chunk, int kh, kv_t* kc, kv_t* vc,
                                const bf16* norms, const float* rope, float eps, float* out, float* part,
-                               int max_chunks, int* count, int gsize, int gw, float* sm, int bar_id) {
+                               int max_chunks, int* count) {
   static_assert(S::HD == 128, "one warp holds a head as 4 dims per lane");
   const int lane = threadIdx.x & 31;
   const bf16* qn = norms + 2 * S::H;
@@ -127,10 +79,8 @@ __device__ void attention_unit(const float* qkv, int nr, int p0, int nc, int chu
   const int c0 = chunk * ATTN_CHUNK, c1 = min(total, c0 + ATTN_CHUNK);
   const float scale = rsqrtf((float)S::HD);
 
-  // The new rows' K/V into the cache, by the warp whose sub-chunks include p0 (the same lane reads its own dims
-  // back below, so no sync is needed).
-  const int new_sub = (p0 - c0) / ATTN_SUB;  // in this chunk when chunk == nc - 1
-  if (chunk == nc - 1 && (gsize == 1 || gw == new_sub)) {
+  // The new rows' K/V into the cache (this lane's dims: read back below by the same lane, so no sync is needed).
+  if (chunk == nc - 1) {
     for (int r = 0; r < nr; ++r) {
       const float* row = qkv + r * S::QKV;
       float k[4], v[4];
@@ -140,7 +90,7 @@ __device__ void attention_unit(const float* qkv, int nr, int p0, int nc, int chu
         v[i] = row[S::QD + S::KVD + kh * S::HD + 4 * lane + i];
       }
       head_norm_rope(k, kn, rope + (long long)(p0 + r) * S::HD, eps, lane);
-      store_kv4(kc + (long long)(p0 + r) * S::HD + 4 * lane, k);
+      store_kv4(kc + (long long)(p0 + r) * S::HD + 4 * lane, k);  // the same lane reads it back below
       store_kv4(vc + (long long)(p0 + r) * S::HD + 4 * lane, v);
     }
   }
@@ -156,40 +106,30 @@ __device__ void attention_unit(const float* qkv, int nr, int p0, int nc, int chu
 #pragma unroll
       for (int i = 0; i < 4; ++i) q[h][i] *= scale;
     }
-    Partial acc[2];
-    if (gsize == 1) {
-      for (int sb = 0; sb < ATTN_NSUB; ++sb) {
-        Partial p[2];
-        sub_partials(q, kc, vc, c0 + sb * ATTN_SUB, end, lane, p);
-        acc[0].merge(p[0]);
-        acc[1].merge(p[1]);
+    SoftmaxAcc acc[2];
+    for (int base = c0; base < end; base += ATTN_STEP) {
+      kv4_raw k[ATTN_STEP], v[ATTN_STEP];
+#pragma unroll
+      for (int j = 0; j < ATTN_STEP; ++j) {
+        const int pos = min(base + j, end - 1);  // past the end: a valid row, masked below
+        k[j] = load_kv4(kc + (long long)pos * S::HD + 4 * lane);
+        v[j] = load_kv4(vc + (long long)pos * S::HD + 4 * lane);
       }
-    } else {
-      Partial p[2];
-      sub_partials(q, kc, vc, c0 + gw * ATTN_SUB, end, lane, p);
+      float s0[ATTN_STEP], s1[ATTN_STEP];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float* d = sm + (gw * 2 + h) * (2 + 128);
-        if (lane == 0) { d[0] = p[h].m; d[1] = p[h].l; }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) d[2 + 4 * lane + i] = p[h].a[i];
+      for (int j = 0; j < ATTN_STEP; ++j) {
+        float kj[4];
+        unpack_kv4(k[j], kj);
+        s0[j] = q[0][0] * kj[0] + q[0][1] * kj[1] + q[0][2] * kj[2] + q[0][3] * kj[3];
+        s1[j] = q[1][0] * kj[0] + q[1][1] * kj[1] + q[1][2] * kj[2] + q[1][3] * kj[3];
       }
-      named_barrier(bar_id, ATTN_GROUP * 32);
-      if (gw == 0) {
-        for (int w = 0; w < ATTN_GROUP; ++w)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float* d = sm + (w * 2 + h) * (2 + 128);
-            Partial y;
-            y.m = d[0];
-            y.l = d[1];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) y.a[i] = d[2 + 4 * lane + i];
-            acc[h].merge(y);
-          }
+      for (int j = 0; j < ATTN_STEP; ++j) {
+        s0[j] = base + j < end ? warp_sum(s0[j]) : -INFINITY;
+        s1[j] = base + j < end ? warp_sum(s1[j]) : -INFINITY;
       }
-      named_barrier(bar_id, ATTN_GROUP * 32);  // the slots may be reused by the next row or unit
-      if (gw != 0) continue;
+      acc[0].add(s0, v);
+      acc[1].add(s1, v);
     }
     if (nc == 1) {
 #pragma unroll
@@ -206,7 +146,7 @@ __device__ void attention_unit(const float* qkv, int nr, int p0, int nc, int chu
       }
     }
   }
-  if (nc == 1 || gw != 0) return;
+  if (nc == 1) return;
 
   // Several chunks: the last unit of (stream, kh) to finish merges them, in chunk order.
   __threadfence();  // this lane's partials before the count
@@ -222,54 +162,46 @@ __device__ void attention_unit(const float* qkv, int nr, int p0, int nc, int chu
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float* src = part + (long long)(kh * 2 + h) * max_chunks * ATTN_PART;
-    Partial acc;
+    float M = -INFINITY;
+    for (int c = 0; c < nc; ++c) M = fmaxf(M, __ldcg(src + c * ATTN_PART));
+    float L = 0.f, A[4] = {0.f, 0.f, 0.f, 0.f};
     for (int c = 0; c < nc; ++c) {
       const float* pc = src + c * ATTN_PART;
-      Partial y;
-      y.m = __ldcg(pc);
-      y.l = __ldcg(pc + 1);
+      const float mc = __ldcg(pc);
+      if (mc == -INFINITY) continue;
+      const float f = __expf(mc - M);
+      L += f * __ldcg(pc + 1);
       const float4 a = __ldcg(reinterpret_cast<const float4*>(pc + 4 + 4 * lane));
-      y.a[0] = a.x; y.a[1] = a.y; y.a[2] = a.z; y.a[3] = a.w;
-      acc.merge(y);
+      A[0] += f * a.x; A[1] += f * a.y; A[2] += f * a.z; A[3] += f * a.w;
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) out[(kh * 2 + h) * S::HD + 4 * lane + i] = acc.a[i] / acc.l;
+    for (int i = 0; i < 4; ++i) out[(kh * 2 + h) * S::HD + 4 * lane + i] = A[i] / L;
   }
 }
 
 // The attention phase of a launch: units (stream i, kh, chunk) numbered stream by stream, chunk-major within a
-// stream. When the grid has ATTN_GROUP warps per unit to spare, each unit goes to a group of ATTN_GROUP warps of
-// one block (group slots dealt round robin over the blocks first); otherwise units are dealt round robin to single
-// warps. Stream i has nr rows starting at activation row i * nr, at positions s_p0[i]...; its K/V live in its slot's
-// cache. Which warps run a unit never changes its result. `sm`: shared scratch [NWARPS][2][2 + 128] floats.
+// stream, dealt round robin to the nb * NWARPS warps of the grid. Stream i has nr rows starting at activation row
+// i * nr, at positions s_p0[i]...; its K/V live in its slot's cache. Which warp runs a unit never changes its result.
 template <class S>
 __device__ void attention_phase(const float* qkv, int B, int nr, const int* s_p0, const int* s_slot, kv_t* kv_base,
                                 long long kv_slot_stride, long long kv_layer_off, int cap, const bf16* norms,
                                 const float* rope, float eps, float* attn_out, float* attn_part, int* attn_count,
-                                int nb, int b, float* sm) {
-  const int warp = threadIdx.x >> 5;
+                                int nb, int b) {
+  const int nw = nb * NWARPS, w = b * NWARPS + (threadIdx.x >> 5);
   const int max_chunks = (cap + ATTN_CHUNK - 1) / ATTN_CHUNK;
-  int units = 0;
-  for (int i = 0; i < B; ++i) units += S::NKV * attention_chunks(s_p0[i] + nr);
-  const bool grouped = units <= nb * (NWARPS / ATTN_GROUP);
-  const int gsize = grouped ? ATTN_GROUP : 1;
-  const int n_slots = grouped ? nb * (NWARPS / ATTN_GROUP) : nb * NWARPS;
-  const int group = warp / gsize, gw = warp % gsize;
-  const int slot = grouped ? group * nb + b : b * NWARPS + warp;  // this warp's (group's) slot in the deal
-  float* gsm = sm + group * ATTN_GROUP * 2 * (2 + 128);
   int unit0 = 0;  // first unit of stream i
   for (int i = 0; i < B; ++i) {
     const int p0 = s_p0[i];
     const int nc = attention_chunks(p0 + nr);
     const int n_units = S::NKV * nc;
-    for (int j = (slot - unit0 % n_slots + n_slots) % n_slots; j < n_units; j += n_slots) {
+    for (int j = (w - unit0 % nw + nw) % nw; j < n_units; j += nw) {
       const int chunk = j / S::NKV, kh = j % S::NKV;
       kv_t* kc = kv_base + (long long)s_slot[i] * kv_slot_stride + kv_layer_off + (long long)kh * cap * S::HD;
       kv_t* vc = kc + (long long)S::NKV * cap * S::HD;
       attention_unit<S>(qkv + (long long)i * nr * S::QKV, nr, p0, nc, chunk, kh, kc, vc, norms, rope, eps,
                         attn_out + (long long)i * nr * S::QD,
                         attn_part + (long long)i * S::NQ * max_chunks * ATTN_PART, max_chunks,
-                        attn_count + i * S::NKV, gsize, gw, gsm, 1 + group);
+                        attn_count + i * S::NKV);
     }
     unit0 += n_units;
   }

@@ -48,9 +48,8 @@ constexpr int TILE_BYTES = MK_TILE_KB * 1024;  // one weight tile in the shared-
 constexpr int RING_TILES = 3;
 constexpr int MAX_BATCH = 64;               // streams per launch
 constexpr int MAX_ROWS = 2 * MAX_BATCH;     // activation rows of a launch (the predictor's 2-row first step)
-// Shared scratch for staged activation rows and sampling scores (KB). 32: a 104 KB stage (the rest of the 227 KB per
-// block on Hopper) made the products ~15 % slower on an H100 at B=1 and B=64 (section trace, docs/megakernel.md):
-// the unstaged rows are read through L1, which shrinks to what shared memory leaves of the SM's 256 KB.
+// Shared scratch for staged activation rows and sampling scores: build.py passes MK_STAGE_KB for the target
+// (H100/B200: 104 KB, the rest of the 227 KB per block; 32 KB elsewhere).
 #ifndef MK_STAGE_KB
 #define MK_STAGE_KB 32
 #endif
@@ -261,11 +260,6 @@ __device__ __forceinline__ void store_kv4(__half* dst, const float (&f)[4]) {
 }
 __device__ __forceinline__ void store_kv4(float* dst, const float (&f)[4]) {
   *reinterpret_cast<float4*>(dst) = make_float4(f[0], f[1], f[2], f[3]);
-}
-
-// Barrier `id` (1..15; 0 is __syncthreads) over the first `n` threads that reach it (a multiple of 32).
-__device__ __forceinline__ void named_barrier(int id, int n) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
 
 // Sum over the 32 lanes of a warp (butterfly: every lane gets the total, same order in every lane).

@@ -33,8 +33,9 @@ class StepInFlight:
         self.wait_s = 0.0
 
     @classmethod
-    def begin(cls, backend, handles: list) -> StepInFlight:
-        if hasattr(backend, "begin_step"):
+    def begin(cls, backend, handles: list, split: bool = True) -> StepInFlight:
+        """Launch the step (split: begin_step now, finish_step in finish(), when the backend has them)."""
+        if split and hasattr(backend, "begin_step"):
             return cls(backend, launched=backend.begin_step(handles))
         return cls(backend, output=backend.step(handles))
 
@@ -71,10 +72,10 @@ class CodecLane:
     CUDA). decode() takes the jobs' pending frames; one batched push, retried job by job if it raises, so that one
     job's bad push fails only that job."""
 
-    def __init__(self, codec):
+    def __init__(self, codec, overlap: bool = True):
         self.codec = codec
         device = getattr(codec, "device", torch.device("cpu"))
-        self.overlapped = device.type == "cuda" and hasattr(codec, "push_pcm16")
+        self.overlapped = overlap and device.type == "cuda" and hasattr(codec, "push_pcm16")
         self.cuda_stream = torch.cuda.Stream(device) if self.overlapped else None
         if self.cuda_stream is not None:  # after whatever made the codec's weights and state (warm-up included)
             self.cuda_stream.wait_stream(torch.cuda.current_stream(device))

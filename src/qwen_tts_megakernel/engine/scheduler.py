@@ -75,9 +75,13 @@ class EngineSettings:
     warm_up: bool = False  # step batch sizes 1, 2, 4, ... at start-up (Synthesizer: on for CUDA devices)
     # Every N steps log the step-time table and the active / waiting stream counts (0: never).
     step_log_every: int = field(default_factory=lambda: _env_int(STEP_LOG_ENV, 0))
+    # Pipelined step (engine/pipeline.py): launch frame t+1 before decoding frame t, the codec on its own CUDA
+    # stream. Off by default until it has run on a GPU (README, Status); $QWEN_TTS_MK_PIPELINE=1 turns it on.
+    pipelined: bool = field(default_factory=lambda: _env_int(PIPELINE_ENV, 0) == 1)
 
 
 STEP_LOG_ENV = "QWEN_TTS_MK_STEP_LOG"
+PIPELINE_ENV = "QWEN_TTS_MK_PIPELINE"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -135,12 +139,12 @@ class Engine:
                  sample_rate: int, settings: EngineSettings | None = None,
                  backend_factory: Callable[[], Backend] | None = None, step_model: StepModel | None = None):
         self.backend, self.codec, self.embedder, self.config = backend, codec, embedder, config
-        self.lane = CodecLane(codec)  # the codec on its own CUDA stream, beside the backend's step
+        self.settings = settings or EngineSettings()
+        self.lane = CodecLane(codec, overlap=self.settings.pipelined)  # the codec beside the backend's step
         self.courier = Courier()  # events reach their consumers off the scheduler thread
         self.step_profile = StepProfile()  # where step time goes: GPU waits, prefill, host work
         self._stepped_at: float | None = None  # when the previous step ended, while steps follow each other
         self.sample_rate = sample_rate
-        self.settings = settings or EngineSettings()
         self.backend_factory = backend_factory
         self.observer: EngineObserver = _NoObserver()
         self.step_times = step_model or StepModel()  # what admission predicts from; its clock times the steps
@@ -429,7 +433,7 @@ class Engine:
 
     def _launch(self, jobs: list[Job]) -> StepInFlight | None:
         try:
-            return StepInFlight.begin(self.backend, [j.handle for j in jobs])
+            return StepInFlight.begin(self.backend, [j.handle for j in jobs], split=self.settings.pipelined)
         except BackendError as exc:
             self._backend_broke(exc)
         except Exception as exc:  # noqa: BLE001 - the step as a whole failed: fail its jobs, keep the engine

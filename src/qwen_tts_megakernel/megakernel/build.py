@@ -36,6 +36,8 @@ PTX_ARCH = "80"  # the PTX target: compute_80 code runs (JIT-compiled by the dri
 # Shared-memory tile size per architecture (KB): the ring holds MK_RING (3) tiles + 32 KB of scratch per block.
 # 12 fits every GPU since sm_80 (about 100 KB of shared memory per block), so it is the PTX and unknown-arch value.
 TILE_KB = {"90a": 32, "100a": 32, "80": 24, "120a": 12, "86": 12, "89": 12}
+# Shared scratch for staged activation rows (KB): what is left of the 227 KB per block on sm_90a / sm_100a, else 32.
+STAGE_KB = {"90a": 104, "100a": 104}
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}
@@ -85,6 +87,8 @@ def nvcc_flags(arch: str) -> list[str]:
     """nvcc flags for an sm target ("90a") or "ptx" (compute_80 PTX only)."""
     extra = variant_defines()
     tile = [] if any(d.startswith("-DMK_TILE_KB=") for d in extra) else [f"-DMK_TILE_KB={TILE_KB.get(arch, 12)}"]
+    if not any(d.startswith("-DMK_STAGE_KB=") for d in extra):
+        tile.append(f"-DMK_STAGE_KB={STAGE_KB.get(arch, 32)}")
     code = f"compute_{PTX_ARCH}" if arch == "ptx" else f"sm_{arch}"
     virtual = PTX_ARCH if arch == "ptx" else arch
     return ["-std=c++17", "-O3", f"-gencode=arch=compute_{virtual},code={code}", *tile, *extra,
