@@ -3,6 +3,7 @@ server on loopback with the tiny checkpoint and a plain websockets client speaki
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
@@ -313,3 +314,68 @@ def test_full_server_refuses_the_utterance_in_its_shape(synth):
             ws.read_until("session.done")
             assert ws.types() == ["error", "audio.start", "audio.done", "session.done"]
             assert ws.events[2]["error"] is True and ws.audio == []
+
+
+def test_one_client_holds_at_most_max_client_streams_utterances(synth):
+    """The per-client cap of our WebSocket counts vLLM-Omni utterances too (same client: loopback)."""
+    settings = ServerSettings(max_client_streams=2, max_active=8)
+    with running_server(synth, settings=settings) as (url, _app):
+        ws_url = url.replace("http://", "ws://") + WS_PATH
+        with ws_client.connect(ws_url) as a, ws_client.connect(ws_url) as b, ws_client.connect(ws_url) as c:
+            holders = [OmniReader(a), OmniReader(b)]
+            for h in holders:
+                h.send(type="session.config", voice="ryan", max_new_tokens=1500, response_format="pcm")
+                h.send(type="input.text", text="Holding a slot for a while. ")
+                h.read_until("audio.start")
+            third = OmniReader(c)
+            third.send(type="session.config", voice="ryan", response_format="pcm")
+            third.send(type="input.text", text="One too many.")
+            assert "the limit" in third.read_until("error")["message"]
+
+
+def test_trickled_characters_do_not_keep_an_utterance_open(synth):
+    """An utterance whose text comes one letter at a time with no new word is closed after ws_idle_flush_s from its
+    latest word, however often the letters come."""
+    settings = ServerSettings(ws_idle_flush_s=1.0)
+    with running_server(synth, settings=settings) as (url, _app):
+        ws_url = url.replace("http://", "ws://") + WS_PATH
+        with ws_client.connect(ws_url) as conn:
+            ws = OmniReader(conn)
+            ws.send(type="session.config", voice="ryan", max_new_tokens=1500, response_format="pcm")
+            ws.send(type="input.text", text="Word ")
+            started = time.monotonic()
+            while time.monotonic() - started < 10:
+                try:
+                    ws.send(type="input.text", text=" ")
+                except ws_exceptions.ConnectionClosed:
+                    break
+                time.sleep(0.2)
+            assert time.monotonic() - started < 10, "the trickled socket was never closed"
+            with contextlib.suppress(ws_exceptions.ConnectionClosed, TimeoutError):
+                while True:
+                    ws.read_until("never", timeout=5)
+            assert any(e["type"] == "error" and e["message"].startswith("Idle timeout") for e in ws.events)
+
+
+def test_shutdown_drain_cuts_an_open_utterance_with_an_error(synth):
+    """The shutdown drain (server/shutdown.py) reaches vLLM-Omni sessions: an utterance still speaking after the
+    grace period gets an error, then its audio.done."""
+    import threading
+
+    stack = contextlib.ExitStack()
+    url, _app = stack.enter_context(running_server(synth, settings=ServerSettings(shutdown_grace_s=0.3)))
+    stopper = threading.Thread(target=stack.close)
+    try:
+        with ws_client.connect(url.replace("http://", "ws://") + WS_PATH) as conn:
+            ws = OmniReader(conn)
+            ws.send(type="session.config", voice="ryan", max_new_tokens=1500, response_format="pcm")
+            ws.send(type="input.text", text="Still talking when the server stops. ")
+            ws.read_until("audio.start")
+            stopper.start()  # what SIGTERM does: should_exit, then the drain
+            assert "shutting down" in ws.read_until("error", timeout=30)["message"]
+            assert ws.read_until("audio.done", timeout=30)["stop_reason"] == "cancelled"
+    finally:
+        if stopper.ident:
+            stopper.join(30)
+        else:
+            stack.close()

@@ -460,7 +460,8 @@ def create_app(synth: Synthesizer, *, model_name: str = "qwen3-tts", api_key: st
             await websocket.close(code=1000, reason=f"no open context for {settings.ws_idle_close_s:g} s")
             return
         if first_message_is_omni(first, settings):
-            await OmniSession(websocket, synth, worker, validator, metrics, settings).run(first)
+            await OmniSession(websocket, synth, worker, validator, metrics, settings, client_streams=client_streams,
+                              sessions=ws_sessions).run(first)
             return
         await WsSession(FirstMessageReplay(websocket, first), synth, worker, validator, metrics, settings,
                         client_streams=client_streams, sessions=ws_sessions).run()

@@ -49,6 +49,7 @@ from .stream_log import log_stream
 from .protocol import BadRequest, ServerSettings, SpeechParams, StreamedText, Validator, parse_json, shown
 from .voices_api import cloner_for
 from .worker import EngineWorker, LiveJob, QueueFull
+from .ws_limits import ClientStreams, SessionRegistry
 
 OMNI_MESSAGE_TYPES = ("session.config", "input.text", "input.done", "session.close", "voice.list", "voice.add")
 TASK_TYPES = {"custom_voice": "CustomVoice", "voice_design": "VoiceDesign", "base": "Base"}
@@ -177,6 +178,8 @@ class OmniUtterance:
     failed: bool = False  # it could not open (server full): the rest of its text is dropped
     cancelled: bool = False
     flushed_at: float | None = None
+    last_word: float = field(default_factory=time.monotonic)  # the latest text with a word in it
+    holds_client_slot: bool = False  # counted in its client's max_client_streams until its job ends
     total_bytes: int = 0
     done: dict | None = None  # the engine's JobInfo as a dict
     word_times: list = field(default_factory=list)
@@ -187,9 +190,15 @@ class OmniSession:
     close is seen while audio goes out); the session handles them in order, one utterance at a time."""
 
     def __init__(self, ws: WebSocket, synth: Synthesizer, worker: EngineWorker, validator: Validator,
-                 metrics: ServerMetrics, settings: ServerSettings):
+                 metrics: ServerMetrics, settings: ServerSettings, *, client_streams: ClientStreams | None = None,
+                 sessions: SessionRegistry | None = None):
         self.ws, self.synth, self.worker, self.validator = ws, synth, worker, validator
         self.metrics, self.settings = metrics, settings
+        # The same limits as our WebSocket (server/ws_limits.py): slots per client, and the shutdown drain.
+        self.client_streams = client_streams or ClientStreams(settings.max_client_streams)
+        self.sessions = sessions or SessionRegistry()
+        self.client = ws.client.host if ws.client else "unknown"
+        self.draining = False
         self.parser = OmniConfigParser(synth, validator)
         self.config: OmniConfig | None = None
         self.utterance: OmniUtterance | None = None
@@ -216,8 +225,23 @@ class OmniSession:
 
     # The session ------------------------------------------------------------------------------------------------
 
+    @property
+    def contexts(self) -> list:
+        """The utterance being spoken, if any (what a shutdown drain waits for)."""
+        u = self.utterance
+        return [u] if u is not None and u.job is not None and not u.job.finished else []
+
+    async def cut_contexts(self, grace_s: float) -> None:
+        """At shutdown, after the grace period: the utterance left gets an `error`; its audio.done follows."""
+        for u in self.contexts:
+            await self.error(f"the server is shutting down: utterance {u.index} did not finish within the "
+                             f"{grace_s:g} s grace period and was cut")
+            u.cancelled = True
+            u.job.cancel()
+
     async def run(self, first: dict) -> None:
         reader = asyncio.create_task(self.read())
+        self.sessions.add(self)
         try:
             message: dict | None = first
             while message is not None:
@@ -227,6 +251,7 @@ class OmniSession:
         except Exception:  # noqa: BLE001 - the socket is gone
             pass
         finally:
+            self.sessions.discard(self)
             self.closed = True
             reader.cancel()
             self.drop_utterance()
@@ -249,11 +274,16 @@ class OmniSession:
         await self.inbox.put(None)
 
     async def next_message(self) -> dict | None:
-        """The next message, or None when the socket is gone or idle past ws_idle_flush_s (an error is sent)."""
+        """The next message, or None when the socket is gone or idle past ws_idle_flush_s (an error is sent). While
+        an utterance is open the time counts from its latest word, so text trickled a character at a time cannot
+        hold its stream slot for longer."""
+        idle = self.settings.ws_idle_flush_s
+        u = self.utterance
+        wait = idle if u is None or u.job is None else max(0.0, u.last_word + idle - time.monotonic())
         try:
-            return await asyncio.wait_for(self.inbox.get(), self.settings.ws_idle_flush_s)
+            return await asyncio.wait_for(self.inbox.get(), wait)
         except asyncio.TimeoutError:
-            await self.error(f"Idle timeout: no message in {self.settings.ws_idle_flush_s:g} s")
+            await self.error(f"Idle timeout: no new word in {idle:g} s")
             return None
 
     def drop_utterance(self) -> None:
@@ -367,6 +397,8 @@ class OmniSession:
             await self.error(exc.message)
             return
         u.received += piece
+        if any(ch.isalnum() for ch in piece):
+            u.last_word = time.monotonic()
         if u.job is None:
             if not u.received.strip():
                 return  # blank so far: the stream opens with the first word
@@ -378,6 +410,28 @@ class OmniSession:
             u.words.add_text(piece)
 
     async def open(self, u: OmniUtterance) -> bool:
+        if self.draining:
+            u.failed = True
+            await self.error("the server is shutting down: no new utterance")
+            return False
+        if not self.client_streams.acquire(self.client):
+            u.failed = True
+            self.metrics.errors_total.labels(kind="queue_full").inc()
+            await self.error(f"this client has {self.client_streams.limit} streams speaking or waiting for a slot, "
+                             "the limit; let one finish before starting another")
+            return False
+        u.holds_client_slot = True
+        if not await self._open_job(u):
+            self.release_client_slot(u)
+            return False
+        return True
+
+    def release_client_slot(self, u: OmniUtterance) -> None:
+        if u.holds_client_slot:
+            u.holds_client_slot = False
+            self.client_streams.release(self.client)
+
+    async def _open_job(self, u: OmniUtterance) -> bool:
         params = u.config.params
         try:
             utterance = LiveUtterance(self.synth, voice=params.voice, language=params.language,
@@ -508,4 +562,5 @@ class OmniSession:
         except Exception:  # noqa: BLE001 - socket gone
             u.job.cancel()
         finally:
+            self.release_client_slot(u)
             encoder.close()
