@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check of the batched megakernel in one call (about 7 minutes on an H200), most important first:
+# Every GPU check of the batched megakernel, most important first (validate: 32 frames per stream, prompts to 1500
+# rows; all steps take about 10 minutes on an H200, more than one device call, so the deadline skips the tail):
 #   validate --batch (0.6B, 1.7B) -> GPU tests -> bench --decode --batch (0.6B) -> stage breakdown (dev/)
 #   -> bench --decode --batch (1.7B). A step that could end past the deadline ($DEADLINE s, default 540) is skipped.
 # Results land in benchmarks/results/; with $OUT set (the device machine), logs and this run's result files are
@@ -26,9 +27,9 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $LOG/NAME.lo
   echo "== $name: exit $st, $((SECONDS - t0)) s"
   [ "$st" -eq 0 ] || rc=1
 }
-step validate 120 $PY -m qwen_tts_megakernel.tools.validate --random-weights 0.6b --batch 1,2,7,16,64 --frames 6 \
+step validate 240 $PY -m qwen_tts_megakernel.tools.validate --random-weights 0.6b --batch 1,2,7,16,64 \
   --output benchmarks/results/validate-random-0.6b-batch.json
-step validate17 80 $PY -m qwen_tts_megakernel.tools.validate --random-weights 1.7b --batch 1,2,7,16,64 --frames 3 \
+step validate17 300 $PY -m qwen_tts_megakernel.tools.validate --random-weights 1.7b --batch 1,2,7,16,64 \
   --output benchmarks/results/validate-random-1.7b-batch.json
 step tests 170 $PY -m pytest -q -m gpu tests/test_megakernel.py --maxfail=4 ${PYTEST_K:+-k "$PYTEST_K"}
 step bench 60 $PY -m qwen_tts_megakernel.tools.mk_bench --decode --random-weights 0.6b --batch 1,2,4,8,16,32,64 \
