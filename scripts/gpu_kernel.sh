@@ -6,6 +6,7 @@
 #   trace_base / trace   - dev/mk_trace.py section trace (TBATCH, TSIZES) of BASE and of this tree
 #   ring                 - dev/ring_ab.py weight-ring floor A/B against 4c58a06 (.wt-old/src: git archive 4c58a06 src)
 #   probe_base / probe   - dev/admission_probe.py (needs .whl/server) on BASE and on this tree
+# Logs and the result files this run wrote come back as $OUT/gpu_kernel.tgz.
 #   run(command="BASE=.wt-base/src STEPS='decode_base decode' bash scripts/gpu_kernel.sh", carry=[".mkcache", ".wt-base"])
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,5 +53,9 @@ if [ -n "${BASE:-}" ] && [ -n "$SITE" ]; then
 fi
 [ -n "$SITE" ] && step probe 150 env PYTHONPATH="$SITE:$PWD/src" $PROBE --out benchmarks/results/admission-probe-after.json
 echo "gpu_kernel rc=$rc"
-if [ -n "${OUT:-}" ]; then cp -r benchmarks/results "$OUT/results"; fi
+if [ -n "${OUT:-}" ]; then  # one archive: only a few files come back from a device call, and a later call's
+  # checkout replaces files this run wrote
+  find benchmarks/results -type f -newer "$LOG/gpu.txt" > /tmp/gpu_kernel_files
+  tar czf "$OUT/gpu_kernel.tgz" -C "$OUT" logs -C "$PWD" -T /tmp/gpu_kernel_files && rm -rf "$LOG"
+fi
 exit $rc
