@@ -33,7 +33,7 @@ ws_exceptions = pytest.importorskip("websockets.exceptions")
 from qwen_tts_megakernel.engine import Synthesizer  # noqa: E402
 from qwen_tts_megakernel.server.protocol import ServerSettings  # noqa: E402
 from qwen_tts_megakernel.synthetic import write_tiny_model  # noqa: E402
-from qwen_tts_megakernel.testing.server import TTSServerProcess, running_server  # noqa: E402
+from qwen_tts_megakernel.testing.server import TTSServerProcess, first_audio_s, running_server  # noqa: E402
 from qwen_tts_megakernel.voices import (ReferenceLimits, VoiceError, VoiceLibrary, check_voice_name,  # noqa: E402
                                         read_reference_audio, speaker_encoder_fingerprint)
 
@@ -455,14 +455,6 @@ def first_ws_audio_s(url: str, headers: dict | None = None) -> float:
     raise AssertionError("no audio")
 
 
-def first_http_audio_s(url: str) -> float:
-    start = time.monotonic()
-    with httpx.stream("POST", f"{url}/tts/stream", json=HEALTHY, timeout=30) as r:
-        assert r.status_code == 200, r.read()
-        for piece in r.iter_raw():
-            if piece:
-                return time.monotonic() - start
-    raise AssertionError("no audio")
 
 
 def test_trickling_contexts_cannot_keep_another_client_from_first_audio(synth, healthy_pcm):
@@ -477,7 +469,7 @@ def test_trickling_contexts_cannot_keep_another_client_from_first_audio(synth, h
         words = Trickler(url, [f"w{i}" for i in range(8)], "word ", 0.2)
         try:
             for _ in range(2):
-                assert first_http_audio_s(url) < 5.0
+                assert first_audio_s(url, HEALTHY) < 5.0
                 assert first_ws_audio_s(url, {"X-Forwarded-For": "203.0.113.7"}) < 5.0
             assert wait_until(lambda: len({e["context_id"] for e in letters.of_kind("idle_flush")}) == 8, 20)
             capped = [e for e in words.of_kind("error") if "contexts speaking or waiting" in e["message"]]

@@ -28,7 +28,7 @@ from qwen_tts_megakernel.sampling import SamplingError  # noqa: E402
 from qwen_tts_megakernel.server.app import create_app, run_serve  # noqa: E402
 from qwen_tts_megakernel.server.protocol import ServerSettings  # noqa: E402
 from qwen_tts_megakernel.synthetic import write_tiny_model  # noqa: E402
-from qwen_tts_megakernel.testing.server import prometheus_sum, running_server  # noqa: E402
+from qwen_tts_megakernel.testing.server import first_audio_s, prometheus_sum, running_server  # noqa: E402
 
 WS_PATH = "/v1/audio/speech/stream"
 KV_POSITIONS = 600  # the module's backend gets a small KV capacity, so that prompts + frames can overflow it
@@ -463,14 +463,6 @@ def test_queue_timeout(synth):
 # One abusive client cannot keep another from its first audio
 
 
-def _first_audio_s(url: str) -> float:
-    start = time.monotonic()
-    with httpx.stream("POST", f"{url}/tts/stream", json=HEALTHY, timeout=30) as r:
-        assert r.status_code == 200, r.read()
-        for piece in r.iter_raw():
-            if piece:
-                return time.monotonic() - start
-    raise AssertionError("no audio")
 
 
 SLOT_SETTINGS = dict(max_active=4, max_queue=2, max_ws_contexts=2, ws_idle_flush_s=0.5, queue_timeout_s=5,
@@ -486,7 +478,7 @@ def test_idle_websocket_contexts_cannot_hold_every_slot(synth):
             while refused < 8:
                 event = read_event(abuser)
                 refused += event["type"] == "error" and "open contexts" in event["message"]
-            assert _first_audio_s(url) < 1.0  # the per-socket cap leaves slots for others
+            assert first_audio_s(url, HEALTHY) < 1.0  # the per-socket cap leaves slots for others
             # The idle contexts are flushed after ws_idle_flush_s (then they speak, up to their length guard).
             read_until(abuser, "idle_flush", "idle0", timeout=10)
             for cid in ("idle0", "idle1"):
@@ -518,7 +510,7 @@ def test_readers_that_stop_reading_cannot_hold_every_slot(synth):
             assert wait_until(lambda: httpx.get(f"{url}/health").json()["active_streams"] == settings.max_active)
             # How long that takes depends on how fast this machine fills the readers' socket buffers with audio.
             assert wait_until(lambda: httpx.get(f"{url}/health").json()["active_streams"] == 0, timeout=120)
-            assert _first_audio_s(url) < 1.0
+            assert first_audio_s(url, HEALTHY) < 1.0
         finally:
             for sock in readers:
                 sock.close()

@@ -115,7 +115,8 @@ __device__ bool decoder_layer(Ctx<Model>& c, ASrc x, int M, int nr, const bf16* 
                               float eps) {
   const MkParams& p = c.p;
   float* x_res = p.x_res;
-  [[maybe_unused]] constexpr int sec0 = S::L == Model::T::L && S::V == Model::T::V ? 0 : SEC_CP;  // section ids (trace builds)
+  // section ids of this stack (used by trace builds only: MK_SECTION is empty in production)
+  [[maybe_unused]] constexpr int sec0 = S::L == Model::T::L && S::V == Model::T::V ? 0 : SEC_CP;
   int o0, o1;
   split_range(S::H, c.nb, c.b, o0, o1);
   // 1. input norm + fused QKV

@@ -47,7 +47,7 @@ from .limits import RequestLimits, limited_http_protocol
 from .omni_protocol import FirstMessageReplay, OmniSession, first_message_is_omni
 from .voices_api import body_caps, body_deadlines, voices_router
 from .web_page import add_offline_docs, web_router
-from .ws_limits import ClientStreams, SessionRegistry
+from .ws_limits import ClientStreams, SessionRegistry, client_address
 from .worker import EngineWorker, LiveJob, QueueFull, ServerJob, TextJob
 
 log = logging.getLogger("qwen_tts_megakernel.server")
@@ -507,7 +507,7 @@ class WsSession:
         self.metrics, self.settings = metrics, settings
         self.client_streams = client_streams or ClientStreams(settings.max_client_streams)
         self.sessions = sessions or SessionRegistry()
-        self.client = ws.client.host if ws.client else "unknown"
+        self.client = client_address(ws)
         self.contexts: dict[str, WsContext] = {}
         self.send_lock = asyncio.Lock()
         self.closed = False

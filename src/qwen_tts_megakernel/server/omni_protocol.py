@@ -49,7 +49,7 @@ from .stream_log import log_stream
 from .protocol import BadRequest, ServerSettings, SpeechParams, StreamedText, Validator, parse_json, shown
 from .voices_api import cloner_for
 from .worker import EngineWorker, LiveJob, QueueFull
-from .ws_limits import ClientStreams, SessionRegistry
+from .ws_limits import ClientStreams, SessionRegistry, client_address
 
 OMNI_MESSAGE_TYPES = ("session.config", "input.text", "input.done", "session.close", "voice.list", "voice.add")
 TASK_TYPES = {"custom_voice": "CustomVoice", "voice_design": "VoiceDesign", "base": "Base"}
@@ -197,7 +197,7 @@ class OmniSession:
         # The same limits as our WebSocket (server/ws_limits.py): slots per client, and the shutdown drain.
         self.client_streams = client_streams or ClientStreams(settings.max_client_streams)
         self.sessions = sessions or SessionRegistry()
-        self.client = ws.client.host if ws.client else "unknown"
+        self.client = client_address(ws)
         self.draining = False
         self.parser = OmniConfigParser(synth, validator)
         self.config: OmniConfig | None = None

@@ -13,6 +13,11 @@ import collections
 import time
 
 
+def client_address(ws) -> str:
+    """The client a WebSocket (or request) counts for: the peer address in its ASGI scope (see above)."""
+    return ws.client.host if ws.client else "unknown"
+
+
 class ClientStreams:
     """Stream slots (held or waited for) per client, at most `limit` each."""
 

@@ -120,6 +120,19 @@ class TTSServerProcess:
 _SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
 
 
+def first_audio_s(url: str, body: dict, timeout_s: float = 30) -> float:
+    """Seconds from a POST of `body` to `url`/tts/stream until its first audio bytes (needs httpx)."""
+    import httpx
+
+    start = time.monotonic()
+    with httpx.stream("POST", f"{url}/tts/stream", json=body, timeout=timeout_s) as r:
+        assert r.status_code == 200, r.read()
+        for piece in r.iter_raw():
+            if piece:
+                return time.monotonic() - start
+    raise AssertionError("no audio")
+
+
 def prometheus_sum(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of metric ``name`` whose labels include ``labels`` (Prometheus text format)."""
     total = 0.0
